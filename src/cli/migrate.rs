@@ -1,0 +1,54 @@
+//! `outbox-relay migrate [--print]`.
+
+use std::path::Path;
+
+use super::{exit, CliError};
+use crate::config::{Settings, TableName};
+use crate::store::{describe, render_migration, Store, MIGRATIONS};
+
+/// Prints every migration rendered for the configured table. Needs only
+/// `outbox.table`, so it works without database or broker settings.
+pub fn print(config: Option<&Path>) -> Result<(), CliError> {
+    let table = match Settings::load(config) {
+        Ok(s) => s.table(),
+        Err(_) => table_only(config)?,
+    };
+    for m in MIGRATIONS {
+        println!("-- {} (outbox-relay migration {})", m.name, m.version);
+        println!("{}", render_migration(m.sql, &table).trim_end());
+        println!();
+    }
+    Ok(())
+}
+
+/// Reads just `outbox.table` (env or file) when the rest of the config is absent.
+fn table_only(config: Option<&Path>) -> Result<TableName, CliError> {
+    let mut builder = config::Config::builder();
+    if let Some(p) = config {
+        builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+    } else if Path::new(crate::config::DEFAULT_CONFIG_FILE).exists() {
+        builder = builder.add_source(config::File::with_name(crate::config::DEFAULT_CONFIG_FILE).format(config::FileFormat::Toml));
+    }
+    let raw = builder
+        .add_source(config::Environment::with_prefix("OUTBOX_RELAY").prefix_separator("__").separator("__"))
+        .build()
+        .map_err(|e| CliError::new(exit::USAGE, format!("config: {e}")))?;
+    let name = raw.get_string("outbox.table").unwrap_or_else(|_| "public.outbox".into());
+    TableName::parse(&name).map_err(|e| CliError::new(exit::USAGE, format!("config: `outbox.table` {e}")))
+}
+
+pub async fn apply(settings: Settings) -> Result<(), CliError> {
+    let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let applied = store.migrate().await.map_err(|e| {
+        let code = if e.code().is_none() && e.is_transient() { exit::UNAVAILABLE } else { exit::SOFTWARE };
+        CliError::new(code, format!("migrate {} on {}: {e}", store.table(), describe(store.pg_config())))
+    })?;
+    if applied.is_empty() {
+        println!("{}: schema is up to date ({} migrations)", store.table(), MIGRATIONS.len());
+    } else {
+        for name in applied {
+            println!("{}: applied {name}", store.table());
+        }
+    }
+    Ok(())
+}

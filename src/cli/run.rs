@@ -1,0 +1,131 @@
+//! `outbox-relay run`: start-up checks, the relay loop, signals and shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+use super::{exit, CliError};
+use crate::config::Settings;
+use crate::relay::{Backoff, Relay};
+use crate::sink::{KafkaSink, Sink};
+use crate::store::{describe, spawn_listener, Store};
+
+pub async fn run(settings: Settings) -> Result<(), CliError> {
+    let relay_id = settings.relay_id();
+    let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let pg = describe(store.pg_config());
+    let deadline = Instant::now() + settings.relay.startup_timeout;
+
+    retry_until(deadline, "postgres", || store.ping()).await.map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("cannot reach Postgres at {pg}: {e} — check postgres.url and that the server accepts connections"),
+        )
+    })?;
+    let problems = retry_until(deadline, "postgres", || store.verify_schema())
+        .await
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot inspect the schema at {pg}: {e}")))?;
+    for p in problems.iter().filter(|p| !p.fatal) {
+        tracing::warn!("{p}");
+    }
+    if let Some(p) = problems.iter().find(|p| p.fatal) {
+        return Err(CliError::new(exit::SCHEMA, p.to_string()));
+    }
+
+    let sink = Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
+    retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5))).await.map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("cannot reach Kafka at {}: {e} — check kafka.brokers and kafka.properties", settings.kafka_brokers()),
+        )
+    })?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let wake = Arc::new(Notify::new());
+    let listener = spawn_listener(store.pg_config().clone(), store.table(), wake.clone(), stop_rx.clone());
+    let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
+    tracing::info!(
+        relay = %relay_id, table = %store.table(), postgres = %pg, kafka = %settings.kafka_brokers(),
+        on_publish = ?settings.relay.on_publish, batch_size = settings.relay.batch_size,
+        "outbox-relay started"
+    );
+    let mut relay_task = tokio::spawn({
+        let relay = relay.clone();
+        async move { relay.run(stop_rx).await }
+    });
+
+    let signal = tokio::select! {
+        s = shutdown_signal() => s,
+        r = &mut relay_task => {
+            // The loop only returns after a stop request; anything else is a bug.
+            return Err(CliError::new(exit::SOFTWARE, format!("relay loop ended unexpectedly: {r:?}")));
+        }
+    };
+    tracing::info!(signal, "stopping: no new claims; finishing the in-flight batch");
+    let _ = stop_tx.send(true);
+    let timeout = settings.relay.shutdown_timeout;
+    let started = Instant::now();
+    if tokio::time::timeout(timeout.mul_f32(0.8), &mut relay_task).await.is_err() {
+        // Kafka did not acknowledge in time: drop what is queued so the batch
+        // finishes with those events still pending (they are published later).
+        tracing::warn!("in-flight batch not acknowledged in time; releasing it");
+        sink.purge();
+        if tokio::time::timeout(timeout.saturating_sub(started.elapsed()), &mut relay_task).await.is_err() {
+            relay_task.abort();
+        }
+    }
+    let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+    let flush_sink = sink.clone();
+    let flushed = tokio::task::spawn_blocking(move || flush_sink.flush(left)).await;
+    if let Ok(Err(e)) = flushed {
+        tracing::warn!(error = %e, "producer not fully flushed");
+    }
+    listener.abort();
+    let c = &relay.counters;
+    tracing::info!(
+        published = c.published.load(std::sync::atomic::Ordering::Relaxed),
+        failed = c.failed.load(std::sync::atomic::Ordering::Relaxed),
+        "outbox-relay stopped"
+    );
+    Ok(())
+}
+
+/// Retries `op` with back-off until it succeeds or `deadline` passes.
+async fn retry_until<T, E, F, Fut>(deadline: Instant, what: &str, mut op: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} not reachable yet");
+                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => {
+            // Without signal handlers the process still stops on SIGTERM (default action).
+            std::future::pending::<()>().await;
+            "none"
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! outbox-relay: the transactional outbox pattern for PostgreSQL and Apache Kafka.
+//!
+//! Modules follow the product's nouns, dependencies pointing one way:
+//! `config` → (`store` | `sink`) → `relay` → `cli`.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod relay;
+pub mod sink;
+pub mod store;
+pub mod telemetry;

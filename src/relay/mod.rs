@@ -1,0 +1,160 @@
+//! The loop that joins store and sink: claim a batch, publish it, wait for every
+//! delivery report, record the outcome, commit. Wakes on NOTIFY, polls as a
+//! fallback, backs off after failures and never gives up on a transient one.
+
+mod backoff;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+pub use backoff::Backoff;
+
+use crate::config::RelayConfig;
+use crate::sink::{FailureClass, SendResult, Sink};
+use crate::store::{EventFailure, Finished, Outcome, Store, StoreError};
+
+/// What one step of the loop did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing was pending.
+    Idle,
+    /// A batch was claimed and finished.
+    Batch { claimed: usize, finished: Finished },
+}
+
+/// Counters the loop keeps (read by logs, tests and, later, metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub published: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub batches: std::sync::atomic::AtomicU64,
+}
+
+pub struct Relay<S: Sink> {
+    store: Store,
+    sink: Arc<S>,
+    cfg: RelayConfig,
+    wake: Arc<Notify>,
+    pub counters: Arc<Counters>,
+}
+
+impl<S: Sink> Relay<S> {
+    /// `wake` receives a permit for every NOTIFY (see `store::spawn_listener`).
+    pub fn new(store: Store, sink: Arc<S>, cfg: RelayConfig, wake: Arc<Notify>) -> Relay<S> {
+        Relay { store, sink, cfg, wake, counters: Arc::default() }
+    }
+
+    /// Runs until `shutdown` flips to true, then returns after the in-flight batch
+    /// is finished. Never returns early on a transient fault.
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let pause = match self.step().await {
+                Ok(Step::Idle) => {
+                    backoff.reset();
+                    self.wait_for_work(&mut shutdown).await;
+                    continue;
+                }
+                Ok(Step::Batch { finished, .. }) if finished.retry == 0 => {
+                    backoff.reset();
+                    continue;
+                }
+                // Some events were not delivered for a passing reason: give
+                // Kafka a moment before claiming them again.
+                Ok(Step::Batch { .. }) => backoff.next_delay(),
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    if e.is_transient() {
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
+                    } else {
+                        tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying (this needs attention)");
+                    }
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn wait_for_work(&self, shutdown: &mut watch::Receiver<bool>) {
+        tokio::select! {
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    /// One batch: claim, publish, record, commit.
+    pub async fn step(&self) -> Result<Step, StoreError> {
+        let started = Instant::now();
+        let Some(claimed) = self.store.claim(self.cfg.batch_size).await? else {
+            return Ok(Step::Idle);
+        };
+        let n = claimed.events.len();
+        let results = self.sink.publish(&claimed.events).await;
+        let outcomes: Vec<Outcome> = claimed
+            .events
+            .iter()
+            .zip(&results)
+            .map(|(ev, r)| {
+                let outcome = outcome_of(r);
+                if let Outcome::Failed(f) = &outcome {
+                    tracing::warn!(
+                        event_id = %ev.id, seq = ev.seq, topic = %ev.topic, attempt = ev.attempts + 1,
+                        max_attempts = self.cfg.max_attempts, parked = f.park_now || ev.attempts + 1 >= self.cfg.max_attempts as i32,
+                        error = %f.error, "event rejected"
+                    );
+                }
+                outcome
+            })
+            .collect();
+        let finished = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counters.published.fetch_add(finished.published as u64, Relaxed);
+        self.counters.failed.fetch_add(finished.failed as u64, Relaxed);
+        self.counters.batches.fetch_add(1, Relaxed);
+        tracing::debug!(
+            claimed = n, published = finished.published, failed = finished.failed, retry = finished.retry,
+            ms = started.elapsed().as_millis() as u64, "batch done"
+        );
+        Ok(Step::Batch { claimed: n, finished })
+    }
+}
+
+/// The store's view of a Kafka result.
+fn outcome_of(r: &SendResult) -> Outcome {
+    match r {
+        SendResult::Delivered => Outcome::Delivered,
+        SendResult::Invalid { error } => Outcome::Failed(EventFailure { error: error.clone(), park_now: true }),
+        SendResult::Failed { class: FailureClass::Permanent, error } => {
+            Outcome::Failed(EventFailure { error: error.clone(), park_now: false })
+        }
+        SendResult::Failed { class: FailureClass::Transient | FailureClass::Fatal, .. } => Outcome::Retry,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_permanent_and_invalid_results_count_against_the_event() {
+        assert_eq!(outcome_of(&SendResult::Delivered), Outcome::Delivered);
+        let t = SendResult::Failed { class: FailureClass::Transient, error: "down".into() };
+        assert_eq!(outcome_of(&t), Outcome::Retry);
+        let f = SendResult::Failed { class: FailureClass::Fatal, error: "fenced".into() };
+        assert_eq!(outcome_of(&f), Outcome::Retry);
+        let p = SendResult::Failed { class: FailureClass::Permanent, error: "too large".into() };
+        assert!(matches!(outcome_of(&p), Outcome::Failed(EventFailure { park_now: false, .. })));
+        let i = SendResult::Invalid { error: "malformed headers".into() };
+        assert!(matches!(outcome_of(&i), Outcome::Failed(EventFailure { park_now: true, .. })));
+    }
+}

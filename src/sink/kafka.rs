@@ -1,0 +1,256 @@
+//! The rdkafka producer behind [`Sink`]: a `ThreadedProducer` whose delivery
+//! callback fills a per-batch tracker — no future or channel per message.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::Notify;
+
+use super::{classify, FailureClass, SendResult, Sink, SinkError};
+use crate::config::Settings;
+use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
+
+/// The producer properties the relay uses: its defaults, then the user's
+/// `[kafka.properties]`, then the settings the guarantees depend on.
+pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
+    let mut props = BTreeMap::new();
+    let mut set = |k: &str, v: &str| {
+        props.insert(k.to_string(), v.to_string());
+    };
+    set("client.id", &format!("outbox-relay-{}", settings.relay_id()));
+    // Transient faults are retried inside the idempotent producer for as long as
+    // they last: only then does a partition keep its order across an outage (a
+    // timed-out message would be republished after later ones).
+    set("message.timeout.ms", "0");
+    set("linger.ms", "5");
+    set("compression.type", "lz4");
+    set("batch.num.messages", "10000");
+    set("queue.buffering.max.messages", "200000");
+    set("topic.metadata.refresh.interval.ms", "30000");
+    set("reconnect.backoff.max.ms", "2000");
+    set("socket.keepalive.enable", "true");
+    for (k, v) in &settings.kafka.properties {
+        set(k, v);
+    }
+    set("bootstrap.servers", settings.kafka_brokers());
+    set("enable.idempotence", "true");
+    set("acks", "all");
+    props
+}
+
+/// Where one batch's delivery reports land (opaque outside this module).
+pub struct BatchAcks {
+    results: Mutex<Vec<Option<SendResult>>>,
+    remaining: AtomicUsize,
+    done: Notify,
+}
+
+impl BatchAcks {
+    fn new(n: usize) -> BatchAcks {
+        BatchAcks { results: Mutex::new(vec![None; n]), remaining: AtomicUsize::new(n), done: Notify::new() }
+    }
+
+    fn set(&self, i: usize, r: SendResult) {
+        let mut results = match self.results.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(slot) = results.get_mut(i) {
+            if slot.is_none() {
+                *slot = Some(r);
+                drop(results);
+                if self.remaining.fetch_sub(1, AtomicOrdering::AcqRel) == 1 {
+                    self.done.notify_one();
+                }
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<SendResult> {
+        let mut results = match self.results.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        results
+            .drain(..)
+            .map(|r| {
+                r.unwrap_or(SendResult::Failed { class: FailureClass::Transient, error: "no delivery report".into() })
+            })
+            .collect()
+    }
+}
+
+/// Routes delivery reports to their batch; librdkafka logs to `tracing`.
+pub(crate) struct RelayContext;
+
+impl ClientContext for RelayContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", fac, "{log_message}"),
+            L::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Broker-down noise repeats while Kafka is away; the relay reports the
+        // stalled batch itself, so keep these at warn.
+        tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+}
+
+impl ProducerContext for RelayContext {
+    type DeliveryOpaque = Box<(Arc<BatchAcks>, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (acks, i) = *opaque;
+        let r = match result {
+            Ok(_) => SendResult::Delivered,
+            Err((e, _)) => SendResult::Failed { class: classify(e), error: e.to_string() },
+        };
+        acks.set(i, r);
+    }
+}
+
+type RelayProducer = ThreadedProducer<RelayContext>;
+
+/// Kafka through one idempotent producer, rebuilt after a fatal error.
+pub struct KafkaSink {
+    config: ClientConfig,
+    producer: RwLock<RelayProducer>,
+}
+
+impl KafkaSink {
+    pub fn new(settings: &Settings) -> Result<KafkaSink, SinkError> {
+        let mut config = ClientConfig::new();
+        for (k, v) in producer_config(settings) {
+            config.set(k, v);
+        }
+        let producer = build(&config)?;
+        Ok(KafkaSink { config, producer: RwLock::new(producer) })
+    }
+
+    fn producer(&self) -> RelayProducer {
+        match self.producer.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces a producer that reported a fatal error.
+    fn rebuild(&self, reason: &str) {
+        tracing::error!(%reason, "Kafka producer hit a fatal error; rebuilding it (unacknowledged events stay pending)");
+        match build(&self.config) {
+            Ok(p) => {
+                let mut guard = match self.producer.write() {
+                    Ok(g) => g,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                let old = std::mem::replace(&mut *guard, p);
+                drop(guard);
+                old.purge(PurgeConfig::default().queue().inflight());
+            }
+            Err(e) => tracing::error!(error = %e, "could not rebuild the Kafka producer; will try again"),
+        }
+    }
+}
+
+fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
+    config
+        .create_with_context(RelayContext)
+        .map_err(|e| SinkError(format!("cannot create the producer: {e}")))
+}
+
+impl Sink for KafkaSink {
+    async fn publish(&self, events: &[OutboxEvent]) -> Vec<SendResult> {
+        let producer = self.producer();
+        let acks = Arc::new(BatchAcks::new(events.len()));
+        for (i, ev) in events.iter().enumerate() {
+            let headers = match parse_headers(&ev.headers, &ev.id) {
+                Ok(h) => h,
+                Err(error) => {
+                    acks.set(i, SendResult::Invalid { error });
+                    continue;
+                }
+            };
+            let id = ev.id.to_string();
+            let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len() + 1)
+                .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) });
+            for (name, value) in &headers {
+                kafka_headers = kafka_headers.insert(Header { key: name, value: value.as_deref().map(str::as_bytes) });
+            }
+            let mut record: BaseRecord<'_, [u8], [u8], _> =
+                BaseRecord::with_opaque_to(&ev.topic, Box::new((acks.clone(), i))).headers(kafka_headers);
+            if let Some(key) = &ev.key {
+                record = record.key(key.as_bytes());
+            }
+            if let Some(payload) = &ev.payload {
+                record = record.payload(payload.as_slice());
+            }
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // Back-pressure: the local queue drains as Kafka acks.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        acks.set(i, SendResult::Failed { class: classify(&e), error: e.to_string() });
+                        break;
+                    }
+                }
+            }
+        }
+        let started = Instant::now();
+        let mut next_report = Duration::from_secs(30);
+        while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
+            let waited = started.elapsed();
+            let left = next_report.saturating_sub(waited);
+            if tokio::time::timeout(left, acks.done.notified()).await.is_err() {
+                tracing::warn!(
+                    waiting_for = acks.remaining.load(AtomicOrdering::Acquire),
+                    batch = events.len(),
+                    waited_s = waited.as_secs(),
+                    "Kafka has not acknowledged the whole batch yet; still retrying (is the cluster reachable?)"
+                );
+                next_report += Duration::from_secs(30);
+            }
+        }
+        let results = acks.take();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            self.rebuild(&format!("{code:?}: {reason}"));
+        }
+        results
+    }
+
+    fn purge(&self) {
+        self.producer().purge(PurgeConfig::default().queue().inflight());
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
+        self.producer().flush(timeout).map_err(|e| SinkError(format!("flush: {e}")))
+    }
+
+    async fn ping(&self, timeout: Duration) -> Result<(), SinkError> {
+        let producer = self.producer();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(|e| SinkError(format!("cannot reach the brokers: {e}")))
+        })
+        .await
+        .map_err(|e| SinkError(format!("metadata task failed: {e}")))?
+    }
+}

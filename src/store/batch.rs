@@ -1,0 +1,212 @@
+//! Claiming a batch of pending rows and recording what happened to each.
+//!
+//! A claim is one open transaction holding row locks (`FOR UPDATE SKIP LOCKED`)
+//! while the batch is published; its outcome is written and committed only after
+//! Kafka answered for every row. If the relay dies meanwhile, Postgres rolls the
+//! transaction back and the rows are pending again: nothing is ever marked
+//! published before Kafka acknowledged it.
+
+use tokio_postgres::types::{FromSql, Type};
+
+use crate::config::{OnPublish, Ordering, TableName};
+use crate::event::OutboxEvent;
+
+use super::{Store, StoreError};
+
+/// What happened to one claimed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Kafka acknowledged it: mark published (or delete).
+    Delivered,
+    /// Kafka (or the row itself) rejected it for good: count the attempt, park it
+    /// after `relay.max_attempts` (at once when `park_now`).
+    Failed(EventFailure),
+    /// Not delivered for a passing reason: leave it pending, untouched.
+    Retry,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFailure {
+    pub error: String,
+    pub park_now: bool,
+}
+
+/// SQL for one table, built once from validated identifiers.
+#[derive(Debug, Clone)]
+pub(super) struct Statements {
+    claim: String,
+    mark: String,
+    delete: String,
+    fail: String,
+    pub(super) on_publish: OnPublish,
+    pub(super) ordering: Ordering,
+}
+
+impl Statements {
+    pub(super) fn new(table: &TableName, on_publish: OnPublish, ordering: Ordering) -> Statements {
+        let t = table.quoted();
+        // Strict order: an event whose key has an earlier parked event waits until
+        // an operator replays (or deletes) the parked one.
+        let strict = match ordering {
+            Ordering::PerKey => String::new(),
+            Ordering::Strict => format!(
+                " AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.parked_at IS NOT NULL AND p.key = o.key AND p.seq < o.seq)"
+            ),
+        };
+        Statements {
+            claim: format!(
+                "SELECT id, seq, topic, key, payload, headers, attempts,
+                        (extract(epoch FROM created_at) * 1000000)::int8
+                 FROM {t} o
+                 WHERE published_at IS NULL AND parked_at IS NULL{strict}
+                 ORDER BY seq
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED"
+            ),
+            mark: format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1)"),
+            delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
+            fail: format!(
+                "UPDATE {t} AS o
+                 SET attempts = o.attempts + 1,
+                     last_error = f.error,
+                     parked_at = CASE WHEN f.park_now OR o.attempts + 1 >= $4 THEN now() END
+                 FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS f(id, error, park_now)
+                 WHERE o.id = f.id"
+            ),
+            on_publish,
+            ordering,
+        }
+    }
+}
+
+/// A claimed batch: an open transaction holding the rows' locks.
+///
+/// Finish it with [`Claimed::finish`] or give the rows back with
+/// [`Claimed::release`]. Dropped without either (a cancelled task), the
+/// connection is closed instead of returned to the pool, so Postgres rolls the
+/// transaction back and never lends out a connection that holds locks.
+pub struct Claimed {
+    client: Option<deadpool_postgres::Object>,
+    sql: Statements,
+    pub events: Vec<OutboxEvent>,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// Accepts the value of a jsonb, json, text or bytea column as raw bytes, so the
+/// payload is sent exactly as stored, without decoding and re-encoding JSON.
+struct RawBytes(Vec<u8>);
+
+impl<'a> FromSql<'a> for RawBytes {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            // binary jsonb is a version byte (1) followed by the JSON text
+            match raw.split_first() {
+                Some((1, text)) => Ok(RawBytes(text.to_vec())),
+                _ => Err("unsupported jsonb binary format version".into()),
+            }
+        } else {
+            Ok(RawBytes(raw.to_vec()))
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        [Type::JSONB, Type::JSON, Type::TEXT, Type::VARCHAR, Type::BYTEA, Type::BPCHAR].contains(ty)
+    }
+}
+
+impl Store {
+    /// Claims up to `limit` pending rows in `seq` order, skipping rows another
+    /// relay holds. Returns `None` when nothing is pending (the transaction is
+    /// already closed then).
+    pub async fn claim(&self, limit: usize) -> Result<Option<Claimed>, StoreError> {
+        let client = self.client().await?;
+        client.batch_execute("BEGIN").await?;
+        let stmt = client.prepare_cached(&self.sql.claim).await?;
+        let rows = client.query(&stmt, &[&(limit as i64)]).await?;
+        if rows.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            return Ok(None);
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let payload: Option<RawBytes> = row.try_get(4)?;
+            let headers: RawBytes = row.try_get(5)?;
+            events.push(OutboxEvent {
+                id: row.try_get(0)?,
+                seq: row.try_get(1)?,
+                topic: row.try_get(2)?,
+                key: row.try_get(3)?,
+                payload: payload.map(|p| p.0),
+                headers: headers.0,
+                attempts: row.try_get(6)?,
+                created_at_us: row.try_get(7)?,
+            });
+        }
+        Ok(Some(Claimed { client: Some(client), sql: self.sql.clone(), events }))
+    }
+}
+
+/// Counts of what [`Claimed::finish`] wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    pub published: usize,
+    pub failed: usize,
+    pub retry: usize,
+}
+
+impl Claimed {
+    /// Records every outcome (`outcomes[i]` belongs to `events[i]`) and commits.
+    pub async fn finish(mut self, outcomes: &[Outcome], max_attempts: u32) -> Result<Finished, StoreError> {
+        let client = self.client.as_ref().ok_or_else(|| StoreError::config("batch already finished"))?;
+        let mut done = Finished::default();
+        let mut delivered = Vec::with_capacity(self.events.len());
+        let (mut f_ids, mut f_errors, mut f_park) = (Vec::new(), Vec::new(), Vec::new());
+        for (event, outcome) in self.events.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Delivered => delivered.push(event.id),
+                Outcome::Failed(f) => {
+                    f_ids.push(event.id);
+                    f_errors.push(f.error.as_str());
+                    f_park.push(f.park_now);
+                }
+                Outcome::Retry => done.retry += 1,
+            }
+        }
+        // Events without an outcome (a short slice) stay pending.
+        done.retry += self.events.len().saturating_sub(outcomes.len());
+        if !delivered.is_empty() {
+            let sql = match self.sql.on_publish {
+                OnPublish::Mark => &self.sql.mark,
+                OnPublish::Delete => &self.sql.delete,
+            };
+            let stmt = client.prepare_cached(sql).await?;
+            done.published = client.execute(&stmt, &[&delivered]).await? as usize;
+        }
+        if !f_ids.is_empty() {
+            let stmt = client.prepare_cached(&self.sql.fail).await?;
+            done.failed = client
+                .execute(&stmt, &[&f_ids, &f_errors, &f_park, &(max_attempts as i32)])
+                .await? as usize;
+        }
+        client.batch_execute("COMMIT").await?;
+        // Committed: the connection is clean and can go back to the pool.
+        self.client.take();
+        Ok(done)
+    }
+
+    /// Gives every row back (pending, untouched) and returns the connection.
+    pub async fn release(mut self) -> Result<(), StoreError> {
+        if let Some(client) = self.client.as_ref() {
+            client.batch_execute("ROLLBACK").await?;
+            self.client.take();
+        }
+        Ok(())
+    }
+}

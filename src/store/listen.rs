@@ -1,0 +1,78 @@
+//! The dedicated LISTEN connection. Pooled connections drop notifications, so
+//! this is one plain tokio-postgres connection whose messages are polled here;
+//! it reconnects by itself and wakes the relay after every (re)connect, since
+//! notifications sent while it was away are lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::poll_fn;
+use tokio::sync::{watch, Notify};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::config::TableName;
+
+/// Spawns the listener task. Each NOTIFY on the table's channel (and each
+/// reconnect) stores a wake-up permit in `wake`. Ends when `shutdown` flips.
+pub fn spawn_listener(
+    pg: tokio_postgres::Config,
+    table: &TableName,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let channel = table.channel();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match pg.connect(NoTls).await {
+                Ok((client, mut conn)) => {
+                    let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<String>();
+                    let wake_conn = wake.clone();
+                    let driver = tokio::spawn(async move {
+                        loop {
+                            match poll_fn(|cx| conn.poll_message(cx)).await {
+                                Some(Ok(AsyncMessage::Notification(_))) => wake_conn.notify_one(),
+                                Some(Ok(_)) => {}
+                                Some(Err(e)) => {
+                                    let _ = lost_tx.send(e.to_string());
+                                    return;
+                                }
+                                None => {
+                                    let _ = lost_tx.send("connection closed".into());
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                    match client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                        Ok(()) => {
+                            tracing::debug!(channel = %channel, "listening for outbox notifications");
+                            backoff = Duration::from_millis(200);
+                            wake.notify_one();
+                            tokio::select! {
+                                reason = &mut lost_rx => {
+                                    let reason = reason.unwrap_or_else(|_| "connection task ended".into());
+                                    tracing::warn!(%reason, "LISTEN connection lost; polling until it is back");
+                                }
+                                _ = shutdown.changed() => {}
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %super::StoreError::from(e), "LISTEN failed"),
+                    }
+                    driver.abort();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %super::StoreError::from(e), "LISTEN connection failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    })
+}

@@ -1,0 +1,256 @@
+//! Bundled migrations (the files in `migrations/`), rendering them for a
+//! configured table, applying them, and verifying the live schema.
+
+use crate::config::TableName;
+
+use super::StoreError;
+
+/// One numbered migration file.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// Every migration, in order. The files are written for `public.outbox`.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_create_outbox.sql",
+    sql: include_str!("../../migrations/0001_create_outbox.sql"),
+}];
+
+/// Renders a migration for `table`: `public.outbox` becomes the configured table,
+/// and every `outbox_*` object (indexes, trigger, function) is renamed with it.
+pub fn render_migration(sql: &str, table: &TableName) -> String {
+    if table.schema == "public" && table.table == "outbox" {
+        return sql.to_string();
+    }
+    // The NOTIFY channel is a string literal, not an identifier.
+    let sql = sql.replace("'public.outbox'", &format!("'{}'", table.channel()));
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut i = 0;
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    while i < sql.len() {
+        let at_word_start = i == 0 || !is_word(bytes[i - 1]);
+        if at_word_start && sql[i..].starts_with("public.outbox") {
+            let mut j = i + "public.outbox".len();
+            while j < sql.len() && is_word(bytes[j]) {
+                j += 1;
+            }
+            let suffix = &sql[i + "public.outbox".len()..j];
+            out.push_str(&format!("\"{}\".\"{}{}\"", table.schema, table.table, suffix));
+            i = j;
+            continue;
+        }
+        if at_word_start && sql[i..].starts_with("outbox_") {
+            let mut j = i + "outbox_".len();
+            while j < sql.len() && is_word(bytes[j]) {
+                j += 1;
+            }
+            if j > i + "outbox_".len() {
+                out.push_str(&format!("\"{}{}\"", table.table, &sql[i + "outbox".len()..j]));
+                i = j;
+                continue;
+            }
+        }
+        let ch = sql[i..].chars().next().unwrap_or(' ');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
+/// Records which migrations `outbox-relay migrate` applied, per outbox table.
+fn version_table(table: &TableName) -> String {
+    format!("\"{}\".outbox_relay_migrations", table.schema)
+}
+
+pub(super) async fn migrate(
+    client: &mut deadpool_postgres::Object,
+    table: &TableName,
+) -> Result<Vec<&'static str>, StoreError> {
+    let tx = client.transaction().await?;
+    // One migrator at a time per table (several pods may start together).
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("outbox-relay migrate {table}")])
+        .await?;
+    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema)).await?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {} (
+            table_name text NOT NULL,
+            version integer NOT NULL,
+            name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (table_name, version))",
+        version_table(table)
+    ))
+    .await?;
+    let done: Vec<i32> = tx
+        .query(&format!("SELECT version FROM {} WHERE table_name = $1", version_table(table)), &[&table.table])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut applied = Vec::new();
+    for m in MIGRATIONS {
+        if done.contains(&m.version) {
+            continue;
+        }
+        tx.batch_execute(&render_migration(m.sql, table))
+            .await
+            .map_err(|e| StoreError::schema(format!("migration {} failed: {}", m.name, StoreError::from(e))))?;
+        tx.execute(
+            &format!("INSERT INTO {} (table_name, version, name) VALUES ($1, $2, $3)", version_table(table)),
+            &[&table.table, &m.version, &m.name],
+        )
+        .await?;
+        applied.push(m.name);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// Something the relay needs that the live schema lacks, with the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaProblem {
+    pub message: String,
+    /// Without it the relay cannot run (vs. works, but worse).
+    pub fatal: bool,
+}
+
+impl std::fmt::Display for SchemaProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Columns the relay reads or writes, the types it accepts, and the migration
+/// that introduced each.
+const COLUMNS: &[(&str, &[&str], &str)] = &[
+    ("id", &["uuid"], "0001_create_outbox.sql"),
+    ("seq", &["bigint"], "0001_create_outbox.sql"),
+    ("topic", &["text", "character varying"], "0001_create_outbox.sql"),
+    ("key", &["text", "character varying"], "0001_create_outbox.sql"),
+    ("payload", &["jsonb", "json", "bytea", "text"], "0001_create_outbox.sql"),
+    ("headers", &["jsonb", "json"], "0001_create_outbox.sql"),
+    ("created_at", &["timestamp with time zone"], "0001_create_outbox.sql"),
+    ("attempts", &["integer", "bigint", "smallint"], "0001_create_outbox.sql"),
+    ("last_error", &["text", "character varying"], "0001_create_outbox.sql"),
+    ("published_at", &["timestamp with time zone"], "0001_create_outbox.sql"),
+    ("parked_at", &["timestamp with time zone"], "0001_create_outbox.sql"),
+];
+
+pub(super) async fn verify(
+    client: &deadpool_postgres::Object,
+    table: &TableName,
+) -> Result<Vec<SchemaProblem>, StoreError> {
+    let fix = "run `outbox-relay migrate`, or apply it with your migration tool (`outbox-relay migrate --print` shows the SQL)";
+    let cols = client
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns
+             WHERE table_schema = $1 AND table_name = $2",
+            &[&table.schema, &table.table],
+        )
+        .await?;
+    if cols.is_empty() {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
+            .await?
+            .get(0);
+        let message = if exists {
+            format!("table {table} exists but this role cannot see its columns: grant SELECT, UPDATE, DELETE on it")
+        } else {
+            format!("table {table} does not exist: migration 0001_create_outbox.sql is not applied; {fix}")
+        };
+        return Ok(vec![SchemaProblem { message, fatal: true }]);
+    }
+    let mut problems = Vec::new();
+    for (name, types, migration) in COLUMNS {
+        match cols.iter().find(|r| r.get::<_, String>(0) == *name) {
+            None => problems.push(SchemaProblem {
+                message: format!("table {table} has no column `{name}`: migration {migration} is not applied; {fix}"),
+                fatal: true,
+            }),
+            Some(r) => {
+                let ty: String = r.get(1);
+                if !types.contains(&ty.as_str()) {
+                    problems.push(SchemaProblem {
+                        message: format!(
+                            "column {table}.{name} has type {ty}; the relay needs one of: {}",
+                            types.join(", ")
+                        ),
+                        fatal: true,
+                    });
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Ok(problems);
+    }
+    // The pending-rows partial index keeps claims fast however large the table.
+    let indexes = client
+        .query(
+            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await?;
+    let has_pending = indexes.iter().any(|r| {
+        let def: String = r.get(0);
+        def.contains("(seq)") && def.contains("published_at IS NULL") && def.contains("parked_at IS NULL")
+    });
+    if !has_pending {
+        problems.push(SchemaProblem {
+            message: format!(
+                "table {table} lacks the partial index over pending rows (…_pending_idx ON (seq) WHERE published_at IS NULL AND parked_at IS NULL): claims will scan the table; {fix}"
+            ),
+            fatal: false,
+        });
+    }
+    let has_trigger: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal
+                 AND tgname = $2)",
+            &[&table.quoted(), &format!("{}_notify", table.table)],
+        )
+        .await?
+        .get(0);
+    if !has_trigger {
+        problems.push(SchemaProblem {
+            message: format!(
+                "table {table} has no NOTIFY trigger ({}_notify): the relay falls back to polling every relay.poll_interval; {fix}",
+                table.table
+            ),
+            fatal: false,
+        });
+    }
+    Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_table_renders_the_file_unchanged() {
+        let t = TableName::parse("public.outbox").unwrap();
+        assert_eq!(render_migration(MIGRATIONS[0].sql, &t), MIGRATIONS[0].sql);
+    }
+
+    #[test]
+    fn custom_table_renames_every_derived_object() {
+        let t = TableName::parse("billing.events").unwrap();
+        let sql = render_migration(MIGRATIONS[0].sql, &t);
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"billing\".\"events\" ("), "{sql}");
+        assert!(sql.contains("\"events_pending_idx\""));
+        assert!(sql.contains("ON \"billing\".\"events\" (seq)"));
+        assert!(sql.contains("FUNCTION \"billing\".\"events_notify\"()"));
+        assert!(sql.contains("pg_notify('billing.events', '')"));
+        assert!(sql.contains("CREATE TRIGGER \"events_notify\""));
+        // nothing of the default table is left in executable lines
+        for line in sql.lines().filter(|l| !l.trim_start().starts_with("--")) {
+            assert!(!line.contains("public.outbox") && !line.contains(" outbox_"), "{line}");
+        }
+    }
+}
