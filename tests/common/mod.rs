@@ -1,0 +1,313 @@
+//! Shared helpers for the integration tests: they run against the real local
+//! PostgreSQL and Kafka started by `scripts/infra up` (or whatever
+//! OUTBOX_RELAY__POSTGRES__URL / OUTBOX_RELAY__KAFKA__BROKERS point at), and FAIL
+//! with a clear message when those are not reachable.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_postgres::NoTls;
+
+pub const DEFAULT_PG: &str = "postgres://outbox:outbox@127.0.0.1:55432/outbox";
+pub const DEFAULT_KAFKA: &str = "127.0.0.1:59092";
+
+pub fn pg_url() -> String {
+    std::env::var("OUTBOX_RELAY__POSTGRES__URL").unwrap_or_else(|_| DEFAULT_PG.into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("OUTBOX_RELAY__KAFKA__BROKERS").unwrap_or_else(|_| DEFAULT_KAFKA.into())
+}
+
+const MISSING: &str = "integration tests need the local PostgreSQL and Kafka: run `scripts/test` \
+                       (or `scripts/infra up` and `eval \"$(scripts/infra env)\"`)";
+
+/// A connected client; panics (fails the test) with instructions if Postgres is not there.
+pub async fn pg() -> tokio_postgres::Client {
+    let (client, conn) = match tokio_postgres::connect(&pg_url(), NoTls).await {
+        Ok(c) => c,
+        Err(e) => panic!("cannot connect to PostgreSQL ({e}); {MISSING}"),
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Fails the test with instructions when the broker is not reachable.
+pub fn require_kafka() {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("consumer config");
+    if let Err(e) = c.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!("cannot reach Kafka at {} ({e}); {MISSING}", brokers());
+    }
+}
+
+/// A fresh outbox table (migrated by the relay binary) and a topic prefix, unique
+/// per test so tests can run in parallel.
+pub struct Outbox {
+    pub table: String,
+}
+
+impl Outbox {
+    pub async fn new(prefix: &str) -> Outbox {
+        require_kafka();
+        let table = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let out = relay_cmd(&table, &[]).arg("migrate").output().expect("run outbox-relay migrate");
+        assert!(
+            out.status.success(),
+            "migrate failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Outbox { table }
+    }
+
+    /// A topic name for this test (created with `partitions` partitions).
+    pub async fn topic(&self, name: &str, partitions: i32) -> String {
+        let topic = format!("{}.{}", self.table, name);
+        create_topic(&topic, partitions).await;
+        topic
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("public.{}", self.table)
+    }
+
+    pub async fn count(&self, filter: &str) -> i64 {
+        pg().await
+            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}", self.qualified()), &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until no row is pending (or panics after `timeout`).
+    pub async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pending = self.count("published_at IS NULL AND parked_at IS NULL").await;
+            if pending == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{pending} events still pending after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A relay process for this table with extra `OUTBOX_RELAY__…` settings.
+    pub fn spawn_relay(&self, extra: &[(&str, &str)]) -> RelayProcess {
+        let mut cmd = relay_cmd(&self.table, extra);
+        cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::piped());
+        let child = cmd.spawn().expect("spawn outbox-relay run");
+        RelayProcess { child: Some(child) }
+    }
+}
+
+/// `outbox-relay` with the test infrastructure and `table` configured.
+pub fn relay_cmd(table: &str, extra: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("OUTBOX_RELAY__POSTGRES__URL", pg_url())
+        .env("OUTBOX_RELAY__KAFKA__BROKERS", brokers())
+        .env("OUTBOX_RELAY__OUTBOX__TABLE", table)
+        .env("OUTBOX_RELAY__HTTP__LISTEN", "")
+        .env("OUTBOX_RELAY__RELAY__ID", table)
+        .env("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "20s")
+        .env("OUTBOX_RELAY__LOG__LEVEL", "info,librdkafka=error")
+        .current_dir(std::env::temp_dir());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+pub struct RelayProcess {
+    child: Option<Child>,
+}
+
+impl RelayProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns (exit code, stderr).
+    pub fn terminate(mut self, timeout: Duration) -> (Option<i32>, String) {
+        let mut c = self.child.take().expect("relay running");
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                let mut err = String::new();
+                if let Some(mut s) = c.stderr.take() {
+                    use std::io::Read;
+                    let _ = s.read_to_string(&mut err);
+                }
+                return (status.code(), err);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("relay did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics if the process has already exited (with its stderr).
+    pub fn assert_running(&mut self) {
+        let c = self.child.as_mut().expect("relay");
+        if let Some(status) = c.try_wait().expect("wait") {
+            let mut err = String::new();
+            if let Some(mut s) = c.stderr.take() {
+                use std::io::Read;
+                let _ = s.read_to_string(&mut err);
+            }
+            panic!("relay exited early ({status}): {err}");
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let res = admin
+        .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))))
+        .await
+        .unwrap_or_else(|e| panic!("create topic {name}: {e}; is Kafka running?"));
+    for r in res {
+        if let Err((t, code)) = r {
+            assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "create topic {t}: {code:?}");
+        }
+    }
+}
+
+/// One message as a consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, Option<String>>,
+}
+
+impl Received {
+    pub fn event_id(&self) -> String {
+        self.headers.get("event_id").cloned().flatten().expect("every message carries event_id")
+    }
+}
+
+/// Reads `topics` from the beginning (read_committed) until `expected` messages
+/// arrived, then keeps reading for `settle` to catch duplicates. Panics (with
+/// what it got) after `timeout`.
+pub fn consume(topics: &[String], expected: usize, timeout: Duration, settle: Duration) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).expect("metadata");
+        let parts = md.topics()[0].partitions().len();
+        assert!(parts > 0, "topic {t} has no partitions");
+        for p in 0..parts as i32 {
+            tpl.add_partition_offset(t, p, Offset::Beginning).expect("tpl");
+        }
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    let mut settle_until: Option<Instant> = None;
+    loop {
+        if out.len() >= expected && settle_until.is_none() {
+            settle_until = Some(Instant::now() + settle);
+        }
+        if let Some(s) = settle_until {
+            if Instant::now() >= s {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {expected} messages arrived within {timeout:?}",
+            out.len()
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for hdr in h.iter() {
+                        headers.insert(
+                            hdr.key.to_string(),
+                            hdr.value.map(|v| String::from_utf8_lossy(v).into_owned()),
+                        );
+                    }
+                }
+                out.push(Received {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: m.payload().map(|p| p.to_vec()),
+                    headers,
+                });
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Per-key order check: within each (topic, partition), messages of one key must
+/// appear in increasing `seq` order. Returns the number of violations. A
+/// redelivered earlier event (a duplicate) is not a violation.
+pub fn order_violations(msgs: &[Received], seq_of: &HashMap<String, i64>) -> usize {
+    let mut sorted: Vec<&Received> = msgs.iter().collect();
+    sorted.sort_by_key(|m| (m.topic.clone(), m.partition, m.offset));
+    let mut last: HashMap<(String, String), i64> = HashMap::new();
+    let mut seen: std::collections::HashSet<String> = Default::default();
+    let mut violations = 0;
+    for m in sorted {
+        let id = m.event_id();
+        let first_time = seen.insert(id.clone());
+        let Some(key) = &m.key else { continue };
+        let seq = *seq_of.get(&id).unwrap_or_else(|| panic!("unknown event {id}"));
+        let slot = last.entry((m.topic.clone(), key.clone())).or_insert(i64::MIN);
+        if seq < *slot && first_time {
+            violations += 1;
+        }
+        *slot = (*slot).max(seq);
+    }
+    violations
+}
