@@ -34,7 +34,10 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(code: u8, message: impl Into<String>) -> CliError {
-        CliError { code, message: message.into() }
+        CliError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -57,7 +60,13 @@ Exit codes: 0 ok, 1 check found problems, 64 bad config/arguments,
 #[command(name = "outbox-relay", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// TOML config file [default: ./outbox-relay.toml if it exists]
-    #[arg(long, short = 'c', global = true, value_name = "FILE", env = "OUTBOX_RELAY_CONFIG")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        value_name = "FILE",
+        env = "OUTBOX_RELAY_CONFIG"
+    )]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -126,13 +135,19 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
     if let Command::Migrate { print: true } = cli.command {
         return migrate::print(cli.config.as_deref());
     }
-    let settings = Settings::load(cli.config.as_deref()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let settings = Settings::load(cli.config.as_deref())
+        .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     crate::telemetry::init(&settings.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("outbox-relay")
         .build()
-        .map_err(|e| CliError::new(exit::SOFTWARE, format!("cannot start the async runtime: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                exit::SOFTWARE,
+                format!("cannot start the async runtime: {e}"),
+            )
+        })?;
     runtime.block_on(async move {
         match cli.command {
             Command::Run => run::run(settings).await,

@@ -26,7 +26,12 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     })?;
     let problems = retry_until(deadline, "postgres", || store.verify_schema())
         .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot inspect the schema at {pg}: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("cannot inspect the schema at {pg}: {e}"),
+            )
+        })?;
     for p in problems.iter().filter(|p| !p.fatal) {
         tracing::warn!("{p}");
     }
@@ -34,18 +39,34 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         return Err(CliError::new(exit::SCHEMA, p.to_string()));
     }
 
-    let sink = Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
-    retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5))).await.map_err(|e| {
-        CliError::new(
-            exit::UNAVAILABLE,
-            format!("cannot reach Kafka at {}: {e} — check kafka.brokers and kafka.properties", settings.kafka_brokers()),
-        )
-    })?;
+    let sink =
+        Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
+    retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5)))
+        .await
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach Kafka at {}: {e} — check kafka.brokers and kafka.properties",
+                    settings.kafka_brokers()
+                ),
+            )
+        })?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let wake = Arc::new(Notify::new());
-    let listener = spawn_listener(store.pg_config().clone(), store.table(), wake.clone(), stop_rx.clone());
-    let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
+    let listener = spawn_listener(
+        store.pg_config().clone(),
+        store.table(),
+        wake.clone(),
+        stop_rx.clone(),
+    );
+    let relay = Arc::new(Relay::new(
+        store.clone(),
+        sink.clone(),
+        settings.relay.clone(),
+        wake,
+    ));
     tracing::info!(
         relay = %relay_id, table = %store.table(), postgres = %pg, kafka = %settings.kafka_brokers(),
         on_publish = ?settings.relay.on_publish, batch_size = settings.relay.batch_size,
@@ -63,20 +84,31 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
             return Err(CliError::new(exit::SOFTWARE, format!("relay loop ended unexpectedly: {r:?}")));
         }
     };
-    tracing::info!(signal, "stopping: no new claims; finishing the in-flight batch");
+    tracing::info!(
+        signal,
+        "stopping: no new claims; finishing the in-flight batch"
+    );
     let _ = stop_tx.send(true);
     let timeout = settings.relay.shutdown_timeout;
     let started = Instant::now();
-    if tokio::time::timeout(timeout.mul_f32(0.8), &mut relay_task).await.is_err() {
+    if tokio::time::timeout(timeout.mul_f32(0.8), &mut relay_task)
+        .await
+        .is_err()
+    {
         // Kafka did not acknowledge in time: drop what is queued so the batch
         // finishes with those events still pending (they are published later).
         tracing::warn!("in-flight batch not acknowledged in time; releasing it");
         sink.purge();
-        if tokio::time::timeout(timeout.saturating_sub(started.elapsed()), &mut relay_task).await.is_err() {
+        if tokio::time::timeout(timeout.saturating_sub(started.elapsed()), &mut relay_task)
+            .await
+            .is_err()
+        {
             relay_task.abort();
         }
     }
-    let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
+    let left = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(100));
     let flush_sink = sink.clone();
     let flushed = tokio::task::spawn_blocking(move || flush_sink.flush(left)).await;
     if let Ok(Err(e)) = flushed {
@@ -107,7 +139,8 @@ where
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} not reachable yet");
-                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
             }
         }
     }

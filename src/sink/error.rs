@@ -59,7 +59,13 @@ mod tests {
 
     #[test]
     fn event_specific_rejections_are_permanent() {
-        for c in [C::MessageSizeTooLarge, C::InvalidTopic, C::TopicAuthorizationFailed, C::UnknownTopicOrPartition, C::UnknownTopic] {
+        for c in [
+            C::MessageSizeTooLarge,
+            C::InvalidTopic,
+            C::TopicAuthorizationFailed,
+            C::UnknownTopicOrPartition,
+            C::UnknownTopic,
+        ] {
             assert_eq!(classify_code(c), FailureClass::Permanent, "{c:?}");
         }
     }
@@ -86,7 +92,12 @@ mod tests {
 
     #[test]
     fn broken_producer_state_is_fatal() {
-        for c in [C::Fatal, C::ProducerFenced, C::InvalidProducerEpoch, C::OutOfOrderSequenceNumber] {
+        for c in [
+            C::Fatal,
+            C::ProducerFenced,
+            C::InvalidProducerEpoch,
+            C::OutOfOrderSequenceNumber,
+        ] {
             assert_eq!(classify_code(c), FailureClass::Fatal, "{c:?}");
         }
     }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
 
@@ -24,7 +26,10 @@ pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
     let mut set = |k: &str, v: &str| {
         props.insert(k.to_string(), v.to_string());
     };
-    set("client.id", &format!("outbox-relay-{}", settings.relay_id()));
+    set(
+        "client.id",
+        &format!("outbox-relay-{}", settings.relay_id()),
+    );
     // Transient faults are retried inside the idempotent producer for as long as
     // they last: only then does a partition keep its order across an outage (a
     // timed-out message would be republished after later ones).
@@ -54,7 +59,11 @@ pub struct BatchAcks {
 
 impl BatchAcks {
     fn new(n: usize) -> BatchAcks {
-        BatchAcks { results: Mutex::new(vec![None; n]), remaining: AtomicUsize::new(n), done: Notify::new() }
+        BatchAcks {
+            results: Mutex::new(vec![None; n]),
+            remaining: AtomicUsize::new(n),
+            done: Notify::new(),
+        }
     }
 
     fn set(&self, i: usize, r: SendResult) {
@@ -81,7 +90,10 @@ impl BatchAcks {
         results
             .drain(..)
             .map(|r| {
-                r.unwrap_or(SendResult::Failed { class: FailureClass::Transient, error: "no delivery report".into() })
+                r.unwrap_or(SendResult::Failed {
+                    class: FailureClass::Transient,
+                    error: "no delivery report".into(),
+                })
             })
             .collect()
     }
@@ -94,7 +106,9 @@ impl ClientContext for RelayContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {
-            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", fac, "{log_message}"),
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", fac, "{log_message}")
+            }
             L::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
             L::Notice | L::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
             L::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
@@ -115,7 +129,10 @@ impl ProducerContext for RelayContext {
         let (acks, i) = *opaque;
         let r = match result {
             Ok(_) => SendResult::Delivered,
-            Err((e, _)) => SendResult::Failed { class: classify(e), error: e.to_string() },
+            Err((e, _)) => SendResult::Failed {
+                class: classify(e),
+                error: e.to_string(),
+            },
         };
         acks.set(i, r);
     }
@@ -136,7 +153,10 @@ impl KafkaSink {
             config.set(k, v);
         }
         let producer = build(&config)?;
-        Ok(KafkaSink { config, producer: RwLock::new(producer) })
+        Ok(KafkaSink {
+            config,
+            producer: RwLock::new(producer),
+        })
     }
 
     fn producer(&self) -> RelayProducer {
@@ -159,7 +179,9 @@ impl KafkaSink {
                 drop(guard);
                 old.purge(PurgeConfig::default().queue().inflight());
             }
-            Err(e) => tracing::error!(error = %e, "could not rebuild the Kafka producer; will try again"),
+            Err(e) => {
+                tracing::error!(error = %e, "could not rebuild the Kafka producer; will try again")
+            }
         }
     }
 }
@@ -183,13 +205,20 @@ impl Sink for KafkaSink {
                 }
             };
             let id = ev.id.to_string();
-            let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len() + 1)
-                .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) });
+            let mut kafka_headers =
+                OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
+                    key: EVENT_ID_HEADER,
+                    value: Some(id.as_bytes()),
+                });
             for (name, value) in &headers {
-                kafka_headers = kafka_headers.insert(Header { key: name, value: value.as_deref().map(str::as_bytes) });
+                kafka_headers = kafka_headers.insert(Header {
+                    key: name,
+                    value: value.as_deref().map(str::as_bytes),
+                });
             }
             let mut record: BaseRecord<'_, [u8], [u8], _> =
-                BaseRecord::with_opaque_to(&ev.topic, Box::new((acks.clone(), i))).headers(kafka_headers);
+                BaseRecord::with_opaque_to(&ev.topic, Box::new((acks.clone(), i)))
+                    .headers(kafka_headers);
             if let Some(key) = &ev.key {
                 record = record.key(key.as_bytes());
             }
@@ -205,7 +234,13 @@ impl Sink for KafkaSink {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        acks.set(i, SendResult::Failed { class: classify(&e), error: e.to_string() });
+                        acks.set(
+                            i,
+                            SendResult::Failed {
+                                class: classify(&e),
+                                error: e.to_string(),
+                            },
+                        );
                         break;
                     }
                 }
@@ -216,7 +251,10 @@ impl Sink for KafkaSink {
         while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
             let waited = started.elapsed();
             let left = next_report.saturating_sub(waited);
-            if tokio::time::timeout(left, acks.done.notified()).await.is_err() {
+            if tokio::time::timeout(left, acks.done.notified())
+                .await
+                .is_err()
+            {
                 tracing::warn!(
                     waiting_for = acks.remaining.load(AtomicOrdering::Acquire),
                     batch = events.len(),
@@ -234,11 +272,14 @@ impl Sink for KafkaSink {
     }
 
     fn purge(&self) {
-        self.producer().purge(PurgeConfig::default().queue().inflight());
+        self.producer()
+            .purge(PurgeConfig::default().queue().inflight());
     }
 
     fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
-        self.producer().flush(timeout).map_err(|e| SinkError(format!("flush: {e}")))
+        self.producer()
+            .flush(timeout)
+            .map_err(|e| SinkError(format!("flush: {e}")))
     }
 
     async fn ping(&self, timeout: Duration) -> Result<(), SinkError> {

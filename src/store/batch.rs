@@ -104,7 +104,10 @@ impl Drop for Claimed {
 struct RawBytes(Vec<u8>);
 
 impl<'a> FromSql<'a> for RawBytes {
-    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(
+        ty: &Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         if *ty == Type::JSONB {
             // binary jsonb is a version byte (1) followed by the JSON text
             match raw.split_first() {
@@ -117,7 +120,15 @@ impl<'a> FromSql<'a> for RawBytes {
     }
 
     fn accepts(ty: &Type) -> bool {
-        [Type::JSONB, Type::JSON, Type::TEXT, Type::VARCHAR, Type::BYTEA, Type::BPCHAR].contains(ty)
+        [
+            Type::JSONB,
+            Type::JSON,
+            Type::TEXT,
+            Type::VARCHAR,
+            Type::BYTEA,
+            Type::BPCHAR,
+        ]
+        .contains(ty)
     }
 }
 
@@ -149,7 +160,11 @@ impl Store {
                 created_at_us: row.try_get(7)?,
             });
         }
-        Ok(Some(Claimed { client: Some(client), sql: self.sql.clone(), events }))
+        Ok(Some(Claimed {
+            client: Some(client),
+            sql: self.sql.clone(),
+            events,
+        }))
     }
 }
 
@@ -163,8 +178,15 @@ pub struct Finished {
 
 impl Claimed {
     /// Records every outcome (`outcomes[i]` belongs to `events[i]`) and commits.
-    pub async fn finish(mut self, outcomes: &[Outcome], max_attempts: u32) -> Result<Finished, StoreError> {
-        let client = self.client.as_ref().ok_or_else(|| StoreError::config("batch already finished"))?;
+    pub async fn finish(
+        mut self,
+        outcomes: &[Outcome],
+        max_attempts: u32,
+    ) -> Result<Finished, StoreError> {
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| StoreError::config("batch already finished"))?;
         let mut done = Finished::default();
         let mut delivered = Vec::with_capacity(self.events.len());
         let (mut f_ids, mut f_errors, mut f_park) = (Vec::new(), Vec::new(), Vec::new());

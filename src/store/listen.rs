@@ -60,7 +60,9 @@ pub fn spawn_listener(
                                 _ = shutdown.changed() => {}
                             }
                         }
-                        Err(e) => tracing::warn!(error = %super::StoreError::from(e), "LISTEN failed"),
+                        Err(e) => {
+                            tracing::warn!(error = %super::StoreError::from(e), "LISTEN failed")
+                        }
                     }
                     driver.abort();
                 }

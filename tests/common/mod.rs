@@ -43,7 +43,10 @@ pub async fn pg() -> tokio_postgres::Client {
 
 /// Fails the test with instructions when the broker is not reachable.
 pub fn require_kafka() {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("consumer config");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("consumer config");
     if let Err(e) = c.fetch_metadata(None, Duration::from_secs(10)) {
         panic!("cannot reach Kafka at {} ({e}); {MISSING}", brokers());
     }
@@ -58,8 +61,14 @@ pub struct Outbox {
 impl Outbox {
     pub async fn new(prefix: &str) -> Outbox {
         require_kafka();
-        let table = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let out = relay_cmd(&table, &[]).arg("migrate").output().expect("run outbox-relay migrate");
+        let table = format!(
+            "{prefix}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let out = relay_cmd(&table, &[])
+            .arg("migrate")
+            .output()
+            .expect("run outbox-relay migrate");
         assert!(
             out.status.success(),
             "migrate failed: {}{}",
@@ -82,7 +91,10 @@ impl Outbox {
 
     pub async fn count(&self, filter: &str) -> i64 {
         pg().await
-            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}", self.qualified()), &[])
+            .query_one(
+                &format!("SELECT count(*) FROM {} WHERE {filter}", self.qualified()),
+                &[],
+            )
             .await
             .unwrap()
             .get(0)
@@ -92,11 +104,16 @@ impl Outbox {
     pub async fn wait_drained(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let pending = self.count("published_at IS NULL AND parked_at IS NULL").await;
+            let pending = self
+                .count("published_at IS NULL AND parked_at IS NULL")
+                .await;
             if pending == 0 {
                 return;
             }
-            assert!(Instant::now() < deadline, "{pending} events still pending after {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{pending} events still pending after {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -149,7 +166,9 @@ impl RelayProcess {
     /// SIGTERM and wait; returns (exit code, stderr).
     pub fn terminate(mut self, timeout: Duration) -> (Option<i32>, String) {
         let mut c = self.child.take().expect("relay running");
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = c.try_wait().expect("wait") {
@@ -193,16 +212,25 @@ impl Drop for RelayProcess {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let res = admin
-        .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))))
+        .create_topics(
+            &[topic],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        )
         .await
         .unwrap_or_else(|e| panic!("create topic {name}: {e}; is Kafka running?"));
     for r in res {
         if let Err((t, code)) = r {
-            assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "create topic {t}: {code:?}");
+            assert_eq!(
+                code,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "create topic {t}: {code:?}"
+            );
         }
     }
 }
@@ -220,14 +248,23 @@ pub struct Received {
 
 impl Received {
     pub fn event_id(&self) -> String {
-        self.headers.get("event_id").cloned().flatten().expect("every message carries event_id")
+        self.headers
+            .get("event_id")
+            .cloned()
+            .flatten()
+            .expect("every message carries event_id")
     }
 }
 
 /// Reads `topics` from the beginning (read_committed) until `expected` messages
 /// arrived, then keeps reading for `settle` to catch duplicates. Panics (with
 /// what it got) after `timeout`.
-pub fn consume(topics: &[String], expected: usize, timeout: Duration, settle: Duration) -> Vec<Received> {
+pub fn consume(
+    topics: &[String],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
@@ -237,11 +274,14 @@ pub fn consume(topics: &[String], expected: usize, timeout: Duration, settle: Du
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for t in topics {
-        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).expect("metadata");
+        let md = consumer
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .expect("metadata");
         let parts = md.topics()[0].partitions().len();
         assert!(parts > 0, "topic {t} has no partitions");
         for p in 0..parts as i32 {
-            tpl.add_partition_offset(t, p, Offset::Beginning).expect("tpl");
+            tpl.add_partition_offset(t, p, Offset::Beginning)
+                .expect("tpl");
         }
     }
     consumer.assign(&tpl).expect("assign");
@@ -302,8 +342,12 @@ pub fn order_violations(msgs: &[Received], seq_of: &HashMap<String, i64>) -> usi
         let id = m.event_id();
         let first_time = seen.insert(id.clone());
         let Some(key) = &m.key else { continue };
-        let seq = *seq_of.get(&id).unwrap_or_else(|| panic!("unknown event {id}"));
-        let slot = last.entry((m.topic.clone(), key.clone())).or_insert(i64::MIN);
+        let seq = *seq_of
+            .get(&id)
+            .unwrap_or_else(|| panic!("unknown event {id}"));
+        let slot = last
+            .entry((m.topic.clone(), key.clone()))
+            .or_insert(i64::MIN);
         if seq < *slot && first_time {
             violations += 1;
         }
