@@ -22,6 +22,8 @@ pub enum Step {
     Idle,
     /// A batch was claimed and finished.
     Batch { claimed: usize, finished: Finished },
+    /// Every claimed row waits for another relay's earlier event of its key.
+    Deferred { rows: usize },
 }
 
 /// Counters the loop keeps (read by logs, tests and, later, metrics).
@@ -73,6 +75,8 @@ impl<S: Sink> Relay<S> {
                 // Some events were not delivered for a passing reason: give
                 // Kafka a moment before claiming them again.
                 Ok(Step::Batch { .. }) => backoff.next_delay(),
+                // Another relay holds the head of these keys; let it finish.
+                Ok(Step::Deferred { .. }) => Duration::from_millis(20 + fastrand::u64(0..30)),
                 Err(e) => {
                     let delay = backoff.next_delay();
                     if e.is_transient() {
@@ -105,6 +109,11 @@ impl<S: Sink> Relay<S> {
             return Ok(Step::Idle);
         };
         let n = claimed.events.len();
+        if n == 0 {
+            let rows = claimed.deferred;
+            claimed.release().await?;
+            return Ok(Step::Deferred { rows });
+        }
         let results = self.sink.publish(&claimed.events).await;
         let outcomes: Vec<Outcome> = claimed
             .events
@@ -122,6 +131,7 @@ impl<S: Sink> Relay<S> {
                 outcome
             })
             .collect();
+        let claimed_deferred = claimed.deferred;
         let finished = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
         use std::sync::atomic::Ordering::Relaxed;
         self.counters
@@ -133,6 +143,7 @@ impl<S: Sink> Relay<S> {
         self.counters.batches.fetch_add(1, Relaxed);
         tracing::debug!(
             claimed = n,
+            deferred = claimed_deferred,
             published = finished.published,
             failed = finished.failed,
             retry = finished.retry,

@@ -35,6 +35,7 @@ pub struct EventFailure {
 #[derive(Debug, Clone)]
 pub(super) struct Statements {
     claim: String,
+    fence: String,
     mark: String,
     delete: String,
     fail: String,
@@ -63,6 +64,15 @@ impl Statements {
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED"
             ),
+            // Per-key order with several relays: the earliest pending row of each of
+            // our keys that we do NOT hold (another relay has it, or released it
+            // since). Only the pending rows below our highest seq are scanned.
+            fence: format!(
+                "SELECT key, min(seq) FROM {t}
+                 WHERE published_at IS NULL AND parked_at IS NULL
+                   AND seq < $1 AND key = ANY($2) AND NOT (id = ANY($3))
+                 GROUP BY key"
+            ),
             mark: format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1)"),
             delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
             fail: format!(
@@ -88,7 +98,11 @@ impl Statements {
 pub struct Claimed {
     client: Option<deadpool_postgres::Object>,
     sql: Statements,
+    /// The events to publish, in seq order.
     pub events: Vec<OutboxEvent>,
+    /// Rows held but not to be published now: an earlier event of their key is
+    /// held by another relay. They stay pending, untouched, when the batch ends.
+    pub deferred: usize,
 }
 
 impl Drop for Claimed {
@@ -160,11 +174,47 @@ impl Store {
                 created_at_us: row.try_get(7)?,
             });
         }
+        let deferred = self.fence(&client, &mut events).await?;
         Ok(Some(Claimed {
             client: Some(client),
             sql: self.sql.clone(),
             events,
+            deferred,
         }))
+    }
+
+    /// Drops from `events` every event that another relay's earlier event of the
+    /// same key must precede, and returns how many it dropped. Every relay runs
+    /// this after its claim, so for each key only the holder of its earliest
+    /// pending row publishes: per-key order holds across instances.
+    async fn fence(
+        &self,
+        client: &deadpool_postgres::Object,
+        events: &mut Vec<OutboxEvent>,
+    ) -> Result<usize, StoreError> {
+        let mut keys: Vec<&str> = events.iter().filter_map(|e| e.key.as_deref()).collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let max_seq = events.iter().map(|e| e.seq).max().unwrap_or(i64::MAX);
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+        let stmt = client.prepare_cached(&self.sql.fence).await?;
+        let rows = client.query(&stmt, &[&max_seq, &keys, &ids]).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let foreign: std::collections::HashMap<String, i64> = rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect();
+        let before = events.len();
+        events.retain(|e| match e.key.as_deref().and_then(|k| foreign.get(k)) {
+            Some(&first_foreign) => e.seq < first_foreign,
+            None => true,
+        });
+        Ok(before - events.len())
     }
 }
 
