@@ -7,7 +7,10 @@
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod http;
+pub mod metrics;
 pub mod relay;
 pub mod sink;
 pub mod store;
 pub mod telemetry;
+pub mod verify;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::{exit, CliError};
 use crate::config::{Settings, TableName};
-use crate::store::{describe, render_migration, Store, MIGRATIONS};
+use crate::store::{render_migration, Store, MIGRATIONS};
 
 /// Prints every migration rendered for the configured table. Needs only
 /// `outbox.table`, so it works without database or broker settings.
@@ -49,21 +49,10 @@ fn table_only(config: Option<&Path>) -> Result<TableName, CliError> {
 
 pub async fn apply(settings: Settings) -> Result<(), CliError> {
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
-    let applied = store.migrate().await.map_err(|e| {
-        let code = if e.code().is_none() && e.is_transient() {
-            exit::UNAVAILABLE
-        } else {
-            exit::SOFTWARE
-        };
-        CliError::new(
-            code,
-            format!(
-                "migrate {} on {}: {e}",
-                store.table(),
-                describe(store.pg_config())
-            ),
-        )
-    })?;
+    let applied = store
+        .migrate()
+        .await
+        .map_err(|e| super::store_error(&store, e))?;
     if applied.is_empty() {
         println!(
             "{}: schema is up to date ({} migrations)",

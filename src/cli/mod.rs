@@ -1,8 +1,14 @@
 //! The command line: argument parsing, exit codes, and one file per subcommand.
 
 mod check;
+mod cleanup;
 mod migrate;
+mod replay;
 mod run;
+mod status;
+mod verify;
+
+pub use cleanup::cleanup_all;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
+use crate::store::{describe, Store, StoreError};
 
 /// Exit codes (sysexits.h), so scripts and init containers can tell failures apart.
 pub mod exit {
@@ -51,6 +58,9 @@ Examples:
   outbox-relay migrate            # create the outbox table (or: migrate --print)
   outbox-relay check              # config, connectivity and schema; exit 0 if all is well
   outbox-relay run                # the daemon
+  outbox-relay status             # backlog, parked events and their errors, per topic
+  outbox-relay replay --parked    # put parked events back in the queue
+  outbox-relay verify --since 1h  # prove it: compare Postgres with what Kafka holds
 
 Exit codes: 0 ok, 1 check found problems, 64 bad config/arguments,
 65 schema missing or outdated, 69 Postgres/Kafka unreachable, 70 other failure.";
@@ -106,6 +116,89 @@ Examples:
 
 Prints one line per check; exits 0 only when everything is usable.")]
     Check,
+    /// Backlog, recent throughput and parked events, per topic.
+    #[command(after_help = "\
+Examples:
+  outbox-relay status
+  outbox-relay status --json | jq .pending
+
+Reads only the partial indexes over pending, parked and recently published rows,
+so it stays fast on tables with millions of rows.")]
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put parked or published events back in the queue (same id, same seq).
+    #[command(after_help = "\
+Examples:
+  outbox-relay replay --parked --dry-run
+  outbox-relay replay --parked
+  outbox-relay replay --id 0b6f…  --id 9c21…
+  outbox-relay replay --topic orders --since 2h --yes
+  outbox-relay replay --key order-42 --since \"2026-11-24 09:00:00+00\" --until \"2026-11-24 10:00:00+00\"
+
+Without --parked, published rows match too (while relay.retention keeps them);
+consumers deduplicate on the unchanged event_id. Replays of more than 1000 events
+need --yes. Ctrl-C stops between batches and prints how to continue.")]
+    Replay(replay::ReplayArgs),
+    /// Delete published rows older than relay.retention (the running relay does this too).
+    #[command(after_help = "\
+Examples:
+  outbox-relay cleanup
+  outbox-relay cleanup --older-than 1d
+
+Deletes in batches of 1000 with SKIP LOCKED: no long locks, no contention with claims.")]
+    Cleanup {
+        /// Override relay.retention.
+        #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+    },
+    /// Compare published rows with the messages in Kafka: lost, duplicated, out of order.
+    #[command(after_help = "\
+Examples:
+  outbox-relay verify --since 1h
+  outbox-relay verify --topic orders --since \"2026-11-24 00:00:00+00\" --until 1h --json
+
+Reads the topics with a read_committed consumer from the beginning to their current
+end. Needs on_publish = \"mark\" (rows kept for relay.retention). Exits 1 if any
+published event is missing from Kafka.")]
+    Verify(verify::VerifyArgs),
+}
+
+/// A store failure as a CLI error: unreachable → 69, anything else → 70.
+pub(crate) fn store_error(store: &Store, e: StoreError) -> CliError {
+    let code = if e.code().is_none() && e.is_transient() {
+        exit::UNAVAILABLE
+    } else {
+        exit::SOFTWARE
+    };
+    CliError::new(
+        code,
+        format!("{} on {}: {e}", store.table(), describe(store.pg_config())),
+    )
+}
+
+/// A `--since/--until` value: an age ("2h" = two hours ago) or a timestamp Postgres accepts.
+pub(crate) async fn parse_time_arg(
+    store: &Store,
+    flag: &str,
+    value: &str,
+) -> Result<String, CliError> {
+    let candidate = match humantime::parse_duration(value.trim()) {
+        Ok(d) => humantime::format_rfc3339_micros(std::time::SystemTime::now() - d).to_string(),
+        Err(_) => value.to_string(),
+    };
+    store.parse_time(&candidate).await.map_err(|e| {
+        if e.code().is_some() {
+            CliError::new(
+                exit::USAGE,
+                format!("{flag} {value:?} is not a time: use e.g. \"2026-11-24 10:00:00+00\" or an age like \"2h\""),
+            )
+        } else {
+            store_error(store, e)
+        }
+    })
 }
 
 /// Parses arguments, loads the configuration and runs the subcommand.
@@ -153,6 +246,10 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
             Command::Run => run::run(settings).await,
             Command::Migrate { .. } => migrate::apply(settings).await,
             Command::Check => check::check(settings).await,
+            Command::Status { json } => status::status(settings, json).await,
+            Command::Replay(args) => replay::replay(settings, args).await,
+            Command::Cleanup { older_than } => cleanup::cleanup(settings, older_than).await,
+            Command::Verify(args) => verify::verify(settings, args).await,
         }
     })
 }

@@ -8,7 +8,8 @@ use tokio::sync::{watch, Notify};
 
 use super::{exit, CliError};
 use crate::config::Settings;
-use crate::relay::{Backoff, Relay};
+use crate::http::Health;
+use crate::relay::{spawn_monitor, Backoff, Relay};
 use crate::sink::{KafkaSink, Sink};
 use crate::store::{describe, spawn_listener, Store};
 
@@ -16,6 +17,36 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     let relay_id = settings.relay_id();
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let pg = describe(store.pg_config());
+    // Bind first: a port conflict is a configuration error, reported before any wait.
+    let http_listener = match settings.http.listen.as_str() {
+        "" => None,
+        addr => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::new(
+                exit::USAGE,
+                format!("config: `http.listen` = {addr:?}: cannot listen ({e})"),
+            )
+        })?),
+    };
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http_task = match http_listener {
+        Some(listener) => {
+            let handle = crate::metrics::install()
+                .map_err(|e| CliError::new(exit::SOFTWARE, format!("metrics: {e}")))?;
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            let (health, stop) = (health.clone(), stop_rx.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = crate::http::serve(listener, handle, health, stop).await {
+                    tracing::error!(error = %e, "http server failed");
+                }
+            }))
+        }
+        None => None,
+    };
     let deadline = Instant::now() + settings.relay.startup_timeout;
 
     retry_until(deadline, "postgres", || store.ping()).await.map_err(|e| {
@@ -53,14 +84,22 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
             )
         })?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let wake = Arc::new(Notify::new());
+    let monitor = spawn_monitor(
+        store.clone(),
+        sink.clone(),
+        health.clone(),
+        Duration::from_secs(5),
+        stop_rx.clone(),
+    );
     let listener = spawn_listener(
         store.pg_config().clone(),
         store.table(),
         wake.clone(),
         stop_rx.clone(),
     );
+    let retention = (settings.relay.on_publish == crate::config::OnPublish::Mark)
+        .then(|| spawn_retention(store.clone(), settings.relay.retention, stop_rx.clone()));
     let relay = Arc::new(Relay::new(
         store.clone(),
         sink.clone(),
@@ -115,6 +154,13 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         tracing::warn!(error = %e, "producer not fully flushed");
     }
     listener.abort();
+    monitor.abort();
+    if let Some(r) = retention {
+        r.abort();
+    }
+    if let Some(t) = http_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
     let c = &relay.counters;
     tracing::info!(
         published = c.published.load(std::sync::atomic::Ordering::Relaxed),
@@ -161,4 +207,28 @@ async fn shutdown_signal() -> &'static str {
             "none"
         }
     }
+}
+
+/// With `on_publish = "mark"`: delete rows older than `relay.retention` once a
+/// minute, in small batches (see `cleanup`), off the hot path.
+fn spawn_retention(
+    store: Store,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = stop.changed() => return,
+            }
+            match super::cleanup_all(&store, retention).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(deleted = n, retention = %humantime::format_duration(retention), "retention clean-up")
+                }
+                Err(e) => tracing::warn!(error = %e, "retention clean-up failed; will retry"),
+            }
+        }
+    })
 }

@@ -3,6 +3,7 @@
 //! fallback, backs off after failures and never gives up on a transient one.
 
 mod backoff;
+mod monitor;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 pub use backoff::Backoff;
+pub use monitor::spawn_monitor;
 
 use crate::config::RelayConfig;
 use crate::sink::{FailureClass, SendResult, Sink};
@@ -78,6 +80,7 @@ impl<S: Sink> Relay<S> {
                 // Another relay holds the head of these keys; let it finish.
                 Ok(Step::Deferred { .. }) => Duration::from_millis(20 + fastrand::u64(0..30)),
                 Err(e) => {
+                    crate::metrics::batch_error();
                     let delay = backoff.next_delay();
                     if e.is_transient() {
                         tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
@@ -112,6 +115,7 @@ impl<S: Sink> Relay<S> {
         if n == 0 {
             let rows = claimed.deferred;
             claimed.release().await?;
+            crate::metrics::deferred(rows);
             return Ok(Step::Deferred { rows });
         }
         let results = self.sink.publish(&claimed.events).await;
@@ -132,7 +136,9 @@ impl<S: Sink> Relay<S> {
             })
             .collect();
         let claimed_deferred = claimed.deferred;
-        let finished = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
+        let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
+        crate::metrics::batch_finished(&events, &results, self.cfg.max_attempts, started.elapsed());
+        crate::metrics::deferred(claimed_deferred);
         use std::sync::atomic::Ordering::Relaxed;
         self.counters
             .published

@@ -227,12 +227,13 @@ pub struct Finished {
 }
 
 impl Claimed {
-    /// Records every outcome (`outcomes[i]` belongs to `events[i]`) and commits.
+    /// Records every outcome (`outcomes[i]` belongs to `events[i]`), commits, and
+    /// hands the events back.
     pub async fn finish(
         mut self,
         outcomes: &[Outcome],
         max_attempts: u32,
-    ) -> Result<Finished, StoreError> {
+    ) -> Result<(Finished, Vec<OutboxEvent>), StoreError> {
         let client = self
             .client
             .as_ref()
@@ -270,7 +271,7 @@ impl Claimed {
         client.batch_execute("COMMIT").await?;
         // Committed: the connection is clean and can go back to the pool.
         self.client.take();
-        Ok(done)
+        Ok((done, std::mem::take(&mut self.events)))
     }
 
     /// Gives every row back (pending, untouched) and returns the connection.

@@ -2,9 +2,11 @@
 //! verification, claiming batches, recording their outcome, and the dedicated
 //! LISTEN connection that wakes the relay.
 
+mod backlog;
 mod batch;
 mod error;
 mod listen;
+mod ops;
 mod schema;
 
 use std::time::Duration;
@@ -12,9 +14,11 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 
+pub use backlog::Backlog;
 pub use batch::{Claimed, EventFailure, Finished, Outcome};
 pub use error::StoreError;
 pub use listen::spawn_listener;
+pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus};
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
 
 use crate::config::{OnPublish, Ordering, Settings, TableName};

@@ -1,0 +1,92 @@
+//! `/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz`
+//! (Postgres and Kafka reachable and the schema usable) on `http.listen`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Readiness latch: each dependency's last known state, set by the monitor.
+#[derive(Debug, Default)]
+pub struct Health {
+    postgres: AtomicBool,
+    kafka: AtomicBool,
+    schema: AtomicBool,
+    problems: Mutex<Vec<String>>,
+}
+
+impl Health {
+    /// Records one round of checks; `problems` explains every `false`.
+    pub fn update(&self, postgres: bool, schema: bool, kafka: bool, problems: Vec<String>) {
+        self.postgres.store(postgres, Ordering::Relaxed);
+        self.schema.store(schema, Ordering::Relaxed);
+        self.kafka.store(kafka, Ordering::Relaxed);
+        if let Ok(mut p) = self.problems.lock() {
+            *p = problems;
+        }
+        crate::metrics::ready(self.is_ready());
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.postgres.load(Ordering::Relaxed)
+            && self.schema.load(Ordering::Relaxed)
+            && self.kafka.load(Ordering::Relaxed)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.problems.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+}
+
+/// Serves until `shutdown` flips.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    health: Arc<Health>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { metrics, health });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
+    s.metrics.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        let mut body = String::from("not ready\n");
+        for p in s.health.problems() {
+            body.push_str(&p);
+            body.push('\n');
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+}

@@ -1,0 +1,59 @@
+//! Background checks: dependency health for `/readyz`, and backlog gauges.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::http::Health;
+use crate::sink::Sink;
+use crate::store::Store;
+
+/// Checks Postgres, the schema and Kafka every `every`, updates `health` and the
+/// backlog gauges. Ends when `shutdown` flips.
+pub fn spawn_monitor<S: Sink>(
+    store: Store,
+    sink: Arc<S>,
+    health: Arc<Health>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let mut problems = Vec::new();
+            let (mut pg_ok, mut schema_ok) = (false, false);
+            match store.verify_schema().await {
+                Ok(found) => {
+                    pg_ok = true;
+                    schema_ok = !found.iter().any(|p| p.fatal);
+                    problems.extend(found.into_iter().filter(|p| p.fatal).map(|p| p.message));
+                }
+                Err(e) => problems.push(format!("postgres: {e}")),
+            }
+            let kafka_ok = match sink.ping(Duration::from_secs(5)).await {
+                Ok(()) => true,
+                Err(e) => {
+                    problems.push(e.to_string());
+                    false
+                }
+            };
+            if pg_ok && schema_ok {
+                match store.backlog().await {
+                    Ok(b) => crate::metrics::backlog(&b),
+                    Err(e) => tracing::debug!(error = %e, "backlog query failed"),
+                }
+            }
+            let was_ready = health.is_ready();
+            health.update(pg_ok, schema_ok, kafka_ok, problems.clone());
+            if was_ready && !health.is_ready() {
+                tracing::warn!(problems = ?problems, "not ready");
+            } else if !was_ready && health.is_ready() {
+                tracing::info!("ready");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    })
+}
