@@ -43,11 +43,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut existed = true;
     let partitions = loop {
         let md = consumer.fetch_metadata(Some(&args.topic), Duration::from_secs(10))?;
-        let ids: Vec<i32> = md
-            .topics()
-            .first()
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
+        let ids: Vec<i32> =
+            md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
         if !ids.is_empty() {
             break ids;
         }
@@ -59,11 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
-        let offset = if args.from_end && existed {
-            Offset::End
-        } else {
-            Offset::Beginning
-        };
+        let offset = if args.from_end && existed { Offset::End } else { Offset::Beginning };
         tpl.add_partition_offset(&args.topic, p, offset)?;
     }
     consumer.assign(&tpl)?;
@@ -81,13 +74,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 m.topic(),
                 m.partition(),
                 m.offset(),
-                m.key()
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
-                    .unwrap_or_else(|| "-".into()),
+                m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_else(|| "-".into()),
                 event_id,
-                m.payload()
-                    .map(|p| String::from_utf8_lossy(p).into_owned())
-                    .unwrap_or_else(|| "<tombstone>".into()),
+                m.payload().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_else(|| "<tombstone>".into()),
             );
             n += 1;
             last = Instant::now();

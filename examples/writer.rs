@@ -45,10 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              created_at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
-    let insert_outbox = format!(
-        "INSERT INTO {} (topic, key, payload, headers) VALUES ($1, $2, $3, $4)",
-        args.table
-    );
+    let insert_outbox = format!("INSERT INTO {} (topic, key, payload, headers) VALUES ($1, $2, $3, $4)", args.table);
     for i in 0..args.orders {
         let order_id = Uuid::new_v4();
         let customer = format!("customer-{}", i % 5);
@@ -69,11 +66,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         // key = the aggregate id: all events of one order stay in order
         let headers = serde_json::json!({ "content-type": "application/json" });
-        tx.execute(
-            &insert_outbox,
-            &[&args.topic, &order_id.to_string(), &event, &headers],
-        )
-        .await?;
+        tx.execute(&insert_outbox, &[&args.topic, &order_id.to_string(), &event, &headers]).await?;
         tx.commit().await?;
         // -------------------------------------------
 

@@ -99,28 +99,18 @@ impl fmt::Debug for KafkaConfig {
             .properties
             .iter()
             .map(|(k, v)| {
-                let shown = if is_secret_property(k) {
-                    "<redacted>"
-                } else {
-                    v.as_str()
-                };
+                let shown = if is_secret_property(k) { "<redacted>" } else { v.as_str() };
                 (k.as_str(), shown)
             })
             .collect();
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &self.brokers)
-            .field("properties", &props)
-            .finish()
+        f.debug_struct("KafkaConfig").field("brokers", &self.brokers).field("properties", &props).finish()
     }
 }
 
 /// librdkafka properties whose values are secrets and must never be logged.
 pub fn is_secret_property(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("password")
-        || n.contains("secret")
-        || n.ends_with(".key.pem")
-        || n.contains("sasl.oauthbearer.config")
+    n.contains("password") || n.contains("secret") || n.ends_with(".key.pem") || n.contains("sasl.oauthbearer.config")
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -133,9 +123,7 @@ pub struct OutboxConfig {
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig {
-            table: defaults::table(),
-        }
+        OutboxConfig { table: defaults::table() }
     }
 }
 
@@ -188,6 +176,10 @@ pub struct RelayConfig {
     /// Permanent failures of one event before it is parked.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
+    /// First delay before a rejected event is tried again; doubles per attempt, at
+    /// most 5 minutes. Later events of its key wait meanwhile; other keys flow.
+    #[serde(default = "defaults::retry_backoff", with = "duration")]
+    pub retry_backoff: Duration,
     /// `per-key` or `strict` (a parked event blocks its own key).
     #[serde(default = "defaults::ordering")]
     pub ordering: Ordering,
@@ -214,6 +206,7 @@ impl Default for RelayConfig {
             on_publish: defaults::on_publish(),
             retention: defaults::retention(),
             max_attempts: defaults::max_attempts(),
+            retry_backoff: defaults::retry_backoff(),
             ordering: defaults::ordering(),
             delivery: defaults::delivery(),
             shutdown_timeout: defaults::shutdown_timeout(),
@@ -233,9 +226,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            listen: defaults::http_listen(),
-        }
+        HttpConfig { listen: defaults::http_listen() }
     }
 }
 
@@ -261,10 +252,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: defaults::log_format(),
-            level: defaults::log_level(),
-        }
+        LogConfig { format: defaults::log_format(), level: defaults::log_level() }
     }
 }
 
@@ -324,6 +312,9 @@ mod defaults {
     pub fn max_attempts() -> u32 {
         10
     }
+    pub fn retry_backoff() -> Duration {
+        Duration::from_secs(1)
+    }
     pub fn ordering() -> Ordering {
         Ordering::PerKey
     }
@@ -377,11 +368,7 @@ impl TableName {
         let (schema, table) = match parts.as_slice() {
             [t] => ("public", *t),
             [s, t] => (*s, *t),
-            _ => {
-                return Err(format!(
-                    "{s:?} is not a table name; use `table` or `schema.table`"
-                ))
-            }
+            _ => return Err(format!("{s:?} is not a table name; use `table` or `schema.table`")),
         };
         for part in [schema, table] {
             if !is_identifier(part) {
@@ -390,10 +377,7 @@ impl TableName {
                 ));
             }
         }
-        Ok(TableName {
-            schema: schema.to_string(),
-            table: table.to_string(),
-        })
+        Ok(TableName { schema: schema.to_string(), table: table.to_string() })
     }
 
     /// `"schema"."table"`, ready to splice into SQL.
@@ -434,24 +418,13 @@ pub fn redact_url(url: &str) -> String {
         if let Some(at) = rest.rfind('@') {
             let userinfo = &rest[..at];
             if let Some(colon) = userinfo.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                );
+                return format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &rest[at..]);
             }
         }
         return url.to_string();
     }
     url.split_whitespace()
-        .map(|kv| {
-            if kv.to_ascii_lowercase().starts_with("password=") {
-                "password=***"
-            } else {
-                kv
-            }
-        })
+        .map(|kv| if kv.to_ascii_lowercase().starts_with("password=") { "password=***" } else { kv })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -472,26 +445,19 @@ impl Settings {
         match file {
             Some(path) => {
                 if !path.exists() {
-                    return Err(ConfigError(format!(
-                        "config: file {} does not exist",
-                        path.display()
-                    )));
+                    return Err(ConfigError(format!("config: file {} does not exist", path.display())));
                 }
-                builder =
-                    builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+                builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
             }
             None => {
                 let default = Path::new(DEFAULT_CONFIG_FILE);
                 if default.exists() {
-                    builder = builder
-                        .add_source(config::File::from(default).format(config::FileFormat::Toml));
+                    builder = builder.add_source(config::File::from(default).format(config::FileFormat::Toml));
                 }
             }
         }
-        let env: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-            .collect();
+        let env: config::Map<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__"))).collect();
         builder = builder.add_source(
             config::Environment::with_prefix(ENV_PREFIX)
                 .prefix_separator("__")
@@ -504,12 +470,8 @@ impl Settings {
             .set_default("postgres.pool_size", defaults::pool_size() as i64)
             .and_then(|b| b.set_default("kafka.properties", config::Map::<String, String>::new()))
             .map_err(|e| ConfigError(format!("config: {e}")))?;
-        let raw = builder
-            .build()
-            .map_err(|e| ConfigError(format!("config: {e}")))?;
-        let settings: Settings = raw
-            .try_deserialize()
-            .map_err(|e| ConfigError(format!("config: {e}")))?;
+        let raw = builder.build().map_err(|e| ConfigError(format!("config: {e}")))?;
+        let settings: Settings = raw.try_deserialize().map_err(|e| ConfigError(format!("config: {e}")))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -537,24 +499,22 @@ impl Settings {
             }
         }
         if !(1..=256).contains(&self.postgres.pool_size) {
-            return Err(ConfigError::key(
-                "postgres.pool_size",
-                "must be between 1 and 256",
-            ));
+            return Err(ConfigError::key("postgres.pool_size", "must be between 1 and 256"));
         }
         match self.kafka.brokers.as_deref().map(str::trim) {
-            None | Some("") => {
-                return Err(ConfigError::key(
-                    "kafka.brokers",
-                    "is required: set it in the config file or OUTBOX_RELAY__KAFKA__BROKERS (e.g. kafka1:9092,kafka2:9092)",
-                ))
-            }
+            None | Some("") => return Err(ConfigError::key(
+                "kafka.brokers",
+                "is required: set it in the config file or OUTBOX_RELAY__KAFKA__BROKERS (e.g. kafka1:9092,kafka2:9092)",
+            )),
             Some(b) => {
                 for broker in b.split(',') {
                     let broker = broker.trim();
                     let ok = broker.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
                     if !ok {
-                        return Err(ConfigError::key("kafka.brokers", format!("has {broker:?}; each broker must be host:port")));
+                        return Err(ConfigError::key(
+                            "kafka.brokers",
+                            format!("has {broker:?}; each broker must be host:port"),
+                        ));
                     }
                 }
             }
@@ -564,11 +524,8 @@ impl Settings {
         }
         TableName::parse(&self.outbox.table).map_err(|e| ConfigError::key("outbox.table", e))?;
         if let Some(id) = &self.relay.id {
-            let ok = !id.is_empty()
-                && id.len() <= 100
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            let ok =
+                !id.is_empty() && id.len() <= 100 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
             if !ok {
                 return Err(ConfigError::key(
                     "relay.id",
@@ -577,16 +534,10 @@ impl Settings {
             }
         }
         if !(1..=50_000).contains(&self.relay.batch_size) {
-            return Err(ConfigError::key(
-                "relay.batch_size",
-                "must be between 1 and 50000",
-            ));
+            return Err(ConfigError::key("relay.batch_size", "must be between 1 and 50000"));
         }
         if self.relay.poll_interval < Duration::from_millis(10) {
-            return Err(ConfigError::key(
-                "relay.poll_interval",
-                "must be at least 10ms",
-            ));
+            return Err(ConfigError::key("relay.poll_interval", "must be at least 10ms"));
         }
         if self.relay.max_attempts == 0 {
             return Err(ConfigError::key("relay.max_attempts", "must be at least 1"));
@@ -598,23 +549,19 @@ impl Settings {
             ));
         }
         if self.relay.max_backoff < Duration::from_millis(100) {
-            return Err(ConfigError::key(
-                "relay.max_backoff",
-                "must be at least 100ms",
-            ));
+            return Err(ConfigError::key("relay.max_backoff", "must be at least 100ms"));
         }
-        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
-        {
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::key(
                 "http.listen",
-                format!("= {:?} is not an address; use ip:port like \"0.0.0.0:9187\", or \"\" to disable", self.http.listen),
+                format!(
+                    "= {:?} is not an address; use ip:port like \"0.0.0.0:9187\", or \"\" to disable",
+                    self.http.listen
+                ),
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
-            ConfigError::key(
-                "log.level",
-                format!("= {:?} is not a valid filter ({e})", self.log.level),
-            )
+            ConfigError::key("log.level", format!("= {:?} is not a valid filter ({e})", self.log.level))
         })?;
         Ok(())
     }
@@ -622,10 +569,8 @@ impl Settings {
     /// The validated outbox table.
     pub fn table(&self) -> TableName {
         // validate() already checked it; parsing again keeps TableName out of serde.
-        TableName::parse(&self.outbox.table).unwrap_or_else(|_| TableName {
-            schema: "public".into(),
-            table: "outbox".into(),
-        })
+        TableName::parse(&self.outbox.table)
+            .unwrap_or_else(|_| TableName { schema: "public".into(), table: "outbox".into() })
     }
 
     /// This instance's name: `relay.id` or the host name.
@@ -669,7 +614,10 @@ fn check_kafka_property(name: &str, value: &str) -> Result<(), ConfigError> {
         "transactional.id" => Err(ConfigError::key(&key, "is managed by the relay (relay.delivery); remove it")),
         "max.in.flight.requests.per.connection" | "max.in.flight" => match v.parse::<u32>() {
             Ok(1..=5) => Ok(()),
-            _ => Err(ConfigError::key(&key, "must be between 1 and 5 (the idempotent producer keeps order only up to 5)")),
+            _ => Err(ConfigError::key(
+                &key,
+                "must be between 1 and 5 (the idempotent producer keeps order only up to 5)",
+            )),
         },
         _ if name.trim().is_empty() => Err(ConfigError::key("kafka.properties", "has an empty property name")),
         _ => Ok(()),
@@ -681,18 +629,12 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn base() -> Vec<(String, String)> {
         env(&[
-            (
-                "OUTBOX_RELAY__POSTGRES__URL",
-                "postgres://u:s3cret@localhost:5432/db",
-            ),
+            ("OUTBOX_RELAY__POSTGRES__URL", "postgres://u:s3cret@localhost:5432/db"),
             ("OUTBOX_RELAY__KAFKA__BROKERS", "localhost:9092"),
         ])
     }
@@ -709,13 +651,7 @@ mod tests {
         assert_eq!(s.relay.batch_size, 500);
         assert_eq!(s.relay.on_publish, OnPublish::Mark);
         assert_eq!(s.relay.poll_interval, Duration::from_secs(1));
-        assert_eq!(
-            s.table(),
-            TableName {
-                schema: "public".into(),
-                table: "outbox".into()
-            }
-        );
+        assert_eq!(s.table(), TableName { schema: "public".into(), table: "outbox".into() });
         assert_eq!(s.kafka_brokers(), "localhost:9092");
     }
 
@@ -745,53 +681,31 @@ mod tests {
             "[postgres]\nurl = \"postgres://a@h/db\"\n[kafka]\nbrokers = \"k:1\"\n[kafka.properties]\n\"linger.ms\" = \"20\"\n[relay]\nbatch_size = 7\n",
         )
         .unwrap();
-        let s = Settings::load_from(
-            Some(&path),
-            env(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "9")]),
-        )
-        .unwrap();
+        let s = Settings::load_from(Some(&path), env(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "9")])).unwrap();
         assert_eq!(s.relay.batch_size, 9);
-        assert_eq!(
-            s.kafka.properties.get("linger.ms").map(String::as_str),
-            Some("20")
-        );
+        assert_eq!(s.kafka.properties.get("linger.ms").map(String::as_str), Some("20"));
         assert_eq!(s.postgres_url(), "postgres://a@h/db");
     }
 
     #[test]
     fn unknown_keys_are_rejected_by_name() {
-        let err = load_env(&[("OUTBOX_RELAY__RELAY__BATCH_SIZES", "5")])
-            .unwrap_err()
-            .to_string();
+        let err = load_env(&[("OUTBOX_RELAY__RELAY__BATCH_SIZES", "5")]).unwrap_err().to_string();
         assert!(err.contains("batch_sizes"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.toml");
-        std::fs::write(
-            &path,
-            "[postgres]\nurl = \"postgres://a@h/db\"\nurll = \"x\"\n[kafka]\nbrokers = \"k:1\"\n",
-        )
-        .unwrap();
-        let err = Settings::load_from(Some(&path), Vec::new())
-            .unwrap_err()
-            .to_string();
+        std::fs::write(&path, "[postgres]\nurl = \"postgres://a@h/db\"\nurll = \"x\"\n[kafka]\nbrokers = \"k:1\"\n")
+            .unwrap();
+        let err = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
         assert!(err.contains("urll"), "{err}");
     }
 
     #[test]
     fn missing_required_settings_name_the_key_and_env_var() {
-        let err = Settings::load_from(None, Vec::new())
+        let err = Settings::load_from(None, Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("postgres.url") && err.contains("OUTBOX_RELAY__POSTGRES__URL"), "{err}");
+        let err = Settings::load_from(None, env(&[("OUTBOX_RELAY__POSTGRES__URL", "postgres://a@h/db")]))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("postgres.url") && err.contains("OUTBOX_RELAY__POSTGRES__URL"),
-            "{err}"
-        );
-        let err = Settings::load_from(
-            None,
-            env(&[("OUTBOX_RELAY__POSTGRES__URL", "postgres://a@h/db")]),
-        )
-        .unwrap_err()
-        .to_string();
         assert!(err.contains("kafka.brokers"), "{err}");
     }
 
@@ -801,35 +715,17 @@ mod tests {
             ("OUTBOX_RELAY__RELAY__ON_PUBLISH", "archive", "on_publish"),
             ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "0", "relay.batch_size"),
             ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "lots", "batch_size"),
-            (
-                "OUTBOX_RELAY__RELAY__POLL_INTERVAL",
-                "soon",
-                "poll_interval",
-            ),
-            (
-                "OUTBOX_RELAY__OUTBOX__TABLE",
-                "x; drop table y",
-                "outbox.table",
-            ),
+            ("OUTBOX_RELAY__RELAY__POLL_INTERVAL", "soon", "poll_interval"),
+            ("OUTBOX_RELAY__OUTBOX__TABLE", "x; drop table y", "outbox.table"),
             ("OUTBOX_RELAY__HTTP__LISTEN", "everywhere", "http.listen"),
-            (
-                "OUTBOX_RELAY__KAFKA__BROKERS",
-                "nohostport",
-                "kafka.brokers",
-            ),
-            (
-                "OUTBOX_RELAY__RELAY__DELIVERY",
-                "exactly-once",
-                "relay.delivery",
-            ),
+            ("OUTBOX_RELAY__KAFKA__BROKERS", "nohostport", "kafka.brokers"),
+            ("OUTBOX_RELAY__RELAY__DELIVERY", "exactly-once", "relay.delivery"),
         ] {
             let err = load_env(&[(k, v)]).unwrap_err().to_string();
             assert!(err.contains(want), "{k}={v}: {err}");
             assert!(!err.contains('\n'), "one line: {err}");
         }
-        let err = load_env(&[("OUTBOX_RELAY__RELAY__ON_PUBLISH", "archive")])
-            .unwrap_err()
-            .to_string();
+        let err = load_env(&[("OUTBOX_RELAY__RELAY__ON_PUBLISH", "archive")]).unwrap_err().to_string();
         assert!(err.contains("mark") && err.contains("delete"), "{err}");
     }
 
@@ -845,15 +741,9 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:s3cret@h:5/db"),
-            "postgres://u:***@h:5/db"
-        );
+        assert_eq!(redact_url("postgres://u:s3cret@h:5/db"), "postgres://u:***@h:5/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            redact_url("host=h password=s3cret user=u"),
-            "host=h password=*** user=u"
-        );
+        assert_eq!(redact_url("host=h password=s3cret user=u"), "host=h password=*** user=u");
         let s = load_env(&[]).unwrap();
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("s3cret"), "{dbg}");
@@ -861,10 +751,7 @@ mod tests {
 
     #[test]
     fn table_names_are_validated_identifiers() {
-        assert_eq!(
-            TableName::parse("outbox").unwrap().quoted(),
-            "\"public\".\"outbox\""
-        );
+        assert_eq!(TableName::parse("outbox").unwrap().quoted(), "\"public\".\"outbox\"");
         assert!(TableName::parse("a.b.c").is_err());
         assert!(TableName::parse("1abc").is_err());
         assert!(TableName::parse("ab\"c").is_err());

@@ -25,13 +25,10 @@ pub const EVENT_ID_HEADER: &str = "event_id";
 /// Parses the headers column: a JSON object of string → string (a JSON `null`
 /// value becomes a header without value). Anything else is a malformed row.
 pub fn parse_headers(raw: &[u8], id: &Uuid) -> Result<Vec<(String, Option<String>)>, String> {
-    let value: serde_json::Value = serde_json::from_slice(raw)
-        .map_err(|e| format!("malformed headers: not valid JSON ({e})"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|e| format!("malformed headers: not valid JSON ({e})"))?;
     let serde_json::Value::Object(map) = value else {
-        return Err(format!(
-            "malformed headers: expected a JSON object of strings, got {}",
-            kind(&value)
-        ));
+        return Err(format!("malformed headers: expected a JSON object of strings, got {}", kind(&value)));
     };
     let mut out = Vec::with_capacity(map.len());
     for (name, v) in map {
@@ -42,16 +39,15 @@ pub fn parse_headers(raw: &[u8], id: &Uuid) -> Result<Vec<(String, Option<String
             serde_json::Value::String(s) => Some(s),
             serde_json::Value::Null => None,
             other => {
-                return Err(format!(
-                    "malformed headers: value of {name:?} is {}, expected a string",
-                    kind(&other)
-                ))
+                return Err(format!("malformed headers: value of {name:?} is {}, expected a string", kind(&other)))
             }
         };
         if name == EVENT_ID_HEADER {
             // The relay sets it from `id`; a different value would break dedup.
             if v.as_deref() != Some(id.to_string().as_str()) {
-                return Err(format!("malformed headers: {EVENT_ID_HEADER:?} is reserved (the relay sets it to the row id)"));
+                return Err(format!(
+                    "malformed headers: {EVENT_ID_HEADER:?} is reserved (the relay sets it to the row id)"
+                ));
             }
             continue;
         }
@@ -78,11 +74,7 @@ mod tests {
     #[test]
     fn string_headers_pass_through_in_any_order() {
         let id = Uuid::new_v4();
-        let h = parse_headers(
-            br#"{"traceparent":"00-ab-cd-01","tenant":"acme","empty":null}"#,
-            &id,
-        )
-        .unwrap();
+        let h = parse_headers(br#"{"traceparent":"00-ab-cd-01","tenant":"acme","empty":null}"#, &id).unwrap();
         assert!(h.contains(&("traceparent".into(), Some("00-ab-cd-01".into()))));
         assert!(h.contains(&("empty".into(), None)));
         assert_eq!(h.len(), 3);
@@ -99,10 +91,7 @@ mod tests {
             (br#"{"event_id":"x"}"#, "reserved"),
         ] {
             let err = parse_headers(raw, &id).unwrap_err();
-            assert!(
-                err.starts_with("malformed headers") && err.contains(want),
-                "{err}"
-            );
+            assert!(err.starts_with("malformed headers") && err.contains(want), "{err}");
         }
     }
 

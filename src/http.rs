@@ -72,10 +72,7 @@ pub async fn serve(
 
 async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
     s.metrics.run_upkeep();
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {

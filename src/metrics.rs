@@ -26,27 +26,19 @@ pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
 pub const PARKED_NOW: &str = "outbox_relay_parked_events";
 pub const READY: &str = "outbox_relay_ready";
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
-const SIZE_BUCKETS: &[f64] = &[
-    1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
+const SIZE_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> Result<PrometheusHandle, String> {
-    static HANDLE: std::sync::OnceLock<Result<PrometheusHandle, String>> =
-        std::sync::OnceLock::new();
+    static HANDLE: std::sync::OnceLock<Result<PrometheusHandle, String>> = std::sync::OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(COMMIT_TO_ACK.into()), LATENCY_BUCKETS)
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), LATENCY_BUCKETS)
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS)
-                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), LATENCY_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS))
                 .map_err(|e| e.to_string())?;
             let handle = builder.install_recorder().map_err(|e| e.to_string())?;
             describe();
@@ -57,65 +49,27 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(
-        PUBLISHED,
-        "Events acknowledged by Kafka and marked published (or deleted), by topic."
-    );
-    describe_counter!(
-        FAILED,
-        "Events not delivered, by failure class (transient, permanent, invalid, fatal)."
-    );
-    describe_counter!(
-        PARKED,
-        "Events this relay parked after permanent failures, by topic."
-    );
-    describe_counter!(
-        DEFERRED,
-        "Claimed events left for another relay that holds an earlier event of their key."
-    );
+    describe_counter!(PUBLISHED, "Events acknowledged by Kafka and marked published (or deleted), by topic.");
+    describe_counter!(FAILED, "Events not delivered, by failure class (transient, permanent, invalid, fatal).");
+    describe_counter!(PARKED, "Events this relay parked after permanent failures, by topic.");
+    describe_counter!(DEFERRED, "Claimed events left for another relay that holds an earlier event of their key.");
     describe_counter!(BATCHES, "Batches claimed and finished.");
-    describe_counter!(
-        BATCH_ERRORS,
-        "Batches that failed on the Postgres side (retried)."
-    );
+    describe_counter!(BATCH_ERRORS, "Batches that failed on the Postgres side (retried).");
     describe_histogram!(BATCH_SIZE, Unit::Count, "Events per claimed batch.");
     describe_histogram!(BATCH_DURATION, Unit::Seconds, "Claim to commit, per batch.");
-    describe_histogram!(
-        COMMIT_TO_ACK,
-        Unit::Seconds,
-        "From the row's created_at to Kafka's acknowledgement."
-    );
+    describe_histogram!(COMMIT_TO_ACK, Unit::Seconds, "From the row's created_at to Kafka's acknowledgement.");
     describe_gauge!(PENDING, Unit::Count, "Rows waiting to be published.");
-    describe_gauge!(
-        OLDEST_PENDING_AGE,
-        Unit::Seconds,
-        "Age of the oldest pending row (0 when none)."
-    );
-    describe_gauge!(
-        PARKED_NOW,
-        Unit::Count,
-        "Rows parked, waiting for an operator (outbox-relay replay)."
-    );
-    describe_gauge!(
-        READY,
-        "1 when Postgres and Kafka are reachable and the schema is usable."
-    );
+    describe_gauge!(OLDEST_PENDING_AGE, Unit::Seconds, "Age of the oldest pending row (0 when none).");
+    describe_gauge!(PARKED_NOW, Unit::Count, "Rows parked, waiting for an operator (outbox-relay replay).");
+    describe_gauge!(READY, "1 when Postgres and Kafka are reachable and the schema is usable.");
 }
 
 /// A batch was finished: count per topic, record latency from commit to ack.
-pub fn batch_finished(
-    events: &[OutboxEvent],
-    results: &[SendResult],
-    max_attempts: u32,
-    took: Duration,
-) {
-    let now_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+pub fn batch_finished(events: &[OutboxEvent], results: &[SendResult], max_attempts: u32, took: Duration) {
+    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
     let mut published: HashMap<&str, u64> = HashMap::new();
     let mut parked: HashMap<&str, u64> = HashMap::new();
-    let (mut transient, mut permanent, mut invalid, mut fatal) = (0u64, 0u64, 0u64, 0u64);
+    let (mut transient, mut permanent, mut invalid, mut fatal, mut skipped) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for (ev, r) in events.iter().zip(results) {
         match r {
             SendResult::Delivered => {
@@ -123,6 +77,7 @@ pub fn batch_finished(
                 let secs = (now_us - ev.created_at_us).max(0) as f64 / 1e6;
                 histogram!(COMMIT_TO_ACK).record(secs);
             }
+            SendResult::Skipped => skipped += 1,
             SendResult::Invalid { .. } => {
                 invalid += 1;
                 *parked.entry(ev.topic.as_str()).or_default() += 1;
@@ -145,15 +100,13 @@ pub fn batch_finished(
     for (topic, n) in parked {
         counter!(PARKED, "topic" => topic.to_string()).increment(n);
     }
-    for (class, n) in [
-        ("transient", transient),
-        ("permanent", permanent),
-        ("invalid", invalid),
-        ("fatal", fatal),
-    ] {
+    for (class, n) in [("transient", transient), ("permanent", permanent), ("invalid", invalid), ("fatal", fatal)] {
         if n > 0 {
             counter!(FAILED, "class" => class).increment(n);
         }
+    }
+    if skipped > 0 {
+        counter!(DEFERRED).increment(skipped);
     }
     counter!(BATCHES).increment(1);
     histogram!(BATCH_SIZE).record(events.len() as f64);

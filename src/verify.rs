@@ -70,13 +70,9 @@ pub fn compare(expected: &[PublishedRow], seen: &[Seen]) -> Report {
     let rows: HashMap<Uuid, &PublishedRow> = expected.iter().map(|r| (r.id, r)).collect();
     let mut copies: HashMap<Uuid, usize> = HashMap::with_capacity(expected.len());
     let mut sorted: Vec<&Seen> = seen.iter().collect();
-    sorted
-        .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
+    sorted.sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     let mut last_seq: HashMap<(&str, &str), i64> = HashMap::new();
-    let mut report = Report {
-        expected: expected.len(),
-        ..Default::default()
-    };
+    let mut report = Report { expected: expected.len(), ..Default::default() };
     for m in sorted {
         let Some(id) = m.id else {
             report.without_event_id += 1;
@@ -88,9 +84,7 @@ pub fn compare(expected: &[PublishedRow], seen: &[Seen]) -> Report {
         *n += 1;
         let first = *n == 1;
         if let Some(key) = row.key.as_deref() {
-            let slot = last_seq
-                .entry((row.topic.as_str(), key))
-                .or_insert(i64::MIN);
+            let slot = last_seq.entry((row.topic.as_str(), key)).or_insert(i64::MIN);
             if first && row.seq < *slot {
                 report.order_violations += 1;
             }
@@ -133,10 +127,7 @@ pub fn read_topics(
         }
     }
     cfg.set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("outbox-relay-verify-{}", Uuid::new_v4()),
-        )
+        .set("group.id", format!("outbox-relay-verify-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false");
@@ -144,9 +135,8 @@ pub fn read_topics(
     let mut tpl = TopicPartitionList::new();
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
     for t in topics {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(10))
-            .map_err(|e| format!("metadata of {t}: {e}"))?;
+        let md =
+            consumer.fetch_metadata(Some(t), Duration::from_secs(10)).map_err(|e| format!("metadata of {t}: {e}"))?;
         let Some(mt) = md.topics().first() else {
             continue;
         };
@@ -156,8 +146,7 @@ pub fn read_topics(
                 .map_err(|e| format!("watermarks of {t}/{}: {e}", p.id()))?;
             if high > 0 {
                 ends.insert((t.clone(), p.id()), high);
-                tpl.add_partition_offset(t, p.id(), Offset::Beginning)
-                    .map_err(|e| e.to_string())?;
+                tpl.add_partition_offset(t, p.id(), Offset::Beginning).map_err(|e| e.to_string())?;
             }
         }
     }
@@ -173,19 +162,10 @@ pub fn read_topics(
             let m = m.map_err(|e| format!("consume: {e}"))?;
             let id = m
                 .headers()
-                .and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == EVENT_ID_HEADER)
-                        .and_then(|h| h.value)
-                })
+                .and_then(|h| h.iter().find(|h| h.key == EVENT_ID_HEADER).and_then(|h| h.value))
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|s| Uuid::parse_str(s).ok());
-            seen.push(Seen {
-                id,
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-            });
+            seen.push(Seen { id, topic: m.topic().to_string(), partition: m.partition(), offset: m.offset() });
             if seen.len() % 100_000 == 0 {
                 progress(seen.len());
             }
@@ -194,9 +174,7 @@ pub fn read_topics(
             last_check = Instant::now();
             let pos = consumer.position().map_err(|e| format!("position: {e}"))?;
             let done = pos.elements().iter().all(|e| match e.offset() {
-                Offset::Offset(o) => ends
-                    .get(&(e.topic().to_string(), e.partition()))
-                    .is_none_or(|&end| o >= end),
+                Offset::Offset(o) => ends.get(&(e.topic().to_string(), e.partition())).is_none_or(|&end| o >= end),
                 _ => false,
             });
             if done {
@@ -248,36 +226,19 @@ mod tests {
     use super::*;
 
     fn row(seq: i64, key: &str) -> PublishedRow {
-        PublishedRow {
-            id: Uuid::new_v4(),
-            seq,
-            topic: "t".into(),
-            key: Some(key.into()),
-        }
+        PublishedRow { id: Uuid::new_v4(), seq, topic: "t".into(), key: Some(key.into()) }
     }
 
     fn seen(r: &PublishedRow, offset: i64) -> Seen {
-        Seen {
-            id: Some(r.id),
-            topic: "t".into(),
-            partition: 0,
-            offset,
-        }
+        Seen { id: Some(r.id), topic: "t".into(), partition: 0, offset }
     }
 
     #[test]
     fn clean_delivery_has_nothing_to_report() {
         let rows = vec![row(1, "a"), row(2, "a"), row(3, "b")];
-        let msgs: Vec<Seen> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, r)| seen(r, i as i64))
-            .collect();
+        let msgs: Vec<Seen> = rows.iter().enumerate().map(|(i, r)| seen(r, i as i64)).collect();
         let rep = compare(&rows, &msgs);
-        assert_eq!(
-            (rep.lost, rep.duplicate_copies, rep.order_violations),
-            (0, 0, 0)
-        );
+        assert_eq!((rep.lost, rep.duplicate_copies, rep.order_violations), (0, 0, 0));
         assert_eq!(rep.delivered, 3);
     }
 
@@ -285,12 +246,7 @@ mod tests {
     fn lost_duplicated_and_reordered_events_are_counted() {
         let rows = vec![row(1, "a"), row(2, "a"), row(3, "a"), row(4, "b")];
         // a2 before a1 (violation), a2 again (duplicate, not a violation), a3, b lost
-        let msgs = vec![
-            seen(&rows[1], 0),
-            seen(&rows[0], 1),
-            seen(&rows[1], 2),
-            seen(&rows[2], 3),
-        ];
+        let msgs = vec![seen(&rows[1], 0), seen(&rows[0], 1), seen(&rows[1], 2), seen(&rows[2], 3)];
         let rep = compare(&rows, &msgs);
         assert_eq!(rep.lost, 1);
         assert_eq!(rep.lost_ids, vec![rows[3].id]);
@@ -304,12 +260,7 @@ mod tests {
     #[test]
     fn a_republished_batch_is_duplicates_only() {
         let rows = vec![row(1, "a"), row(2, "a")];
-        let msgs = vec![
-            seen(&rows[0], 0),
-            seen(&rows[1], 1),
-            seen(&rows[0], 2),
-            seen(&rows[1], 3),
-        ];
+        let msgs = vec![seen(&rows[0], 0), seen(&rows[1], 1), seen(&rows[0], 2), seen(&rows[1], 3)];
         let rep = compare(&rows, &msgs);
         assert_eq!(rep.order_violations, 0);
         assert_eq!(rep.duplicate_copies, 2);

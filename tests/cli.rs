@@ -10,8 +10,7 @@ use common::*;
 fn run(args: &[&str], env: &[(&str, &str)], clear_infra: bool) -> Output {
     let mut cmd = relay_cmd("outbox", env);
     if clear_infra {
-        cmd.env_remove("OUTBOX_RELAY__POSTGRES__URL")
-            .env_remove("OUTBOX_RELAY__KAFKA__BROKERS");
+        cmd.env_remove("OUTBOX_RELAY__POSTGRES__URL").env_remove("OUTBOX_RELAY__KAFKA__BROKERS");
     }
     cmd.args(args).output().expect("run outbox-relay")
 }
@@ -22,28 +21,18 @@ fn stderr(o: &Output) -> String {
 
 fn assert_one_clean_line(o: &Output) {
     let err = stderr(o);
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{err}"
-    );
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("outbox-relay: error: "), "{err}");
 }
 
 #[test]
 fn invalid_setting_exits_64_naming_the_key() {
-    let o = run(
-        &["check"],
-        &[("OUTBOX_RELAY__RELAY__ON_PUBLISH", "archive")],
-        false,
-    );
+    let o = run(&["check"], &[("OUTBOX_RELAY__RELAY__ON_PUBLISH", "archive")], false);
     assert_eq!(o.status.code(), Some(64));
     assert_one_clean_line(&o);
     let err = stderr(&o);
-    assert!(
-        err.contains("on_publish") && err.contains("mark") && err.contains("delete"),
-        "{err}"
-    );
+    assert!(err.contains("on_publish") && err.contains("mark") && err.contains("delete"), "{err}");
 }
 
 #[test]
@@ -59,11 +48,7 @@ fn missing_postgres_url_says_how_to_set_it() {
     let o = run(&["run"], &[], true);
     assert_eq!(o.status.code(), Some(64));
     assert_one_clean_line(&o);
-    assert!(
-        stderr(&o).contains("OUTBOX_RELAY__POSTGRES__URL"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("OUTBOX_RELAY__POSTGRES__URL"), "{}", stderr(&o));
 }
 
 #[test]
@@ -86,10 +71,7 @@ fn unreachable_postgres_exits_69_without_leaking_the_password() {
     let o = run(
         &["run"],
         &[
-            (
-                "OUTBOX_RELAY__POSTGRES__URL",
-                "postgres://relay:hunter2-very-secret@127.0.0.1:1/app",
-            ),
+            ("OUTBOX_RELAY__POSTGRES__URL", "postgres://relay:hunter2-very-secret@127.0.0.1:1/app"),
             ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "1s"),
             ("OUTBOX_RELAY__POSTGRES__CONNECT_TIMEOUT", "1s"),
         ],
@@ -105,18 +87,11 @@ fn unreachable_postgres_exits_69_without_leaking_the_password() {
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_schema_exits_65_naming_the_migration() {
     let _ = pg().await; // fail loudly if Postgres is not there
-    let o = run(
-        &["run"],
-        &[("OUTBOX_RELAY__OUTBOX__TABLE", "no_such_outbox")],
-        false,
-    );
+    let o = run(&["run"], &[("OUTBOX_RELAY__OUTBOX__TABLE", "no_such_outbox")], false);
     assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
     assert_one_clean_line(&o);
     let err = stderr(&o);
-    assert!(
-        err.contains("0001_create_outbox.sql") && err.contains("outbox-relay migrate"),
-        "{err}"
-    );
+    assert!(err.contains("0001_create_outbox.sql") && err.contains("outbox-relay migrate"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -125,29 +100,13 @@ async fn check_passes_on_a_migrated_table_and_lists_problems_otherwise() {
     let o = relay_cmd(&ob.table, &[]).arg("check").output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
-    assert!(
-        out.contains("postgres reachable")
-            && out.contains("kafka reachable")
-            && out.contains("complete"),
-        "{out}"
-    );
+    assert!(out.contains("postgres reachable") && out.contains("kafka reachable") && out.contains("complete"), "{out}");
 
-    pg().await
-        .batch_execute(&format!(
-            "ALTER TABLE {} DROP COLUMN parked_at",
-            ob.qualified()
-        ))
-        .await
-        .unwrap();
+    pg().await.batch_execute(&format!("ALTER TABLE {} DROP COLUMN parked_at", ob.qualified())).await.unwrap();
     let o = relay_cmd(&ob.table, &[]).arg("check").output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{out}");
-    assert!(
-        out.contains("PROBLEM")
-            && out.contains("parked_at")
-            && out.contains("0001_create_outbox.sql"),
-        "{out}"
-    );
+    assert!(out.contains("PROBLEM") && out.contains("parked_at") && out.contains("0001_create_outbox.sql"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -158,40 +117,25 @@ async fn migrate_is_idempotent_and_records_the_version() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("up to date"));
     let n: i64 = pg()
         .await
-        .query_one(
-            "SELECT count(*) FROM public.outbox_relay_migrations WHERE table_name = $1",
-            &[&ob.table],
-        )
+        .query_one("SELECT count(*) FROM public.outbox_relay_migrations WHERE table_name = $1", &[&ob.table])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 1);
+    assert_eq!(n, outbox_relay::store::MIGRATIONS.len() as i64, "every bundled migration recorded once");
 }
 
 #[test]
 fn migrate_print_renders_the_configured_table_without_a_database() {
-    let o = run(
-        &["migrate", "--print"],
-        &[("OUTBOX_RELAY__OUTBOX__TABLE", "billing.events")],
-        true,
-    );
+    let o = run(&["migrate", "--print"], &[("OUTBOX_RELAY__OUTBOX__TABLE", "billing.events")], true);
     assert!(o.status.success(), "{}", stderr(&o));
     let sql = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        sql.contains("CREATE TABLE IF NOT EXISTS \"billing\".\"events\""),
-        "{sql}"
-    );
+    assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"billing\".\"events\""), "{sql}");
     assert!(sql.contains("pg_notify('billing.events'"));
 }
 
 #[test]
 fn every_command_has_help_with_examples() {
-    for cmd in [
-        &["--help"][..],
-        &["run", "--help"],
-        &["migrate", "--help"],
-        &["check", "--help"],
-    ] {
+    for cmd in [&["--help"][..], &["run", "--help"], &["migrate", "--help"], &["check", "--help"]] {
         let o = run(cmd, &[], true);
         assert!(o.status.success(), "{cmd:?}");
         let out = String::from_utf8_lossy(&o.stdout);

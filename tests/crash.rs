@@ -23,8 +23,7 @@ async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (stop, written, table, topic) =
-            (stop.clone(), written.clone(), ob.qualified(), topic.clone());
+        let (stop, written, table, topic) = (stop.clone(), written.clone(), ob.qualified(), topic.clone());
         tokio::spawn(async move {
             let mut db = pg().await;
             let mut n: i64 = 0;
@@ -57,11 +56,7 @@ async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         relay.assert_running();
         relay.kill9();
-        eprintln!(
-            "kill {} after {ms} ms; written so far {}",
-            kill + 1,
-            written.load(Ordering::Relaxed)
-        );
+        eprintln!("kill {} after {ms} ms; written so far {}", kill + 1, written.load(Ordering::Relaxed));
     }
     let relay = ob.spawn_relay(&settings);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -70,33 +65,15 @@ async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {
     ob.wait_drained(Duration::from_secs(120)).await;
 
     let db = pg().await;
-    let rows = db
-        .query(
-            &format!("SELECT id::text, seq FROM {}", ob.qualified()),
-            &[],
-        )
-        .await
-        .unwrap();
+    let rows = db.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
     let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(
-        seq_of.len() as u64,
-        written.load(Ordering::Relaxed),
-        "every committed row is in the table"
-    );
-    let msgs = consume(
-        std::slice::from_ref(&topic),
-        seq_of.len(),
-        Duration::from_secs(120),
-        Duration::from_secs(3),
-    );
+    assert_eq!(seq_of.len() as u64, written.load(Ordering::Relaxed), "every committed row is in the table");
+    let msgs = consume(std::slice::from_ref(&topic), seq_of.len(), Duration::from_secs(120), Duration::from_secs(3));
     let mut count: HashMap<String, usize> = HashMap::new();
     for m in &msgs {
         *count.entry(m.event_id()).or_default() += 1;
     }
-    let lost: Vec<&String> = seq_of
-        .keys()
-        .filter(|id| !count.contains_key(*id))
-        .collect();
+    let lost: Vec<&String> = seq_of.keys().filter(|id| !count.contains_key(*id)).collect();
     let duplicates: usize = count.values().map(|c| c - 1).sum();
     let violations = order_violations(&msgs, &seq_of);
     eprintln!(
@@ -108,22 +85,11 @@ async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {
         violations,
         KILLS
     );
-    assert!(
-        lost.is_empty(),
-        "{} events lost, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    assert!(
-        count.keys().all(|id| seq_of.contains_key(id)),
-        "a message that was never written"
-    );
+    assert!(lost.is_empty(), "{} events lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(count.keys().all(|id| seq_of.contains_key(id)), "a message that was never written");
     assert_eq!(violations, 0, "per-key order");
     // at-least-once: a kill can republish at most the batch in flight
-    assert!(
-        duplicates <= KILLS * BATCH,
-        "{duplicates} duplicates for {KILLS} kills of batch {BATCH}"
-    );
+    assert!(duplicates <= KILLS * BATCH, "{duplicates} duplicates for {KILLS} kills of batch {BATCH}");
     let (code, stderr) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{stderr}");
 }

@@ -35,8 +35,7 @@ async fn three_relays_keep_per_key_order_with_a_hot_key() {
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(6000));
     let writer = {
-        let (stop, written, table, topic) =
-            (stop.clone(), written.clone(), ob.qualified(), topic.clone());
+        let (stop, written, table, topic) = (stop.clone(), written.clone(), ob.qualified(), topic.clone());
         tokio::spawn(async move {
             let db = pg().await;
             let mut n: i64 = 0;
@@ -63,21 +62,10 @@ async fn three_relays_keep_per_key_order_with_a_hot_key() {
     writer.await.unwrap();
     ob.wait_drained(Duration::from_secs(120)).await;
 
-    let rows = db
-        .query(
-            &format!("SELECT id::text, seq FROM {}", ob.qualified()),
-            &[],
-        )
-        .await
-        .unwrap();
+    let rows = db.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
     let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(seq_of.len() as u64, written.load(Ordering::Relaxed));
-    let msgs = consume(
-        std::slice::from_ref(&topic),
-        seq_of.len(),
-        Duration::from_secs(120),
-        Duration::from_secs(2),
-    );
+    let msgs = consume(std::slice::from_ref(&topic), seq_of.len(), Duration::from_secs(120), Duration::from_secs(2));
     let mut count: HashMap<String, usize> = HashMap::new();
     for m in &msgs {
         *count.entry(m.event_id()).or_default() += 1;

@@ -9,11 +9,7 @@ use crate::store::{describe, Store};
 
 pub async fn check(settings: Settings) -> Result<(), CliError> {
     let mut problems = 0;
-    println!(
-        "ok      config (table {}, relay {})",
-        settings.table(),
-        settings.relay_id()
-    );
+    println!("ok      config (table {}, relay {})", settings.table(), settings.relay_id());
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let pg = describe(store.pg_config());
     match store.ping().await {
@@ -49,10 +45,7 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
             Ok(()) => println!("ok      kafka reachable ({})", settings.kafka_brokers()),
             Err(e) => {
                 problems += 1;
-                println!(
-                    "PROBLEM kafka unreachable ({}): {e}",
-                    settings.kafka_brokers()
-                );
+                println!("PROBLEM kafka unreachable ({}): {e}", settings.kafka_brokers());
             }
         },
         Err(e) => {
@@ -61,10 +54,7 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
         }
     }
     if problems > 0 {
-        return Err(CliError::new(
-            exit::PROBLEMS,
-            format!("{problems} problem(s) found"),
-        ));
+        return Err(CliError::new(exit::PROBLEMS, format!("{problems} problem(s) found")));
     }
     Ok(())
 }

@@ -26,9 +26,7 @@ pub async fn cleanup_all(store: &Store, retention: Duration) -> Result<u64, Stor
 pub async fn cleanup(settings: Settings, older_than: Option<Duration>) -> Result<(), CliError> {
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let retention = older_than.unwrap_or(settings.relay.retention);
-    let n = cleanup_all(&store, retention)
-        .await
-        .map_err(|e| super::store_error(&store, e))?;
+    let n = cleanup_all(&store, retention).await.map_err(|e| super::store_error(&store, e))?;
     println!(
         "deleted {n} published row(s) older than {} from {}",
         humantime::format_duration(retention),

@@ -27,38 +27,22 @@ fn table_only(config: Option<&Path>) -> Result<TableName, CliError> {
     if let Some(p) = config {
         builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
     } else if Path::new(crate::config::DEFAULT_CONFIG_FILE).exists() {
-        builder = builder.add_source(
-            config::File::with_name(crate::config::DEFAULT_CONFIG_FILE)
-                .format(config::FileFormat::Toml),
-        );
+        builder = builder
+            .add_source(config::File::with_name(crate::config::DEFAULT_CONFIG_FILE).format(config::FileFormat::Toml));
     }
     let raw = builder
-        .add_source(
-            config::Environment::with_prefix("OUTBOX_RELAY")
-                .prefix_separator("__")
-                .separator("__"),
-        )
+        .add_source(config::Environment::with_prefix("OUTBOX_RELAY").prefix_separator("__").separator("__"))
         .build()
         .map_err(|e| CliError::new(exit::USAGE, format!("config: {e}")))?;
-    let name = raw
-        .get_string("outbox.table")
-        .unwrap_or_else(|_| "public.outbox".into());
-    TableName::parse(&name)
-        .map_err(|e| CliError::new(exit::USAGE, format!("config: `outbox.table` {e}")))
+    let name = raw.get_string("outbox.table").unwrap_or_else(|_| "public.outbox".into());
+    TableName::parse(&name).map_err(|e| CliError::new(exit::USAGE, format!("config: `outbox.table` {e}")))
 }
 
 pub async fn apply(settings: Settings) -> Result<(), CliError> {
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
-    let applied = store
-        .migrate()
-        .await
-        .map_err(|e| super::store_error(&store, e))?;
+    let applied = store.migrate().await.map_err(|e| super::store_error(&store, e))?;
     if applied.is_empty() {
-        println!(
-            "{}: schema is up to date ({} migrations)",
-            store.table(),
-            MIGRATIONS.len()
-        );
+        println!("{}: schema is up to date ({} migrations)", store.table(), MIGRATIONS.len());
     } else {
         for name in applied {
             println!("{}: applied {name}", store.table());

@@ -41,10 +41,7 @@ pub struct CliError {
 
 impl CliError {
     pub fn new(code: u8, message: impl Into<String>) -> CliError {
-        CliError {
-            code,
-            message: message.into(),
-        }
+        CliError { code, message: message.into() }
     }
 }
 
@@ -70,13 +67,7 @@ Exit codes: 0 ok, 1 check found problems, 64 bad config/arguments,
 #[command(name = "outbox-relay", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     /// TOML config file [default: ./outbox-relay.toml if it exists]
-    #[arg(
-        long,
-        short = 'c',
-        global = true,
-        value_name = "FILE",
-        env = "OUTBOX_RELAY_CONFIG"
-    )]
+    #[arg(long, short = 'c', global = true, value_name = "FILE", env = "OUTBOX_RELAY_CONFIG")]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -168,23 +159,12 @@ published event is missing from Kafka.")]
 
 /// A store failure as a CLI error: unreachable → 69, anything else → 70.
 pub(crate) fn store_error(store: &Store, e: StoreError) -> CliError {
-    let code = if e.code().is_none() && e.is_transient() {
-        exit::UNAVAILABLE
-    } else {
-        exit::SOFTWARE
-    };
-    CliError::new(
-        code,
-        format!("{} on {}: {e}", store.table(), describe(store.pg_config())),
-    )
+    let code = if e.code().is_none() && e.is_transient() { exit::UNAVAILABLE } else { exit::SOFTWARE };
+    CliError::new(code, format!("{} on {}: {e}", store.table(), describe(store.pg_config())))
 }
 
 /// A `--since/--until` value: an age ("2h" = two hours ago) or a timestamp Postgres accepts.
-pub(crate) async fn parse_time_arg(
-    store: &Store,
-    flag: &str,
-    value: &str,
-) -> Result<String, CliError> {
+pub(crate) async fn parse_time_arg(store: &Store, flag: &str, value: &str) -> Result<String, CliError> {
     let candidate = match humantime::parse_duration(value.trim()) {
         Ok(d) => humantime::format_rfc3339_micros(std::time::SystemTime::now() - d).to_string(),
         Err(_) => value.to_string(),
@@ -228,19 +208,13 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
     if let Command::Migrate { print: true } = cli.command {
         return migrate::print(cli.config.as_deref());
     }
-    let settings = Settings::load(cli.config.as_deref())
-        .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let settings = Settings::load(cli.config.as_deref()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     crate::telemetry::init(&settings.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("outbox-relay")
         .build()
-        .map_err(|e| {
-            CliError::new(
-                exit::SOFTWARE,
-                format!("cannot start the async runtime: {e}"),
-            )
-        })?;
+        .map_err(|e| CliError::new(exit::SOFTWARE, format!("cannot start the async runtime: {e}")))?;
     runtime.block_on(async move {
         match cli.command {
             Command::Run => run::run(settings).await,

@@ -76,19 +76,16 @@ pub async fn replay(settings: Settings, args: ReplayArgs) -> Result<(), CliError
     if let Some(v) = &args.until {
         sel.until = Some(super::parse_time_arg(&store, "--until", v).await?);
     }
-    let (total, sample) = store
-        .replay_preview(&sel, 10)
-        .await
-        .map_err(|e| super::store_error(&store, e))?;
+    let (total, sample) = store.replay_preview(&sel, 10).await.map_err(|e| super::store_error(&store, e))?;
     if total == 0 {
-        println!(
-            "nothing matches: no parked or published event in {} fits this selection",
-            store.table()
-        );
+        println!("nothing matches: no parked or published event in {} fits this selection", store.table());
         return Ok(());
     }
     if args.dry_run {
-        println!("dry run: would put {total} event(s) of {} back in the queue (same id, same seq); first ones:", store.table());
+        println!(
+            "dry run: would put {total} event(s) of {} back in the queue (same id, same seq); first ones:",
+            store.table()
+        );
         for r in &sample {
             println!("  seq {:>10}  {}  {:<9}  {}", r.seq, r.id, r.state, r.topic);
         }
@@ -103,11 +100,7 @@ pub async fn replay(settings: Settings, args: ReplayArgs) -> Result<(), CliError
             format!("this replays {total} events (more than {CONFIRM_ABOVE}); check with --dry-run, then add --yes"),
         ));
     }
-    let bar = if std::io::stderr().is_terminal() {
-        ProgressBar::new(total as u64)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = if std::io::stderr().is_terminal() { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} events replayed ({per_sec}, eta {eta})")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -136,16 +129,10 @@ pub async fn replay(settings: Settings, args: ReplayArgs) -> Result<(), CliError
     }
     bar.finish_and_clear();
     if interrupted {
-        let resume = sel
-            .after_seq
-            .map(|s| format!(" --after-seq {s}"))
-            .unwrap_or_default();
+        let resume = sel.after_seq.map(|s| format!(" --after-seq {s}")).unwrap_or_default();
         println!("interrupted: {done} of {total} event(s) replayed; to continue, rerun the same command with{resume}");
         return Err(CliError::new(exit::SOFTWARE, "replay interrupted"));
     }
-    println!(
-        "replayed {done} event(s) of {}: pending again with their original id and seq",
-        store.table()
-    );
+    println!("replayed {done} event(s) of {}: pending again with their original id and seq", store.table());
     Ok(())
 }

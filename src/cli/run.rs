@@ -21,22 +21,16 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     let http_listener = match settings.http.listen.as_str() {
         "" => None,
         addr => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            CliError::new(
-                exit::USAGE,
-                format!("config: `http.listen` = {addr:?}: cannot listen ({e})"),
-            )
+            CliError::new(exit::USAGE, format!("config: `http.listen` = {addr:?}: cannot listen ({e})"))
         })?),
     };
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_task = match http_listener {
         Some(listener) => {
-            let handle = crate::metrics::install()
-                .map_err(|e| CliError::new(exit::SOFTWARE, format!("metrics: {e}")))?;
-            let addr = listener
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
+            let handle =
+                crate::metrics::install().map_err(|e| CliError::new(exit::SOFTWARE, format!("metrics: {e}")))?;
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
             let (health, stop) = (health.clone(), stop_rx.clone());
             Some(tokio::spawn(async move {
@@ -57,12 +51,7 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     })?;
     let problems = retry_until(deadline, "postgres", || store.verify_schema())
         .await
-        .map_err(|e| {
-            CliError::new(
-                exit::UNAVAILABLE,
-                format!("cannot inspect the schema at {pg}: {e}"),
-            )
-        })?;
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot inspect the schema at {pg}: {e}")))?;
     for p in problems.iter().filter(|p| !p.fatal) {
         tracing::warn!("{p}");
     }
@@ -70,42 +59,23 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         return Err(CliError::new(exit::SCHEMA, p.to_string()));
     }
 
-    let sink =
-        Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
-    retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5)))
-        .await
-        .map_err(|e| {
-            CliError::new(
-                exit::UNAVAILABLE,
-                format!(
-                    "cannot reach Kafka at {}: {e} — check kafka.brokers and kafka.properties",
-                    settings.kafka_brokers()
-                ),
-            )
-        })?;
+    let sink = Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
+    retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5))).await.map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!(
+                "cannot reach Kafka at {}: {e} — check kafka.brokers and kafka.properties",
+                settings.kafka_brokers()
+            ),
+        )
+    })?;
 
     let wake = Arc::new(Notify::new());
-    let monitor = spawn_monitor(
-        store.clone(),
-        sink.clone(),
-        health.clone(),
-        Duration::from_secs(5),
-        stop_rx.clone(),
-    );
-    let listener = spawn_listener(
-        store.pg_config().clone(),
-        store.table(),
-        wake.clone(),
-        stop_rx.clone(),
-    );
+    let monitor = spawn_monitor(store.clone(), sink.clone(), health.clone(), Duration::from_secs(5), stop_rx.clone());
+    let listener = spawn_listener(store.pg_config().clone(), store.table(), wake.clone(), stop_rx.clone());
     let retention = (settings.relay.on_publish == crate::config::OnPublish::Mark)
         .then(|| spawn_retention(store.clone(), settings.relay.retention, stop_rx.clone()));
-    let relay = Arc::new(Relay::new(
-        store.clone(),
-        sink.clone(),
-        settings.relay.clone(),
-        wake,
-    ));
+    let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
     tracing::info!(
         relay = %relay_id, table = %store.table(), postgres = %pg, kafka = %settings.kafka_brokers(),
         on_publish = ?settings.relay.on_publish, batch_size = settings.relay.batch_size,
@@ -123,31 +93,20 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
             return Err(CliError::new(exit::SOFTWARE, format!("relay loop ended unexpectedly: {r:?}")));
         }
     };
-    tracing::info!(
-        signal,
-        "stopping: no new claims; finishing the in-flight batch"
-    );
+    tracing::info!(signal, "stopping: no new claims; finishing the in-flight batch");
     let _ = stop_tx.send(true);
     let timeout = settings.relay.shutdown_timeout;
     let started = Instant::now();
-    if tokio::time::timeout(timeout.mul_f32(0.8), &mut relay_task)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(timeout.mul_f32(0.8), &mut relay_task).await.is_err() {
         // Kafka did not acknowledge in time: drop what is queued so the batch
         // finishes with those events still pending (they are published later).
         tracing::warn!("in-flight batch not acknowledged in time; releasing it");
         sink.purge();
-        if tokio::time::timeout(timeout.saturating_sub(started.elapsed()), &mut relay_task)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(timeout.saturating_sub(started.elapsed()), &mut relay_task).await.is_err() {
             relay_task.abort();
         }
     }
-    let left = timeout
-        .saturating_sub(started.elapsed())
-        .max(Duration::from_millis(100));
+    let left = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(100));
     let flush_sink = sink.clone();
     let flushed = tokio::task::spawn_blocking(move || flush_sink.flush(left)).await;
     if let Ok(Err(e)) = flushed {
@@ -185,8 +144,7 @@ where
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "{what} not reachable yet");
-                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now())))
-                    .await;
+                tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
             }
         }
     }
@@ -211,11 +169,7 @@ async fn shutdown_signal() -> &'static str {
 
 /// With `on_publish = "mark"`: delete rows older than `relay.retention` once a
 /// minute, in small batches (see `cleanup`), off the hot path.
-fn spawn_retention(
-    store: Store,
-    retention: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+fn spawn_retention(store: Store, retention: Duration, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::select! {

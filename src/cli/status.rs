@@ -6,13 +6,9 @@ use crate::store::{describe, Status, Store};
 
 pub async fn status(settings: Settings, json: bool) -> Result<(), CliError> {
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
-    let status = store
-        .status()
-        .await
-        .map_err(|e| super::store_error(&store, e))?;
+    let status = store.status().await.map_err(|e| super::store_error(&store, e))?;
     if json {
-        let text = serde_json::to_string_pretty(&status)
-            .map_err(|e| CliError::new(exit::SOFTWARE, e.to_string()))?;
+        let text = serde_json::to_string_pretty(&status).map_err(|e| CliError::new(exit::SOFTWARE, e.to_string()))?;
         println!("{text}");
     } else {
         print!("{}", render(&status, &describe(store.pg_config())));
@@ -33,11 +29,7 @@ fn age(s: Option<f64>) -> String {
 pub fn render(s: &Status, where_: &str) -> String {
     let mut out = String::new();
     out.push_str(&format!("outbox {} on {where_}\n", s.table));
-    out.push_str(&format!(
-        "  pending     {:>10}   oldest {}\n",
-        s.pending,
-        age(s.oldest_pending_age_s)
-    ));
+    out.push_str(&format!("  pending     {:>10}   oldest {}\n", s.pending, age(s.oldest_pending_age_s)));
     out.push_str(&format!(
         "  published   {:>10} last 1m   {:>10} last 5m   {:>10} last 15m   (rows kept by on_publish = \"mark\")\n",
         s.published_1m, s.published_5m, s.published_15m
@@ -50,13 +42,7 @@ pub fn render(s: &Status, where_: &str) -> String {
         }
     }
     if !s.topics.is_empty() {
-        let w = s
-            .topics
-            .iter()
-            .map(|t| t.topic.len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
+        let w = s.topics.iter().map(|t| t.topic.len()).max().unwrap_or(5).max(5);
         out.push_str(&format!(
             "\n  {:<w$}  {:>9}  {:>8}  {:>7}  {:>8}  {:>8}  {:>9}\n",
             "topic", "pending", "oldest", "parked", "pub 1m", "pub 5m", "pub 15m"

@@ -36,11 +36,7 @@ pub async fn verify(settings: Settings, args: VerifyArgs) -> Result<(), CliError
         });
     }
     let rows = store
-        .published_rows(
-            bounds[0].as_deref(),
-            bounds[1].as_deref(),
-            args.topic.as_deref(),
-        )
+        .published_rows(bounds[0].as_deref(), bounds[1].as_deref(), args.topic.as_deref())
         .await
         .map_err(|e| super::store_error(&store, e))?;
     if rows.is_empty() {
@@ -53,39 +49,25 @@ pub async fn verify(settings: Settings, args: VerifyArgs) -> Result<(), CliError
     let mut topics: Vec<String> = rows.iter().map(|r| r.topic.clone()).collect();
     topics.sort();
     topics.dedup();
-    eprintln!(
-        "reading {} topic(s) for {} published row(s)…",
-        topics.len(),
-        rows.len()
-    );
-    let (brokers, props, timeout) = (
-        settings.kafka_brokers().to_string(),
-        settings.kafka.properties.clone(),
-        args.timeout,
-    );
+    eprintln!("reading {} topic(s) for {} published row(s)…", topics.len(), rows.len());
+    let (brokers, props, timeout) =
+        (settings.kafka_brokers().to_string(), settings.kafka.properties.clone(), args.timeout);
     let seen = tokio::task::spawn_blocking(move || {
-        read_topics(&brokers, &props, &topics, timeout, |n| {
-            eprintln!("  {n} messages read")
-        })
+        read_topics(&brokers, &props, &topics, timeout, |n| eprintln!("  {n} messages read"))
     })
     .await
     .map_err(|e| CliError::new(exit::SOFTWARE, e.to_string()))?
     .map_err(|e| CliError::new(exit::UNAVAILABLE, e))?;
     let report = compare(&rows, &seen);
     if args.json {
-        let mut v = serde_json::to_value(&report)
-            .map_err(|e| CliError::new(exit::SOFTWARE, e.to_string()))?;
+        let mut v = serde_json::to_value(&report).map_err(|e| CliError::new(exit::SOFTWARE, e.to_string()))?;
         v["duplicate_rate"] = report.duplicate_rate().into();
         v["lost_rate"] = report.lost_rate().into();
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
         println!("published rows        {:>10}", report.expected);
         println!("messages for them     {:>10}", report.delivered);
-        println!(
-            "lost                  {:>10}   ({:.4}%)",
-            report.lost,
-            report.lost_rate() * 100.0
-        );
+        println!("lost                  {:>10}   ({:.4}%)", report.lost, report.lost_rate() * 100.0);
         println!(
             "duplicated events     {:>10}   ({} extra copies, max {} copies, duplicate rate {:.4}%)",
             report.duplicated_events,
@@ -99,10 +81,7 @@ pub async fn verify(settings: Settings, args: VerifyArgs) -> Result<(), CliError
         }
     }
     if report.lost > 0 {
-        return Err(CliError::new(
-            exit::PROBLEMS,
-            format!("{} published event(s) are not in Kafka", report.lost),
-        ));
+        return Err(CliError::new(exit::PROBLEMS, format!("{} published event(s) are not in Kafka", report.lost)));
     }
     Ok(())
 }

@@ -12,11 +12,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Backoff {
-        Backoff {
-            base,
-            max: max.max(base),
-            current: base,
-        }
+        Backoff { base, max: max.max(base), current: base }
     }
 
     /// The next delay: uniformly in [d/2, d], d doubling up to `max`.

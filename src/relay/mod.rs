@@ -47,13 +47,7 @@ pub struct Relay<S: Sink> {
 impl<S: Sink> Relay<S> {
     /// `wake` receives a permit for every NOTIFY (see `store::spawn_listener`).
     pub fn new(store: Store, sink: Arc<S>, cfg: RelayConfig, wake: Arc<Notify>) -> Relay<S> {
-        Relay {
-            store,
-            sink,
-            cfg,
-            wake,
-            counters: Arc::default(),
-        }
+        Relay { store, sink, cfg, wake, counters: Arc::default() }
     }
 
     /// Runs until `shutdown` flips to true, then returns after the in-flight batch
@@ -140,12 +134,8 @@ impl<S: Sink> Relay<S> {
         crate::metrics::batch_finished(&events, &results, self.cfg.max_attempts, started.elapsed());
         crate::metrics::deferred(claimed_deferred);
         use std::sync::atomic::Ordering::Relaxed;
-        self.counters
-            .published
-            .fetch_add(finished.published as u64, Relaxed);
-        self.counters
-            .failed
-            .fetch_add(finished.failed as u64, Relaxed);
+        self.counters.published.fetch_add(finished.published as u64, Relaxed);
+        self.counters.failed.fetch_add(finished.failed as u64, Relaxed);
         self.counters.batches.fetch_add(1, Relaxed);
         tracing::debug!(
             claimed = n,
@@ -156,10 +146,7 @@ impl<S: Sink> Relay<S> {
             ms = started.elapsed().as_millis() as u64,
             "batch done"
         );
-        Ok(Step::Batch {
-            claimed: n,
-            finished,
-        })
+        Ok(Step::Batch { claimed: n, finished })
     }
 }
 
@@ -167,21 +154,13 @@ impl<S: Sink> Relay<S> {
 fn outcome_of(r: &SendResult) -> Outcome {
     match r {
         SendResult::Delivered => Outcome::Delivered,
-        SendResult::Invalid { error } => Outcome::Failed(EventFailure {
-            error: error.clone(),
-            park_now: true,
-        }),
-        SendResult::Failed {
-            class: FailureClass::Permanent,
-            error,
-        } => Outcome::Failed(EventFailure {
-            error: error.clone(),
-            park_now: false,
-        }),
-        SendResult::Failed {
-            class: FailureClass::Transient | FailureClass::Fatal,
-            ..
-        } => Outcome::Retry,
+        SendResult::Invalid { error } => Outcome::Failed(EventFailure { error: error.clone(), park_now: true }),
+        SendResult::Failed { class: FailureClass::Permanent, error } => {
+            Outcome::Failed(EventFailure { error: error.clone(), park_now: false })
+        }
+        SendResult::Failed { class: FailureClass::Transient | FailureClass::Fatal, .. } | SendResult::Skipped => {
+            Outcome::Retry
+        }
     }
 }
 
@@ -192,33 +171,13 @@ mod tests {
     #[test]
     fn only_permanent_and_invalid_results_count_against_the_event() {
         assert_eq!(outcome_of(&SendResult::Delivered), Outcome::Delivered);
-        let t = SendResult::Failed {
-            class: FailureClass::Transient,
-            error: "down".into(),
-        };
+        let t = SendResult::Failed { class: FailureClass::Transient, error: "down".into() };
         assert_eq!(outcome_of(&t), Outcome::Retry);
-        let f = SendResult::Failed {
-            class: FailureClass::Fatal,
-            error: "fenced".into(),
-        };
+        let f = SendResult::Failed { class: FailureClass::Fatal, error: "fenced".into() };
         assert_eq!(outcome_of(&f), Outcome::Retry);
-        let p = SendResult::Failed {
-            class: FailureClass::Permanent,
-            error: "too large".into(),
-        };
-        assert!(matches!(
-            outcome_of(&p),
-            Outcome::Failed(EventFailure {
-                park_now: false,
-                ..
-            })
-        ));
-        let i = SendResult::Invalid {
-            error: "malformed headers".into(),
-        };
-        assert!(matches!(
-            outcome_of(&i),
-            Outcome::Failed(EventFailure { park_now: true, .. })
-        ));
+        let p = SendResult::Failed { class: FailureClass::Permanent, error: "too large".into() };
+        assert!(matches!(outcome_of(&p), Outcome::Failed(EventFailure { park_now: false, .. })));
+        let i = SendResult::Invalid { error: "malformed headers".into() };
+        assert!(matches!(outcome_of(&i), Outcome::Failed(EventFailure { park_now: true, .. })));
     }
 }

@@ -92,12 +92,7 @@ mod tests {
 
     #[test]
     fn broken_producer_state_is_fatal() {
-        for c in [
-            C::Fatal,
-            C::ProducerFenced,
-            C::InvalidProducerEpoch,
-            C::OutOfOrderSequenceNumber,
-        ] {
+        for c in [C::Fatal, C::ProducerFenced, C::InvalidProducerEpoch, C::OutOfOrderSequenceNumber] {
             assert_eq!(classify_code(c), FailureClass::Fatal, "{c:?}");
         }
     }

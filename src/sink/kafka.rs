@@ -1,7 +1,7 @@
 //! The rdkafka producer behind [`Sink`]: a `ThreadedProducer` whose delivery
 //! callback fills a per-batch tracker — no future or channel per message.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
-};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
 
@@ -26,10 +24,7 @@ pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
     let mut set = |k: &str, v: &str| {
         props.insert(k.to_string(), v.to_string());
     };
-    set(
-        "client.id",
-        &format!("outbox-relay-{}", settings.relay_id()),
-    );
+    set("client.id", &format!("outbox-relay-{}", settings.relay_id()));
     // Transient faults are retried inside the idempotent producer for as long as
     // they last: only then does a partition keep its order across an outage (a
     // timed-out message would be republished after later ones).
@@ -59,11 +54,7 @@ pub struct BatchAcks {
 
 impl BatchAcks {
     fn new(n: usize) -> BatchAcks {
-        BatchAcks {
-            results: Mutex::new(vec![None; n]),
-            remaining: AtomicUsize::new(n),
-            done: Notify::new(),
-        }
+        BatchAcks { results: Mutex::new(vec![None; n]), remaining: AtomicUsize::new(n), done: Notify::new() }
     }
 
     fn set(&self, i: usize, r: SendResult) {
@@ -90,10 +81,7 @@ impl BatchAcks {
         results
             .drain(..)
             .map(|r| {
-                r.unwrap_or(SendResult::Failed {
-                    class: FailureClass::Transient,
-                    error: "no delivery report".into(),
-                })
+                r.unwrap_or(SendResult::Failed { class: FailureClass::Transient, error: "no delivery report".into() })
             })
             .collect()
     }
@@ -129,10 +117,7 @@ impl ProducerContext for RelayContext {
         let (acks, i) = *opaque;
         let r = match result {
             Ok(_) => SendResult::Delivered,
-            Err((e, _)) => SendResult::Failed {
-                class: classify(e),
-                error: e.to_string(),
-            },
+            Err((e, _)) => SendResult::Failed { class: classify(e), error: e.to_string() },
         };
         acks.set(i, r);
     }
@@ -153,10 +138,7 @@ impl KafkaSink {
             config.set(k, v);
         }
         let producer = build(&config)?;
-        Ok(KafkaSink {
-            config,
-            producer: RwLock::new(producer),
-        })
+        Ok(KafkaSink { config, producer: RwLock::new(producer) })
     }
 
     fn producer(&self) -> RelayProducer {
@@ -187,38 +169,36 @@ impl KafkaSink {
 }
 
 fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
-    config
-        .create_with_context(RelayContext)
-        .map_err(|e| SinkError(format!("cannot create the producer: {e}")))
+    config.create_with_context(RelayContext).map_err(|e| SinkError(format!("cannot create the producer: {e}")))
 }
 
 impl Sink for KafkaSink {
     async fn publish(&self, events: &[OutboxEvent]) -> Vec<SendResult> {
         let producer = self.producer();
         let acks = Arc::new(BatchAcks::new(events.len()));
+        // Keys whose event failed before reaching Kafka: their later events wait.
+        let mut failed_keys: HashSet<&str> = HashSet::new();
         for (i, ev) in events.iter().enumerate() {
+            if ev.key.as_deref().is_some_and(|k| failed_keys.contains(k)) {
+                acks.set(i, SendResult::Skipped);
+                continue;
+            }
             let headers = match parse_headers(&ev.headers, &ev.id) {
                 Ok(h) => h,
                 Err(error) => {
                     acks.set(i, SendResult::Invalid { error });
+                    failed_keys.extend(ev.key.as_deref());
                     continue;
                 }
             };
             let id = ev.id.to_string();
-            let mut kafka_headers =
-                OwnedHeaders::new_with_capacity(headers.len() + 1).insert(Header {
-                    key: EVENT_ID_HEADER,
-                    value: Some(id.as_bytes()),
-                });
+            let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len() + 1)
+                .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) });
             for (name, value) in &headers {
-                kafka_headers = kafka_headers.insert(Header {
-                    key: name,
-                    value: value.as_deref().map(str::as_bytes),
-                });
+                kafka_headers = kafka_headers.insert(Header { key: name, value: value.as_deref().map(str::as_bytes) });
             }
             let mut record: BaseRecord<'_, [u8], [u8], _> =
-                BaseRecord::with_opaque_to(&ev.topic, Box::new((acks.clone(), i)))
-                    .headers(kafka_headers);
+                BaseRecord::with_opaque_to(&ev.topic, Box::new((acks.clone(), i))).headers(kafka_headers);
             if let Some(key) = &ev.key {
                 record = record.key(key.as_bytes());
             }
@@ -234,13 +214,8 @@ impl Sink for KafkaSink {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((e, _)) => {
-                        acks.set(
-                            i,
-                            SendResult::Failed {
-                                class: classify(&e),
-                                error: e.to_string(),
-                            },
-                        );
+                        acks.set(i, SendResult::Failed { class: classify(&e), error: e.to_string() });
+                        failed_keys.extend(ev.key.as_deref());
                         break;
                     }
                 }
@@ -251,10 +226,7 @@ impl Sink for KafkaSink {
         while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
             let waited = started.elapsed();
             let left = next_report.saturating_sub(waited);
-            if tokio::time::timeout(left, acks.done.notified())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(left, acks.done.notified()).await.is_err() {
                 tracing::warn!(
                     waiting_for = acks.remaining.load(AtomicOrdering::Acquire),
                     batch = events.len(),
@@ -272,14 +244,11 @@ impl Sink for KafkaSink {
     }
 
     fn purge(&self) {
-        self.producer()
-            .purge(PurgeConfig::default().queue().inflight());
+        self.producer().purge(PurgeConfig::default().queue().inflight());
     }
 
     fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
-        self.producer()
-            .flush(timeout)
-            .map_err(|e| SinkError(format!("flush: {e}")))
+        self.producer().flush(timeout).map_err(|e| SinkError(format!("flush: {e}")))
     }
 
     async fn ping(&self, timeout: Duration) -> Result<(), SinkError> {

@@ -23,6 +23,9 @@ pub enum SendResult {
     /// Rejected before it reached Kafka because the row itself is malformed;
     /// retrying cannot help, so it is parked at once.
     Invalid { error: String },
+    /// Not sent: an earlier event of its key in this batch failed, and sending it
+    /// would overtake that event. It stays pending.
+    Skipped,
 }
 
 /// A failure of the sink as a whole (not of one event).
@@ -34,7 +37,8 @@ pub struct SinkError(pub String);
 pub trait Sink: Send + Sync + 'static {
     /// Publishes every event and resolves once each one has a final result
     /// (`result[i]` belongs to `events[i]`). Events of one key are handed to
-    /// Kafka in the order given.
+    /// Kafka in the order given; after one of them fails before reaching Kafka,
+    /// the later ones of that key are [`SendResult::Skipped`].
     fn publish(&self, events: &[OutboxEvent]) -> impl Future<Output = Vec<SendResult>> + Send;
 
     /// Drops whatever is queued or in flight (shutdown past its deadline); the

@@ -41,10 +41,16 @@ pub(super) struct Statements {
     fail: String,
     pub(super) on_publish: OnPublish,
     pub(super) ordering: Ordering,
+    retry_backoff_s: f64,
 }
 
 impl Statements {
-    pub(super) fn new(table: &TableName, on_publish: OnPublish, ordering: Ordering) -> Statements {
+    pub(super) fn new(
+        table: &TableName,
+        on_publish: OnPublish,
+        ordering: Ordering,
+        retry_backoff: std::time::Duration,
+    ) -> Statements {
         let t = table.quoted();
         // Strict order: an event whose key has an earlier parked event waits until
         // an operator replays (or deletes) the parked one.
@@ -55,11 +61,17 @@ impl Statements {
             ),
         };
         Statements {
+            // A key waits while an earlier event of it waits for its retry_at.
             claim: format!(
                 "SELECT id, seq, topic, key, payload, headers, attempts,
                         (extract(epoch FROM created_at) * 1000000)::int8
                  FROM {t} o
-                 WHERE published_at IS NULL AND parked_at IS NULL{strict}
+                 WHERE published_at IS NULL AND parked_at IS NULL
+                   AND (retry_at IS NULL OR retry_at <= now())
+                   AND (key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM {t} w
+                        WHERE w.key = o.key AND w.seq < o.seq AND w.retry_at > now()
+                          AND w.published_at IS NULL AND w.parked_at IS NULL)){strict}
                  ORDER BY seq
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED"
@@ -79,12 +91,15 @@ impl Statements {
                 "UPDATE {t} AS o
                  SET attempts = o.attempts + 1,
                      last_error = f.error,
-                     parked_at = CASE WHEN f.park_now OR o.attempts + 1 >= $4 THEN now() END
+                     parked_at = CASE WHEN f.park_now OR o.attempts + 1 >= $4 THEN now() END,
+                     retry_at = CASE WHEN f.park_now OR o.attempts + 1 >= $4 THEN NULL
+                                ELSE now() + least($5 * power(2, o.attempts), 300) * interval '1 second' END
                  FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS f(id, error, park_now)
                  WHERE o.id = f.id"
             ),
             on_publish,
             ordering,
+            retry_backoff_s: retry_backoff.as_secs_f64(),
         }
     }
 }
@@ -118,10 +133,7 @@ impl Drop for Claimed {
 struct RawBytes(Vec<u8>);
 
 impl<'a> FromSql<'a> for RawBytes {
-    fn from_sql(
-        ty: &Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+    fn from_sql(ty: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         if *ty == Type::JSONB {
             // binary jsonb is a version byte (1) followed by the JSON text
             match raw.split_first() {
@@ -134,15 +146,7 @@ impl<'a> FromSql<'a> for RawBytes {
     }
 
     fn accepts(ty: &Type) -> bool {
-        [
-            Type::JSONB,
-            Type::JSON,
-            Type::TEXT,
-            Type::VARCHAR,
-            Type::BYTEA,
-            Type::BPCHAR,
-        ]
-        .contains(ty)
+        [Type::JSONB, Type::JSON, Type::TEXT, Type::VARCHAR, Type::BYTEA, Type::BPCHAR].contains(ty)
     }
 }
 
@@ -152,11 +156,17 @@ impl Store {
     /// already closed then).
     pub async fn claim(&self, limit: usize) -> Result<Option<Claimed>, StoreError> {
         let client = self.client().await?;
+        // From BEGIN on, the guard owns the connection: if any step fails, it is
+        // closed (Postgres rolls back) instead of going back to the pool inside an
+        // aborted transaction.
+        let mut claimed = Claimed { client: Some(client), sql: self.sql.clone(), events: Vec::new(), deferred: 0 };
+        let client = claimed.client.as_ref().ok_or_else(|| StoreError::config("no connection"))?;
         client.batch_execute("BEGIN").await?;
         let stmt = client.prepare_cached(&self.sql.claim).await?;
         let rows = client.query(&stmt, &[&(limit as i64)]).await?;
         if rows.is_empty() {
             client.batch_execute("COMMIT").await?;
+            claimed.client.take(); // clean: back to the pool
             return Ok(None);
         }
         let mut events = Vec::with_capacity(rows.len());
@@ -174,13 +184,9 @@ impl Store {
                 created_at_us: row.try_get(7)?,
             });
         }
-        let deferred = self.fence(&client, &mut events).await?;
-        Ok(Some(Claimed {
-            client: Some(client),
-            sql: self.sql.clone(),
-            events,
-            deferred,
-        }))
+        claimed.deferred = self.fence(client, &mut events).await?;
+        claimed.events = events;
+        Ok(Some(claimed))
     }
 
     /// Drops from `events` every event that another relay's earlier event of the
@@ -205,10 +211,8 @@ impl Store {
         if rows.is_empty() {
             return Ok(0);
         }
-        let foreign: std::collections::HashMap<String, i64> = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-            .collect();
+        let foreign: std::collections::HashMap<String, i64> =
+            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect();
         let before = events.len();
         events.retain(|e| match e.key.as_deref().and_then(|k| foreign.get(k)) {
             Some(&first_foreign) => e.seq < first_foreign,
@@ -234,10 +238,7 @@ impl Claimed {
         outcomes: &[Outcome],
         max_attempts: u32,
     ) -> Result<(Finished, Vec<OutboxEvent>), StoreError> {
-        let client = self
-            .client
-            .as_ref()
-            .ok_or_else(|| StoreError::config("batch already finished"))?;
+        let client = self.client.as_ref().ok_or_else(|| StoreError::config("batch already finished"))?;
         let mut done = Finished::default();
         let mut delivered = Vec::with_capacity(self.events.len());
         let (mut f_ids, mut f_errors, mut f_park) = (Vec::new(), Vec::new(), Vec::new());
@@ -265,7 +266,7 @@ impl Claimed {
         if !f_ids.is_empty() {
             let stmt = client.prepare_cached(&self.sql.fail).await?;
             done.failed = client
-                .execute(&stmt, &[&f_ids, &f_errors, &f_park, &(max_attempts as i32)])
+                .execute(&stmt, &[&f_ids, &f_errors, &f_park, &(max_attempts as i32), &self.sql.retry_backoff_s])
                 .await? as usize;
         }
         client.batch_execute("COMMIT").await?;

@@ -18,15 +18,11 @@ enum Kind {
 
 impl StoreError {
     pub(crate) fn config(msg: impl Into<String>) -> Self {
-        StoreError {
-            kind: Kind::Config(msg.into()),
-        }
+        StoreError { kind: Kind::Config(msg.into()) }
     }
 
     pub(crate) fn schema(msg: impl Into<String>) -> Self {
-        StoreError {
-            kind: Kind::Schema(msg.into()),
-        }
+        StoreError { kind: Kind::Schema(msg.into()) }
     }
 
     /// Worth retrying as it is: the connection dropped, the server restarts, a
@@ -98,18 +94,12 @@ impl From<deadpool_postgres::PoolError> for StoreError {
         use deadpool_postgres::PoolError as P;
         match e {
             P::Backend(db) => db.into(),
-            P::Timeout(t) => StoreError {
-                kind: Kind::Pool(format!("timed out waiting for a connection ({t:?})"), true),
-            },
-            P::Closed => StoreError {
-                kind: Kind::Pool("pool closed".into(), false),
-            },
-            P::NoRuntimeSpecified => StoreError {
-                kind: Kind::Pool("no runtime".into(), false),
-            },
-            P::PostCreateHook(h) => StoreError {
-                kind: Kind::Pool(format!("connection hook failed: {h}"), true),
-            },
+            P::Timeout(t) => {
+                StoreError { kind: Kind::Pool(format!("timed out waiting for a connection ({t:?})"), true) }
+            }
+            P::Closed => StoreError { kind: Kind::Pool("pool closed".into(), false) },
+            P::NoRuntimeSpecified => StoreError { kind: Kind::Pool("no runtime".into(), false) },
+            P::PostCreateHook(h) => StoreError { kind: Kind::Pool(format!("connection hook failed: {h}"), true) },
         }
     }
 }

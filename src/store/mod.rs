@@ -25,18 +25,13 @@ use crate::config::{OnPublish, Ordering, Settings, TableName};
 
 /// Builds the tokio-postgres config from settings (URL + optional password file).
 pub fn pg_config(settings: &Settings) -> Result<tokio_postgres::Config, StoreError> {
-    let mut cfg: tokio_postgres::Config = settings.postgres_url().parse().map_err(|e| {
-        StoreError::config(format!(
-            "postgres.url is not a valid connection string: {e}"
-        ))
-    })?;
+    let mut cfg: tokio_postgres::Config = settings
+        .postgres_url()
+        .parse()
+        .map_err(|e| StoreError::config(format!("postgres.url is not a valid connection string: {e}")))?;
     if let Some(path) = &settings.postgres.password_file {
-        let password = std::fs::read_to_string(path).map_err(|e| {
-            StoreError::config(format!(
-                "cannot read postgres.password_file {}: {e}",
-                path.display()
-            ))
-        })?;
+        let password = std::fs::read_to_string(path)
+            .map_err(|e| StoreError::config(format!("cannot read postgres.password_file {}: {e}", path.display())))?;
         cfg.password(password.trim_end_matches(['\n', '\r']));
     }
     if cfg.get_application_name().is_none() {
@@ -59,13 +54,7 @@ pub fn describe(cfg: &tokio_postgres::Config) -> String {
         })
         .unwrap_or_else(|| "localhost".into());
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{}@{}:{}/{}",
-        cfg.get_user().unwrap_or("?"),
-        host,
-        port,
-        cfg.get_dbname().unwrap_or("?")
-    )
+    format!("{}@{}:{}/{}", cfg.get_user().unwrap_or("?"), host, port, cfg.get_dbname().unwrap_or("?"))
 }
 
 /// The outbox table and the pool of connections that claim and mark it.
@@ -81,31 +70,23 @@ impl Store {
     /// Creates the pool; connects lazily (call [`Store::ping`] to test it).
     pub fn new(settings: &Settings) -> Result<Store, StoreError> {
         let pg = pg_config(settings)?;
-        let manager = Manager::from_config(
-            pg.clone(),
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager =
+            Manager::from_config(pg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(settings.postgres.pool_size)
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(settings.postgres.connect_timeout))
-            .wait_timeout(Some(
-                settings.postgres.connect_timeout + Duration::from_secs(5),
-            ))
+            .wait_timeout(Some(settings.postgres.connect_timeout + Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::config(format!("cannot build the Postgres pool: {e}")))?;
         let table = settings.table();
-        let sql =
-            batch::Statements::new(&table, settings.relay.on_publish, settings.relay.ordering);
-        Ok(Store {
-            pool,
-            pg,
-            table,
-            sql,
-        })
+        let sql = batch::Statements::new(
+            &table,
+            settings.relay.on_publish,
+            settings.relay.ordering,
+            settings.relay.retry_backoff,
+        );
+        Ok(Store { pool, pg, table, sql })
     }
 
     pub fn table(&self) -> &TableName {

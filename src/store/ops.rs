@@ -86,15 +86,8 @@ impl Store {
         let t = self.table().quoted();
         let client = self.client().await?;
         let mut topics: std::collections::BTreeMap<String, TopicStatus> = Default::default();
-        let entry = |topics: &mut std::collections::BTreeMap<String, TopicStatus>,
-                     topic: String| {
-            topics
-                .entry(topic.clone())
-                .or_insert_with(|| TopicStatus {
-                    topic,
-                    ..Default::default()
-                })
-                .clone()
+        let entry = |topics: &mut std::collections::BTreeMap<String, TopicStatus>, topic: String| {
+            topics.entry(topic.clone()).or_insert_with(|| TopicStatus { topic, ..Default::default() }).clone()
         };
         for r in client
             .query(
@@ -112,12 +105,7 @@ impl Store {
             topics.insert(s.topic.clone(), s);
         }
         for r in client
-            .query(
-                &format!(
-                    "SELECT topic, count(*) FROM {t} WHERE parked_at IS NOT NULL GROUP BY topic"
-                ),
-                &[],
-            )
+            .query(&format!("SELECT topic, count(*) FROM {t} WHERE parked_at IS NOT NULL GROUP BY topic"), &[])
             .await?
         {
             let mut s = entry(&mut topics, r.get(0));
@@ -176,9 +164,7 @@ impl Store {
     /// Checks a time bound the way the SQL will read it; returns it normalised.
     pub async fn parse_time(&self, value: &str) -> Result<String, StoreError> {
         let client = self.client().await?;
-        let row = client
-            .query_one("SELECT $1::text::timestamptz::text", &[&value])
-            .await?;
+        let row = client.query_one("SELECT $1::text::timestamptz::text", &[&value]).await?;
         Ok(row.get(0))
     }
 
@@ -195,25 +181,13 @@ impl Store {
     }
 
     /// How many rows the selector matches, and the first `sample` of them.
-    pub async fn replay_preview(
-        &self,
-        s: &Selector,
-        sample: i64,
-    ) -> Result<(i64, Vec<ReplayRow>), StoreError> {
+    pub async fn replay_preview(&self, s: &Selector, sample: i64) -> Result<(i64, Vec<ReplayRow>), StoreError> {
         let t = self.table().quoted();
         let client = self.client().await?;
         let p = Self::selector_params(s);
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = p
-            .iter()
-            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
-        let count: i64 = client
-            .query_one(
-                &format!("SELECT count(*) FROM {t} WHERE {SELECTOR}"),
-                &params,
-            )
-            .await?
-            .get(0);
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            p.iter().map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let count: i64 = client.query_one(&format!("SELECT count(*) FROM {t} WHERE {SELECTOR}"), &params).await?.get(0);
         let mut with_limit = params.clone();
         with_limit.push(&sample);
         let rows = client
@@ -234,18 +208,12 @@ impl Store {
     /// Puts the next `limit` matching rows (in seq order) back in the queue —
     /// same id, same seq, attempts and error cleared — in one short transaction,
     /// and wakes the relays. Returns (rows replayed, highest seq replayed).
-    pub async fn replay_batch(
-        &self,
-        s: &Selector,
-        limit: i64,
-    ) -> Result<(u64, Option<i64>), StoreError> {
+    pub async fn replay_batch(&self, s: &Selector, limit: i64) -> Result<(u64, Option<i64>), StoreError> {
         let t = self.table().quoted();
         let mut client = self.client().await?;
         let p = Self::selector_params(s);
-        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = p
-            .iter()
-            .map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-            .collect();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            p.iter().map(|b| b.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
         params.push(&limit);
         let tx = client.transaction().await?;
         let seqs: Vec<i64> = tx
@@ -254,7 +222,7 @@ impl Store {
                     "WITH picked AS (
                         SELECT id FROM {t} WHERE {SELECTOR} ORDER BY seq LIMIT $8 FOR UPDATE SKIP LOCKED
                      )
-                     UPDATE {t} o SET published_at = NULL, parked_at = NULL, attempts = 0, last_error = NULL
+                     UPDATE {t} o SET published_at = NULL, parked_at = NULL, attempts = 0, last_error = NULL, retry_at = NULL
                      FROM picked WHERE o.id = picked.id RETURNING o.seq"
                 ),
                 &params,
@@ -264,8 +232,7 @@ impl Store {
             .map(|r| r.get(0))
             .collect();
         if !seqs.is_empty() {
-            tx.execute("SELECT pg_notify($1, '')", &[&self.table().channel()])
-                .await?;
+            tx.execute("SELECT pg_notify($1, '')", &[&self.table().channel()]).await?;
         }
         tx.commit().await?;
         Ok((seqs.len() as u64, seqs.iter().max().copied()))
@@ -283,9 +250,7 @@ impl Store {
                     ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)"
             ))
             .await?;
-        Ok(client
-            .execute(&stmt, &[&retention.as_secs_f64(), &limit])
-            .await?)
+        Ok(client.execute(&stmt, &[&retention.as_secs_f64(), &limit]).await?)
     }
 
     /// Published rows created in [since, until) (optionally one topic), for `verify`.
@@ -309,14 +274,6 @@ impl Store {
                 &[&since, &until, &topic],
             )
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| PublishedRow {
-                id: r.get(0),
-                seq: r.get(1),
-                topic: r.get(2),
-                key: r.get(3),
-            })
-            .collect())
+        Ok(rows.iter().map(|r| PublishedRow { id: r.get(0), seq: r.get(1), topic: r.get(2), key: r.get(3) }).collect())
     }
 }

@@ -14,11 +14,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. The files are written for `public.outbox`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_create_outbox.sql",
-    sql: include_str!("../../migrations/0001_create_outbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_create_outbox.sql",
+        sql: include_str!("../../migrations/0001_create_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_retry_backoff.sql",
+        sql: include_str!("../../migrations/0002_retry_backoff.sql"),
+    },
+];
 
 /// Renders a migration for `table`: `public.outbox` becomes the configured table,
 /// and every `outbox_*` object (indexes, trigger, function) is renamed with it.
@@ -40,10 +47,7 @@ pub fn render_migration(sql: &str, table: &TableName) -> String {
                 j += 1;
             }
             let suffix = &sql[i + "public.outbox".len()..j];
-            out.push_str(&format!(
-                "\"{}\".\"{}{}\"",
-                table.schema, table.table, suffix
-            ));
+            out.push_str(&format!("\"{}\".\"{}{}\"", table.schema, table.table, suffix));
             i = j;
             continue;
         }
@@ -53,11 +57,7 @@ pub fn render_migration(sql: &str, table: &TableName) -> String {
                 j += 1;
             }
             if j > i + "outbox_".len() {
-                out.push_str(&format!(
-                    "\"{}{}\"",
-                    table.table,
-                    &sql[i + "outbox".len()..j]
-                ));
+                out.push_str(&format!("\"{}{}\"", table.table, &sql[i + "outbox".len()..j]));
                 i = j;
                 continue;
             }
@@ -80,13 +80,8 @@ pub(super) async fn migrate(
 ) -> Result<Vec<&'static str>, StoreError> {
     let tx = client.transaction().await?;
     // One migrator at a time per table (several pods may start together).
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("outbox-relay migrate {table}")],
-    )
-    .await?;
-    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema))
-        .await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("outbox-relay migrate {table}")]).await?;
+    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema)).await?;
     tx.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS {} (
             table_name text NOT NULL,
@@ -98,13 +93,7 @@ pub(super) async fn migrate(
     ))
     .await?;
     let done: Vec<i32> = tx
-        .query(
-            &format!(
-                "SELECT version FROM {} WHERE table_name = $1",
-                version_table(table)
-            ),
-            &[&table.table],
-        )
+        .query(&format!("SELECT version FROM {} WHERE table_name = $1", version_table(table)), &[&table.table])
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -116,18 +105,9 @@ pub(super) async fn migrate(
         }
         tx.batch_execute(&render_migration(m.sql, table))
             .await
-            .map_err(|e| {
-                StoreError::schema(format!(
-                    "migration {} failed: {}",
-                    m.name,
-                    StoreError::from(e)
-                ))
-            })?;
+            .map_err(|e| StoreError::schema(format!("migration {} failed: {}", m.name, StoreError::from(e))))?;
         tx.execute(
-            &format!(
-                "INSERT INTO {} (table_name, version, name) VALUES ($1, $2, $3)",
-                version_table(table)
-            ),
+            &format!("INSERT INTO {} (table_name, version, name) VALUES ($1, $2, $3)", version_table(table)),
             &[&table.table, &m.version, &m.name],
         )
         .await?;
@@ -156,47 +136,16 @@ impl std::fmt::Display for SchemaProblem {
 const COLUMNS: &[(&str, &[&str], &str)] = &[
     ("id", &["uuid"], "0001_create_outbox.sql"),
     ("seq", &["bigint"], "0001_create_outbox.sql"),
-    (
-        "topic",
-        &["text", "character varying"],
-        "0001_create_outbox.sql",
-    ),
-    (
-        "key",
-        &["text", "character varying"],
-        "0001_create_outbox.sql",
-    ),
-    (
-        "payload",
-        &["jsonb", "json", "bytea", "text"],
-        "0001_create_outbox.sql",
-    ),
+    ("topic", &["text", "character varying"], "0001_create_outbox.sql"),
+    ("key", &["text", "character varying"], "0001_create_outbox.sql"),
+    ("payload", &["jsonb", "json", "bytea", "text"], "0001_create_outbox.sql"),
     ("headers", &["jsonb", "json"], "0001_create_outbox.sql"),
-    (
-        "created_at",
-        &["timestamp with time zone"],
-        "0001_create_outbox.sql",
-    ),
-    (
-        "attempts",
-        &["integer", "bigint", "smallint"],
-        "0001_create_outbox.sql",
-    ),
-    (
-        "last_error",
-        &["text", "character varying"],
-        "0001_create_outbox.sql",
-    ),
-    (
-        "published_at",
-        &["timestamp with time zone"],
-        "0001_create_outbox.sql",
-    ),
-    (
-        "parked_at",
-        &["timestamp with time zone"],
-        "0001_create_outbox.sql",
-    ),
+    ("created_at", &["timestamp with time zone"], "0001_create_outbox.sql"),
+    ("attempts", &["integer", "bigint", "smallint"], "0001_create_outbox.sql"),
+    ("last_error", &["text", "character varying"], "0001_create_outbox.sql"),
+    ("published_at", &["timestamp with time zone"], "0001_create_outbox.sql"),
+    ("parked_at", &["timestamp with time zone"], "0001_create_outbox.sql"),
+    ("retry_at", &["timestamp with time zone"], "0002_retry_backoff.sql"),
 ];
 
 pub(super) async fn verify(
@@ -212,19 +161,13 @@ pub(super) async fn verify(
         )
         .await?;
     if cols.is_empty() {
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()])
-            .await?
-            .get(0);
+        let exists: bool = client.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.quoted()]).await?.get(0);
         let message = if exists {
             format!("table {table} exists but this role cannot see its columns: grant SELECT, UPDATE, DELETE on it")
         } else {
             format!("table {table} does not exist: migration 0001_create_outbox.sql is not applied; {fix}")
         };
-        return Ok(vec![SchemaProblem {
-            message,
-            fatal: true,
-        }]);
+        return Ok(vec![SchemaProblem { message, fatal: true }]);
     }
     let mut problems = Vec::new();
     for (name, types, migration) in COLUMNS {
@@ -259,9 +202,7 @@ pub(super) async fn verify(
         .await?;
     let has_pending = indexes.iter().any(|r| {
         let def: String = r.get(0);
-        def.contains("(seq)")
-            && def.contains("published_at IS NULL")
-            && def.contains("parked_at IS NULL")
+        def.contains("(seq)") && def.contains("published_at IS NULL") && def.contains("parked_at IS NULL")
     });
     if !has_pending {
         problems.push(SchemaProblem {
@@ -305,10 +246,7 @@ mod tests {
     fn custom_table_renames_every_derived_object() {
         let t = TableName::parse("billing.events").unwrap();
         let sql = render_migration(MIGRATIONS[0].sql, &t);
-        assert!(
-            sql.contains("CREATE TABLE IF NOT EXISTS \"billing\".\"events\" ("),
-            "{sql}"
-        );
+        assert!(sql.contains("CREATE TABLE IF NOT EXISTS \"billing\".\"events\" ("), "{sql}");
         assert!(sql.contains("\"events_pending_idx\""));
         assert!(sql.contains("ON \"billing\".\"events\" (seq)"));
         assert!(sql.contains("FUNCTION \"billing\".\"events_notify\"()"));
@@ -316,10 +254,7 @@ mod tests {
         assert!(sql.contains("CREATE TRIGGER \"events_notify\""));
         // nothing of the default table is left in executable lines
         for line in sql.lines().filter(|l| !l.trim_start().starts_with("--")) {
-            assert!(
-                !line.contains("public.outbox") && !line.contains(" outbox_"),
-                "{line}"
-            );
+            assert!(!line.contains("public.outbox") && !line.contains(" outbox_"), "{line}");
         }
     }
 }

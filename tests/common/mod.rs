@@ -43,10 +43,7 @@ pub async fn pg() -> tokio_postgres::Client {
 
 /// Fails the test with instructions when the broker is not reachable.
 pub fn require_kafka() {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("consumer config");
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("consumer config");
     if let Err(e) = c.fetch_metadata(None, Duration::from_secs(10)) {
         panic!("cannot reach Kafka at {} ({e}); {MISSING}", brokers());
     }
@@ -61,14 +58,8 @@ pub struct Outbox {
 impl Outbox {
     pub async fn new(prefix: &str) -> Outbox {
         require_kafka();
-        let table = format!(
-            "{prefix}_{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..10]
-        );
-        let out = relay_cmd(&table, &[])
-            .arg("migrate")
-            .output()
-            .expect("run outbox-relay migrate");
+        let table = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let out = relay_cmd(&table, &[]).arg("migrate").output().expect("run outbox-relay migrate");
         assert!(
             out.status.success(),
             "migrate failed: {}{}",
@@ -91,10 +82,7 @@ impl Outbox {
 
     pub async fn count(&self, filter: &str) -> i64 {
         pg().await
-            .query_one(
-                &format!("SELECT count(*) FROM {} WHERE {filter}", self.qualified()),
-                &[],
-            )
+            .query_one(&format!("SELECT count(*) FROM {} WHERE {filter}", self.qualified()), &[])
             .await
             .unwrap()
             .get(0)
@@ -104,23 +92,28 @@ impl Outbox {
     pub async fn wait_drained(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let pending = self
-                .count("published_at IS NULL AND parked_at IS NULL")
-                .await;
+            let pending = self.count("published_at IS NULL AND parked_at IS NULL").await;
             if pending == 0 {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{pending} events still pending after {timeout:?}"
-            );
+            assert!(Instant::now() < deadline, "{pending} events still pending after {timeout:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// A relay process for this table with extra `OUTBOX_RELAY__…` settings.
     pub fn spawn_relay(&self, extra: &[(&str, &str)]) -> RelayProcess {
+        self.spawn_relay_with(extra, None)
+    }
+
+    /// Like `spawn_relay`, with a TOML config file (for `kafka.properties`).
+    pub fn spawn_relay_with(&self, extra: &[(&str, &str)], config_toml: Option<&str>) -> RelayProcess {
         let mut cmd = relay_cmd(&self.table, extra);
+        if let Some(toml) = config_toml {
+            let path = std::env::temp_dir().join(format!("{}-{}.toml", self.table, uuid::Uuid::new_v4().simple()));
+            std::fs::write(&path, toml).expect("write config");
+            cmd.arg("--config").arg(path);
+        }
         cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawn outbox-relay run");
         RelayProcess { child: Some(child) }
@@ -166,9 +159,7 @@ impl RelayProcess {
     /// SIGTERM and wait; returns (exit code, stderr).
     pub fn terminate(mut self, timeout: Duration) -> (Option<i32>, String) {
         let mut c = self.child.take().expect("relay running");
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = c.try_wait().expect("wait") {
@@ -212,25 +203,16 @@ impl Drop for RelayProcess {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let res = admin
-        .create_topics(
-            &[topic],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-        )
+        .create_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))))
         .await
         .unwrap_or_else(|e| panic!("create topic {name}: {e}; is Kafka running?"));
     for r in res {
         if let Err((t, code)) = r {
-            assert_eq!(
-                code,
-                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
-                "create topic {t}: {code:?}"
-            );
+            assert_eq!(code, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "create topic {t}: {code:?}");
         }
     }
 }
@@ -248,23 +230,14 @@ pub struct Received {
 
 impl Received {
     pub fn event_id(&self) -> String {
-        self.headers
-            .get("event_id")
-            .cloned()
-            .flatten()
-            .expect("every message carries event_id")
+        self.headers.get("event_id").cloned().flatten().expect("every message carries event_id")
     }
 }
 
 /// Reads `topics` from the beginning (read_committed) until `expected` messages
 /// arrived, then keeps reading for `settle` to catch duplicates. Panics (with
 /// what it got) after `timeout`.
-pub fn consume(
-    topics: &[String],
-    expected: usize,
-    timeout: Duration,
-    settle: Duration,
-) -> Vec<Received> {
+pub fn consume(topics: &[String], expected: usize, timeout: Duration, settle: Duration) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
@@ -274,14 +247,11 @@ pub fn consume(
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for t in topics {
-        let md = consumer
-            .fetch_metadata(Some(t), Duration::from_secs(10))
-            .expect("metadata");
+        let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10)).expect("metadata");
         let parts = md.topics()[0].partitions().len();
         assert!(parts > 0, "topic {t} has no partitions");
         for p in 0..parts as i32 {
-            tpl.add_partition_offset(t, p, Offset::Beginning)
-                .expect("tpl");
+            tpl.add_partition_offset(t, p, Offset::Beginning).expect("tpl");
         }
     }
     consumer.assign(&tpl).expect("assign");
@@ -297,20 +267,13 @@ pub fn consume(
                 break;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {expected} messages arrived within {timeout:?}",
-            out.len()
-        );
+        assert!(Instant::now() < deadline, "only {} of {expected} messages arrived within {timeout:?}", out.len());
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 let mut headers = HashMap::new();
                 if let Some(h) = m.headers() {
                     for hdr in h.iter() {
-                        headers.insert(
-                            hdr.key.to_string(),
-                            hdr.value.map(|v| String::from_utf8_lossy(v).into_owned()),
-                        );
+                        headers.insert(hdr.key.to_string(), hdr.value.map(|v| String::from_utf8_lossy(v).into_owned()));
                     }
                 }
                 out.push(Received {
@@ -342,12 +305,8 @@ pub fn order_violations(msgs: &[Received], seq_of: &HashMap<String, i64>) -> usi
         let id = m.event_id();
         let first_time = seen.insert(id.clone());
         let Some(key) = &m.key else { continue };
-        let seq = *seq_of
-            .get(&id)
-            .unwrap_or_else(|| panic!("unknown event {id}"));
-        let slot = last
-            .entry((m.topic.clone(), key.clone()))
-            .or_insert(i64::MIN);
+        let seq = *seq_of.get(&id).unwrap_or_else(|| panic!("unknown event {id}"));
+        let slot = last.entry((m.topic.clone(), key.clone())).or_insert(i64::MIN);
         if seq < *slot && first_time {
             violations += 1;
         }
