@@ -129,6 +129,7 @@ type RelayProducer = ThreadedProducer<RelayContext>;
 pub struct KafkaSink {
     config: ClientConfig,
     producer: RwLock<RelayProducer>,
+    rebuilds: std::sync::atomic::AtomicU64,
 }
 
 impl KafkaSink {
@@ -138,7 +139,12 @@ impl KafkaSink {
             config.set(k, v);
         }
         let producer = build(&config)?;
-        Ok(KafkaSink { config, producer: RwLock::new(producer) })
+        Ok(KafkaSink { config, producer: RwLock::new(producer), rebuilds: Default::default() })
+    }
+
+    /// How often the producer was rebuilt after a fatal error.
+    pub fn rebuilds(&self) -> u64 {
+        self.rebuilds.load(AtomicOrdering::Relaxed)
     }
 
     fn producer(&self) -> RelayProducer {
@@ -151,6 +157,7 @@ impl KafkaSink {
     /// Replaces a producer that reported a fatal error.
     fn rebuild(&self, reason: &str) {
         tracing::error!(%reason, "Kafka producer hit a fatal error; rebuilding it (unacknowledged events stay pending)");
+        self.rebuilds.fetch_add(1, AtomicOrdering::Relaxed);
         match build(&self.config) {
             Ok(p) => {
                 let mut guard = match self.producer.write() {
