@@ -49,7 +49,12 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// An application writing small transactions over 20 keys from one connection;
 /// it reconnects after errors (Postgres restarts) and keeps going.
-fn spawn_writer(table: String, topic: String, stop: Arc<AtomicBool>, written: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+fn spawn_writer(
+    table: String,
+    topic: String,
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut n: i64 = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -97,7 +102,11 @@ async fn check_all_delivered(ob: &Outbox, topic: &str) {
     let lost = seq_of.keys().filter(|id| !count.contains_key(*id)).count();
     let dups: usize = count.values().map(|c| c - 1).sum();
     let violations = order_violations(&msgs, &seq_of);
-    eprintln!("committed {} delivered {} lost {lost} duplicates {dups} order violations {violations}", seq_of.len(), msgs.len());
+    eprintln!(
+        "committed {} delivered {} lost {lost} duplicates {dups} order violations {violations}",
+        seq_of.len(),
+        msgs.len()
+    );
     assert_eq!(lost, 0, "lost events");
     assert_eq!(violations, 0, "per-key order");
     assert_eq!(ob.count("parked_at IS NOT NULL OR attempts > 0").await, 0, "an outage never counts against events");
@@ -110,7 +119,8 @@ async fn kafka_stopped_mid_load_loses_nothing_and_readyz_flips() {
     let topic = ob.topic("events", 3).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
-    let mut relay = ob.spawn_relay(&[("OUTBOX_RELAY__HTTP__LISTEN", listen.as_str()), ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100")]);
+    let mut relay =
+        ob.spawn_relay(&[("OUTBOX_RELAY__HTTP__LISTEN", listen.as_str()), ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100")]);
     wait_for("ready", Duration::from_secs(30), || ready(port) == Some(true)).await;
     let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
     let writer = spawn_writer(ob.qualified(), topic.clone(), stop.clone(), written.clone());
