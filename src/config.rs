@@ -57,6 +57,14 @@ pub struct PostgresConfig {
     /// Required. The password is never logged.
     #[serde(default)]
     pub url: Option<String>,
+    /// TLS: `disable`, `prefer` (default), `require` (encrypt, no verification, as
+    /// libpq), `verify-ca` or `verify-full` (also checks the host name). Overrides
+    /// `sslmode` in the URL.
+    #[serde(default)]
+    pub tls_mode: Option<String>,
+    /// CA bundle (PEM) to verify the server with; the system store otherwise.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// Read the password from this file (e.g. a mounted Kubernetes secret) instead
     /// of putting it in the URL.
     #[serde(default)]
@@ -74,6 +82,8 @@ impl fmt::Debug for PostgresConfig {
         f.debug_struct("PostgresConfig")
             .field("url", &self.url.as_deref().map(redact_url))
             .field("password_file", &self.password_file)
+            .field("tls_mode", &self.tls_mode)
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -485,9 +495,26 @@ impl Settings {
                 ))
             }
             Some(url) => {
+                let (url, _, _) = crate::store::split_tls_options(url);
                 url.parse::<tokio_postgres::Config>().map_err(|e| {
-                    ConfigError::key("postgres.url", format!("is not a valid connection string ({e}): {}", redact_url(url)))
+                    ConfigError::key("postgres.url", format!("is not a valid connection string ({e}): {}", redact_url(&url)))
                 })?;
+            }
+        }
+        if let Some(m) = &self.postgres.tls_mode {
+            if crate::store::TlsMode::parse(m).is_none() {
+                return Err(ConfigError::key(
+                    "postgres.tls_mode",
+                    format!("= {m:?} is not a TLS mode; allowed: \"disable\", \"prefer\", \"require\", \"verify-ca\", \"verify-full\""),
+                ));
+            }
+        }
+        if let Some(p) = &self.postgres.tls_ca_file {
+            if !p.is_file() {
+                return Err(ConfigError::key(
+                    "postgres.tls_ca_file",
+                    format!("{} is not a readable file", p.display()),
+                ));
             }
         }
         if let Some(p) = &self.postgres.password_file {

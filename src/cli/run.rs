@@ -14,6 +14,9 @@ use crate::sink::{KafkaSink, Sink};
 use crate::store::{describe, spawn_listener, Store};
 
 pub async fn run(settings: Settings) -> Result<(), CliError> {
+    // Handlers first: a SIGTERM during start-up (waiting for Postgres or Kafka)
+    // is a clean stop too, not a kill by the default action.
+    let mut signals = Signals::install();
     let relay_id = settings.relay_id();
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let pg = describe(store.pg_config());
@@ -41,38 +44,51 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         }
         None => None,
     };
-    let deadline = Instant::now() + settings.relay.startup_timeout;
+    let startup = async {
+        let deadline = Instant::now() + settings.relay.startup_timeout;
 
-    retry_until(deadline, "postgres", || store.ping()).await.map_err(|e| {
-        CliError::new(
-            exit::UNAVAILABLE,
-            format!("cannot reach Postgres at {pg}: {e} — check postgres.url and that the server accepts connections"),
-        )
-    })?;
-    let problems = retry_until(deadline, "postgres", || store.verify_schema())
-        .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot inspect the schema at {pg}: {e}")))?;
-    for p in problems.iter().filter(|p| !p.fatal) {
-        tracing::warn!("{p}");
-    }
-    if let Some(p) = problems.iter().find(|p| p.fatal) {
-        return Err(CliError::new(exit::SCHEMA, p.to_string()));
-    }
+        retry_until(deadline, "postgres", || store.ping()).await.map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach Postgres at {pg}: {e} — check postgres.url and that the server accepts connections"
+                ),
+            )
+        })?;
+        let problems = retry_until(deadline, "postgres", || store.verify_schema())
+            .await
+            .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot inspect the schema at {pg}: {e}")))?;
+        for p in problems.iter().filter(|p| !p.fatal) {
+            tracing::warn!("{p}");
+        }
+        if let Some(p) = problems.iter().find(|p| p.fatal) {
+            return Err(CliError::new(exit::SCHEMA, p.to_string()));
+        }
 
-    let sink = Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
-    retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5))).await.map_err(|e| {
-        CliError::new(
-            exit::UNAVAILABLE,
-            format!(
-                "cannot reach Kafka at {}: {e} — check kafka.brokers and kafka.properties",
-                settings.kafka_brokers()
-            ),
-        )
-    })?;
+        let sink = Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
+        retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5))).await.map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach Kafka at {}: {e} — check kafka.brokers and kafka.properties",
+                    settings.kafka_brokers()
+                ),
+            )
+        })?;
+        Ok::<_, CliError>(sink)
+    };
+    let sink = tokio::select! {
+        r = startup => r?,
+        s = signals.recv() => {
+            tracing::info!(signal = s, "stopped during start-up");
+            return Ok(());
+        }
+    };
 
     let wake = Arc::new(Notify::new());
     let monitor = spawn_monitor(store.clone(), sink.clone(), health.clone(), Duration::from_secs(5), stop_rx.clone());
-    let listener = spawn_listener(store.pg_config().clone(), store.table(), wake.clone(), stop_rx.clone());
+    let listener =
+        spawn_listener(store.pg_config().clone(), store.tls().clone(), store.table(), wake.clone(), stop_rx.clone());
     let retention = (settings.relay.on_publish == crate::config::OnPublish::Mark)
         .then(|| spawn_retention(store.clone(), settings.relay.retention, stop_rx.clone()));
     let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
@@ -87,7 +103,7 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     });
 
     let signal = tokio::select! {
-        s = shutdown_signal() => s,
+        s = signals.recv() => s,
         r = &mut relay_task => {
             // The loop only returns after a stop request; anything else is a bug.
             return Err(CliError::new(exit::SOFTWARE, format!("relay loop ended unexpectedly: {r:?}")));
@@ -150,19 +166,26 @@ where
     }
 }
 
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        },
-        _ => {
-            // Without signal handlers the process still stops on SIGTERM (default action).
-            std::future::pending::<()>().await;
-            "none"
+/// SIGTERM and SIGINT, registered once at start.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        Signals { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok() }
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        match (&mut self.term, &mut self.int) {
+            (Some(term), Some(int)) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            // Without handlers the process still stops on SIGTERM (default action).
+            _ => std::future::pending().await,
         }
     }
 }

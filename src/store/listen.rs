@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::poll_fn;
+use postgres_native_tls::MakeTlsConnector;
 use tokio::sync::{watch, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::config::TableName;
 
@@ -16,6 +17,7 @@ use crate::config::TableName;
 /// reconnect) stores a wake-up permit in `wake`. Ends when `shutdown` flips.
 pub fn spawn_listener(
     pg: tokio_postgres::Config,
+    tls: MakeTlsConnector,
     table: &TableName,
     wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
@@ -27,7 +29,7 @@ pub fn spawn_listener(
             if *shutdown.borrow() {
                 return;
             }
-            match pg.connect(NoTls).await {
+            match pg.connect(tls.clone()).await {
                 Ok((client, mut conn)) => {
                     let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<String>();
                     let wake_conn = wake.clone();

@@ -8,11 +8,12 @@ mod error;
 mod listen;
 mod ops;
 mod schema;
+mod tls;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
+use postgres_native_tls::MakeTlsConnector;
 
 pub use backlog::Backlog;
 pub use batch::{Claimed, EventFailure, Finished, Outcome};
@@ -20,15 +21,18 @@ pub use error::StoreError;
 pub use listen::spawn_listener;
 pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus};
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
+pub use tls::{split_url as split_tls_options, TlsMode};
 
 use crate::config::{OnPublish, Ordering, Settings, TableName};
 
-/// Builds the tokio-postgres config from settings (URL + optional password file).
-pub fn pg_config(settings: &Settings) -> Result<tokio_postgres::Config, StoreError> {
-    let mut cfg: tokio_postgres::Config = settings
-        .postgres_url()
-        .parse()
-        .map_err(|e| StoreError::config(format!("postgres.url is not a valid connection string: {e}")))?;
+/// Builds the tokio-postgres config and TLS connector from settings (URL, TLS
+/// options, optional password file).
+pub fn pg_config(settings: &Settings) -> Result<(tokio_postgres::Config, MakeTlsConnector), StoreError> {
+    let (url, url_mode, url_root) = tls::split_url(settings.postgres_url());
+    let mut cfg: tokio_postgres::Config =
+        url.parse().map_err(|e| StoreError::config(format!("postgres.url is not a valid connection string: {e}")))?;
+    let (tls, ssl_mode) = tls::connector(settings, url_mode, url_root)?;
+    cfg.ssl_mode(ssl_mode);
     if let Some(path) = &settings.postgres.password_file {
         let password = std::fs::read_to_string(path)
             .map_err(|e| StoreError::config(format!("cannot read postgres.password_file {}: {e}", path.display())))?;
@@ -40,7 +44,7 @@ pub fn pg_config(settings: &Settings) -> Result<tokio_postgres::Config, StoreErr
     cfg.connect_timeout(settings.postgres.connect_timeout);
     cfg.keepalives(true);
     cfg.keepalives_idle(Duration::from_secs(30));
-    Ok(cfg)
+    Ok((cfg, tls))
 }
 
 /// Where the relay's Postgres is, without the password, for messages.
@@ -62,6 +66,7 @@ pub fn describe(cfg: &tokio_postgres::Config) -> String {
 pub struct Store {
     pool: Pool,
     pg: tokio_postgres::Config,
+    tls: MakeTlsConnector,
     table: TableName,
     sql: batch::Statements,
 }
@@ -69,9 +74,9 @@ pub struct Store {
 impl Store {
     /// Creates the pool; connects lazily (call [`Store::ping`] to test it).
     pub fn new(settings: &Settings) -> Result<Store, StoreError> {
-        let pg = pg_config(settings)?;
+        let (pg, tls) = pg_config(settings)?;
         let manager =
-            Manager::from_config(pg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            Manager::from_config(pg.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(settings.postgres.pool_size)
             .runtime(Runtime::Tokio1)
@@ -86,7 +91,7 @@ impl Store {
             settings.relay.ordering,
             settings.relay.retry_backoff,
         );
-        Ok(Store { pool, pg, table, sql })
+        Ok(Store { pool, pg, tls, table, sql })
     }
 
     pub fn table(&self) -> &TableName {
@@ -95,6 +100,11 @@ impl Store {
 
     pub fn pg_config(&self) -> &tokio_postgres::Config {
         &self.pg
+    }
+
+    /// The TLS connector every connection of this store uses.
+    pub fn tls(&self) -> &MakeTlsConnector {
+        &self.tls
     }
 
     pub fn on_publish(&self) -> OnPublish {

@@ -193,6 +193,29 @@ pub(super) async fn verify(
     if !problems.is_empty() {
         return Ok(problems);
     }
+    // What the relay does to the table: read, mark, delete, park.
+    let missing: Vec<String> = client
+        .query(
+            "SELECT p FROM unnest(ARRAY['SELECT', 'UPDATE', 'DELETE']) p
+             WHERE NOT has_table_privilege(current_user, $1::text::regclass, p)",
+            &[&table.quoted()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !missing.is_empty() {
+        let user: String = client.query_one("SELECT current_user::text", &[]).await?.get(0);
+        problems.push(SchemaProblem {
+            message: format!(
+                "role {user} lacks {} on {table}: GRANT SELECT, UPDATE, DELETE ON {} TO {user} (see deploy/postgres/least-privilege.sql)",
+                missing.join(", "),
+                table.quoted()
+            ),
+            fatal: true,
+        });
+        return Ok(problems);
+    }
     // The pending-rows partial index keeps claims fast however large the table.
     let indexes = client
         .query(

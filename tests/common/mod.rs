@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -115,8 +116,25 @@ impl Outbox {
             cmd.arg("--config").arg(path);
         }
         cmd.arg("run").stdout(Stdio::null()).stderr(Stdio::piped());
-        let child = cmd.spawn().expect("spawn outbox-relay run");
-        RelayProcess { child: Some(child) }
+        let mut child = cmd.spawn().expect("spawn outbox-relay run");
+        // Drain stderr continuously: a full pipe would block the relay's logging.
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(mut err) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut l) = log.lock() {
+                        l.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            });
+        }
+        RelayProcess { child: Some(child), log }
     }
 }
 
@@ -141,11 +159,17 @@ pub fn relay_cmd(table: &str, extra: &[(&str, &str)]) -> Command {
 
 pub struct RelayProcess {
     child: Option<Child>,
+    log: Arc<Mutex<String>>,
 }
 
 impl RelayProcess {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or_default()
+    }
+
+    /// What the relay logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// SIGKILL: no chance to clean up.
@@ -163,12 +187,8 @@ impl RelayProcess {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = c.try_wait().expect("wait") {
-                let mut err = String::new();
-                if let Some(mut s) = c.stderr.take() {
-                    use std::io::Read;
-                    let _ = s.read_to_string(&mut err);
-                }
-                return (status.code(), err);
+                std::thread::sleep(Duration::from_millis(100)); // let the reader finish
+                return (status.code(), self.log());
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
@@ -183,12 +203,8 @@ impl RelayProcess {
     pub fn assert_running(&mut self) {
         let c = self.child.as_mut().expect("relay");
         if let Some(status) = c.try_wait().expect("wait") {
-            let mut err = String::new();
-            if let Some(mut s) = c.stderr.take() {
-                use std::io::Read;
-                let _ = s.read_to_string(&mut err);
-            }
-            panic!("relay exited early ({status}): {err}");
+            std::thread::sleep(Duration::from_millis(100));
+            panic!("relay exited early ({status}): {}", self.log());
         }
     }
 }

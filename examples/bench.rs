@@ -1,0 +1,508 @@
+//! The benchmark behind `scripts/bench`, on the real local Postgres and Kafka:
+//!
+//! 1. saturation: preload N 1 KB JSON events over 1k keys and 4 topics, then time
+//!    one relay draining them (`on_publish` = delete and mark), with its CPU
+//!    seconds and peak RSS;
+//! 2. the SQL-only ceiling in the same run: a stored procedure that claims and
+//!    deletes/marks the same kind of rows in the same batches, without Kafka;
+//! 3. latency at a fixed offered rate (writers inserting in small transactions):
+//!    commit → Kafka append (≈ ack; topics use LogAppendTime) and commit →
+//!    consumer-visible, p50/p99/p99.9, from a timestamp written in the row.
+//!
+//! Prints a table and writes JSON (bench/results/<date>.json).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, Timestamp};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Events preloaded for each saturation run.
+    #[arg(long, default_value_t = 200_000)]
+    events: i64,
+    /// Offered rates for the latency runs (events/s).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    rates: Vec<u64>,
+    /// Seconds per latency run.
+    #[arg(long, default_value_t = 60)]
+    latency_secs: u64,
+    /// Relay batch size.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Extra relay settings, KEY=VALUE (OUTBOX_RELAY__… names), repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Skip the saturation or latency parts.
+    #[arg(long)]
+    no_saturation: bool,
+    #[arg(long)]
+    no_latency: bool,
+    #[arg(long, default_value = "target/release/outbox-relay")]
+    relay_bin: PathBuf,
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+}
+
+const TOPICS: [&str; 4] = ["orders", "payments", "stock", "shipping"];
+const PAD: usize = 960; // payload ≈ 1 KB of JSON
+
+#[derive(Debug, Serialize, Clone)]
+struct Saturation {
+    mode: String,
+    events: i64,
+    seconds: f64,
+    events_per_s: f64,
+    sql_ceiling_events_per_s: f64,
+    fraction_of_ceiling: f64,
+    relay_cpu_s_per_million: f64,
+    relay_peak_rss_mib: f64,
+}
+
+#[derive(Debug, Serialize, Clone)]
+struct Latency {
+    offered_per_s: u64,
+    achieved_per_s: f64,
+    seconds: u64,
+    samples: usize,
+    commit_to_ack_ms: Quantiles,
+    commit_to_visible_ms: Quantiles,
+}
+
+#[derive(Debug, Serialize, Clone, Default)]
+struct Quantiles {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+fn quantiles(mut v: Vec<f64>) -> Quantiles {
+    if v.is_empty() {
+        return Quantiles::default();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+    Quantiles { p50: q(0.50), p99: q(0.99), p999: q(0.999), max: v[v.len() - 1] }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+struct Env {
+    pg_url: String,
+    brokers: String,
+    args: Args,
+}
+
+impl Env {
+    fn relay_cmd(&self, table: &str, mode: &str) -> Command {
+        let mut cmd = Command::new(&self.args.relay_bin);
+        cmd.env("OUTBOX_RELAY__POSTGRES__URL", &self.pg_url)
+            .env("OUTBOX_RELAY__KAFKA__BROKERS", &self.brokers)
+            .env("OUTBOX_RELAY__OUTBOX__TABLE", table)
+            .env("OUTBOX_RELAY__HTTP__LISTEN", "")
+            .env("OUTBOX_RELAY__RELAY__ON_PUBLISH", mode)
+            .env("OUTBOX_RELAY__RELAY__BATCH_SIZE", self.args.batch_size.to_string())
+            .env("OUTBOX_RELAY__LOG__LEVEL", "warn");
+        for kv in &self.args.set {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+        cmd
+    }
+
+    async fn db(&self) -> tokio_postgres::Client {
+        let (c, conn) = tokio_postgres::connect(&self.pg_url, NoTls).await.expect("connect to Postgres");
+        tokio::spawn(conn);
+        c
+    }
+
+    async fn new_table(&self, prefix: &str) -> String {
+        let table = format!("bench_{prefix}_{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let out = self.relay_cmd(&table, "delete").arg("migrate").output().expect("migrate");
+        assert!(out.status.success(), "migrate: {}", String::from_utf8_lossy(&out.stderr));
+        table
+    }
+
+    async fn topics(&self, run: &str, append_time: bool) -> Vec<String> {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.brokers).create().expect("admin");
+        let topics: Vec<String> = TOPICS.iter().map(|t| format!("{run}.{t}")).collect();
+        let new: Vec<NewTopic> = topics
+            .iter()
+            .map(|t| {
+                let n = NewTopic::new(t, 4, TopicReplication::Fixed(1));
+                if append_time {
+                    n.set("message.timestamp.type", "LogAppendTime")
+                } else {
+                    n
+                }
+            })
+            .collect();
+        admin.create_topics(&new, &AdminOptions::new()).await.expect("create topics");
+        topics
+    }
+
+    /// N rows of ≈1 KB JSON over 1k keys and 4 topics, server-side in parallel
+    /// chunks (the load must not be what is measured).
+    async fn preload(&self, table: &str, run: &str, n: i64) {
+        let chunks = 4;
+        let per = n / chunks;
+        let mut tasks = Vec::new();
+        for c in 0..chunks {
+            let (url, table, run) = (self.pg_url.clone(), table.to_string(), run.to_string());
+            tasks.push(tokio::spawn(async move {
+                let (db, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+                tokio::spawn(conn);
+                db.execute(
+                    &format!(
+                        "INSERT INTO public.{table} (topic, key, payload)
+                         SELECT '{run}.' || (ARRAY['orders','payments','stock','shipping'])[1 + i % 4],
+                                'key-' || (i % 1000),
+                                jsonb_build_object('i', i, 'type', 'OrderPlaced', 'pad', repeat('x', {PAD}))
+                         FROM generate_series($1::bigint, $2::bigint) i"
+                    ),
+                    &[&(c * per), &((c + 1) * per - 1)],
+                )
+                .await
+                .expect("preload");
+            }));
+        }
+        for t in tasks {
+            t.await.expect("preload task");
+        }
+        self.db().await.batch_execute(&format!("VACUUM ANALYZE public.{table}")).await.expect("vacuum");
+    }
+
+    async fn pending(&self, db: &tokio_postgres::Client, table: &str) -> i64 {
+        db.query_one(
+            &format!("SELECT count(*) FROM public.{table} WHERE published_at IS NULL AND parked_at IS NULL"),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0)
+    }
+}
+
+fn proc_cpu_s(pid: u32) -> f64 {
+    // utime + stime (fields 14, 15) in clock ticks (100/s on Linux)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn proc_peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+}
+
+async fn saturation(env: &Env, mode: &str) -> Saturation {
+    let n = env.args.events;
+    // SQL-only ceiling: same rows, same claim, same batch, no Kafka.
+    let ceiling_table = env.new_table("sql").await;
+    env.preload(&ceiling_table, "sql", n).await;
+    let db = env.db().await;
+    let action = if mode == "delete" {
+        format!("DELETE FROM public.{ceiling_table} o USING c WHERE o.id = c.id")
+    } else {
+        format!("UPDATE public.{ceiling_table} o SET published_at = now() FROM c WHERE o.id = c.id")
+    };
+    db.batch_execute(&format!(
+        "CREATE OR REPLACE PROCEDURE public.{ceiling_table}_drain(batch int) LANGUAGE plpgsql AS $$
+         DECLARE n int;
+         BEGIN
+           LOOP
+             WITH c AS (
+               SELECT id FROM public.{ceiling_table}
+               WHERE published_at IS NULL AND parked_at IS NULL
+                 AND (retry_at IS NULL OR retry_at <= now())
+               ORDER BY seq LIMIT batch FOR UPDATE SKIP LOCKED)
+             {action};
+             GET DIAGNOSTICS n = ROW_COUNT;
+             COMMIT;
+             EXIT WHEN n = 0;
+           END LOOP;
+         END $$;"
+    ))
+    .await
+    .expect("procedure");
+    let t = Instant::now();
+    db.execute(&format!("CALL public.{ceiling_table}_drain($1)"), &[&(env.args.batch_size as i32)])
+        .await
+        .expect("call");
+    let ceiling = n as f64 / t.elapsed().as_secs_f64();
+    db.batch_execute(&format!("DROP TABLE public.{ceiling_table}; DROP PROCEDURE public.{ceiling_table}_drain"))
+        .await
+        .ok();
+
+    // The relay on an identical table.
+    let table = env.new_table(mode).await;
+    let run = table.clone();
+    env.topics(&run, false).await;
+    env.preload(&table, &run, n).await;
+    let child =
+        env.relay_cmd(&table, mode).arg("run").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("relay");
+    let pid = child.id();
+    // Start the clock at the first finished batch (start-up is not throughput).
+    let (mut t0, mut p0) = (None, n);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let t_end = loop {
+        let p = env.pending(&db, &table).await;
+        if t0.is_none() && p < n {
+            t0 = Some(Instant::now());
+            p0 = p;
+        }
+        if p == 0 {
+            break Instant::now();
+        }
+        assert!(Instant::now() < deadline, "relay did not drain {n} events in 10 minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cpu = proc_cpu_s(pid);
+    let rss = proc_peak_rss_mib(pid);
+    stop(child);
+    let t0 = t0.unwrap_or(t_end);
+    let secs = (t_end - t0).as_secs_f64().max(1e-3);
+    let rate = p0 as f64 / secs;
+    db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
+    Saturation {
+        mode: mode.into(),
+        events: n,
+        seconds: secs,
+        events_per_s: rate,
+        sql_ceiling_events_per_s: ceiling,
+        fraction_of_ceiling: rate / ceiling,
+        relay_cpu_s_per_million: cpu / n as f64 * 1e6,
+        relay_peak_rss_mib: rss,
+    }
+}
+
+async fn latency(env: &Env, rate: u64) -> Latency {
+    let table = env.new_table("lat").await;
+    let run = table.clone();
+    let topics = env.topics(&run, true).await;
+    let child =
+        env.relay_cmd(&table, "mark").arg("run").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("relay");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Consumer: from the current end, until the writers are done and all arrived.
+    let done = Arc::new(AtomicBool::new(false));
+    let expected = Arc::new(AtomicU64::new(u64::MAX));
+    let consumer = {
+        let (brokers, topics, done, expected) = (env.brokers.clone(), topics.clone(), done.clone(), expected.clone());
+        std::thread::spawn(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("bench-{}", Uuid::new_v4()))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed")
+                .set("fetch.wait.max.ms", "5")
+                .set("fetch.min.bytes", "1")
+                .create()
+                .expect("consumer");
+            let mut tpl = TopicPartitionList::new();
+            for t in &topics {
+                for p in 0..4 {
+                    tpl.add_partition_offset(t, p, Offset::Beginning).expect("tpl");
+                }
+            }
+            c.assign(&tpl).expect("assign");
+            let (mut ack, mut vis) = (Vec::new(), Vec::new());
+            let mut last = Instant::now();
+            loop {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+                    let recv = now_us();
+                    last = Instant::now();
+                    let ts = m
+                        .payload()
+                        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+                        .and_then(|v| v["ts_us"].as_i64());
+                    if let Some(ts) = ts {
+                        vis.push((recv - ts) as f64 / 1000.0);
+                        if let Timestamp::LogAppendTime(ms) = m.timestamp() {
+                            ack.push((ms * 1000 - ts) as f64 / 1000.0);
+                        }
+                    }
+                }
+                let target = expected.load(Ordering::Relaxed);
+                if done.load(Ordering::Relaxed)
+                    && (vis.len() as u64 >= target || last.elapsed() > Duration::from_secs(20))
+                {
+                    return (ack, vis);
+                }
+            }
+        })
+    };
+
+    // Writers: 4 connections, 10 events per transaction, paced to the offered rate.
+    let writers = 4u64;
+    let per_tx = 10u64;
+    let tx_per_writer_per_s = rate as f64 / per_tx as f64 / writers as f64;
+    let secs = env.args.latency_secs;
+    let written = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (url, table, run, written) = (env.pg_url.clone(), table.clone(), run.clone(), written.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut db, conn) = tokio_postgres::connect(&url, NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            let stmt = format!(
+                "INSERT INTO public.{table} (topic, key, payload)
+                 SELECT '{run}.' || (ARRAY['orders','payments','stock','shipping'])[1 + (($1::bigint + i) % 4)],
+                        'key-' || (($1::bigint * 7 + i * 13 + {w}) % 1000),
+                        jsonb_build_object('ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::int8,
+                                           'pad', repeat('x', {PAD}))
+                 FROM generate_series(1, {per_tx}) i"
+            );
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            while t0.elapsed() < Duration::from_secs(secs) {
+                let tx = db.transaction().await.expect("tx");
+                tx.execute(&stmt, &[&((n * writers + w) as i64)]).await.expect("insert");
+                tx.commit().await.expect("commit");
+                n += 1;
+                written.fetch_add(per_tx, Ordering::Relaxed);
+                let due = Duration::from_secs_f64(n as f64 / tx_per_writer_per_s);
+                if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    expected.store(written.load(Ordering::Relaxed), Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
+    let (ack, vis) = consumer.join().expect("consumer thread");
+    stop(child);
+    env.db().await.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
+    Latency {
+        offered_per_s: rate,
+        achieved_per_s: written.load(Ordering::Relaxed) as f64 / elapsed,
+        seconds: secs,
+        samples: vis.len(),
+        commit_to_ack_ms: quantiles(ack),
+        commit_to_visible_ms: quantiles(vis),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let env = Env {
+        pg_url: std::env::var("OUTBOX_RELAY__POSTGRES__URL")
+            .expect("OUTBOX_RELAY__POSTGRES__URL (run via scripts/bench)"),
+        brokers: std::env::var("OUTBOX_RELAY__KAFKA__BROKERS").expect("OUTBOX_RELAY__KAFKA__BROKERS"),
+        args: args.clone(),
+    };
+    let mut sat = Vec::new();
+    if !args.no_saturation {
+        for mode in ["delete", "mark"] {
+            eprintln!("bench: saturation, on_publish = {mode}, {} events…", args.events);
+            sat.push(saturation(&env, mode).await);
+        }
+    }
+    let mut lat = Vec::new();
+    if !args.no_latency {
+        for &rate in &args.rates {
+            eprintln!("bench: latency at {rate} events/s for {} s…", args.latency_secs);
+            lat.push(latency(&env, rate).await);
+        }
+    }
+
+    let host = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!();
+    println!(
+        "outbox-relay benchmark — {cores} cores ({host}), batch_size {}, settings {:?}",
+        args.batch_size, args.set
+    );
+    if !sat.is_empty() {
+        println!();
+        println!("saturation ({} × 1 KB JSON events, 1k keys, 4 topics)", args.events);
+        println!("  mode    │ relay ev/s │ SQL-only ev/s │ fraction │ CPU s / 1M ev │ peak RSS MiB");
+        for s in &sat {
+            println!(
+                "  {:<7} │ {:>10.0} │ {:>13.0} │ {:>7.0}% │ {:>13.1} │ {:>12.1}",
+                s.mode,
+                s.events_per_s,
+                s.sql_ceiling_events_per_s,
+                s.fraction_of_ceiling * 100.0,
+                s.relay_cpu_s_per_million,
+                s.relay_peak_rss_mib
+            );
+        }
+    }
+    if !lat.is_empty() {
+        println!();
+        println!("latency at a fixed offered rate (on_publish = mark; ms; commit→ack = broker LogAppendTime, 1 ms resolution)");
+        println!(
+            "  offered/s │ achieved/s │ samples │ commit→ack p50 / p99 / p99.9 │ commit→visible p50 / p99 / p99.9"
+        );
+        for l in &lat {
+            println!(
+                "  {:>9} │ {:>10.0} │ {:>7} │ {:>8.1} / {:>6.1} / {:>7.1}   │ {:>10.1} / {:>6.1} / {:>7.1}",
+                l.offered_per_s,
+                l.achieved_per_s,
+                l.samples,
+                l.commit_to_ack_ms.p50,
+                l.commit_to_ack_ms.p99,
+                l.commit_to_ack_ms.p999,
+                l.commit_to_visible_ms.p50,
+                l.commit_to_visible_ms.p99,
+                l.commit_to_visible_ms.p999
+            );
+        }
+    }
+    std::fs::create_dir_all(&args.out_dir).ok();
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "-");
+    let path = args.out_dir.join(format!("{stamp}.json"));
+    let json = serde_json::json!({
+        "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        "cores": cores, "cpu": host, "batch_size": args.batch_size, "settings": args.set,
+        "saturation": sat, "latency": lat,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap_or_default()).expect("write results");
+    println!();
+    println!("results: {}", path.display());
+}
