@@ -5,6 +5,7 @@
 mod backoff;
 mod monitor;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ pub use monitor::spawn_monitor;
 
 use crate::config::RelayConfig;
 use crate::sink::{FailureClass, SendResult, Sink};
-use crate::store::{EventFailure, Finished, Outcome, Store, StoreError};
+use crate::store::{Claimed, EventFailure, Finished, Outcome, Store, StoreError};
 
 /// What one step of the loop did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,39 +51,68 @@ impl<S: Sink> Relay<S> {
         Relay { store, sink, cfg, wake, counters: Arc::default() }
     }
 
-    /// Runs until `shutdown` flips to true, then returns after the in-flight batch
-    /// is finished. Never returns early on a transient fault.
+    /// Runs until `shutdown` flips to true, then returns after the in-flight
+    /// batches are finished. Never returns early on a transient fault.
+    ///
+    /// Two batches overlap: while batch N waits for Kafka's acknowledgements,
+    /// batch N+1 is claimed and handed to the same producer (after N, so per-key
+    /// order holds); then N is recorded and committed.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
+        let mut inflight: Option<Box<InFlight>> = None;
         loop {
-            if *shutdown.borrow() {
+            let stopping = *shutdown.borrow();
+            if stopping && inflight.is_none() {
                 return;
             }
-            let pause = match self.step().await {
-                Ok(Step::Idle) => {
-                    backoff.reset();
+            // 1. claim and send the next batch, unless stopping
+            let (mut next, mut deferred_only, mut failure) = (None, false, None);
+            if !stopping {
+                let (own, hold) = match &inflight {
+                    Some(f) => (f.claimed.events.iter().map(|e| e.id).collect(), f.held_keys.clone()),
+                    None => (Vec::new(), HashSet::new()),
+                };
+                match self.start_batch(&own, &hold).await {
+                    Ok(Started::Batch(f)) => next = Some(f),
+                    Ok(Started::Idle) => {}
+                    Ok(Started::Deferred) => deferred_only = true,
+                    Err(e) => failure = Some(e),
+                }
+            }
+            // 2. record and commit the previous one
+            let mut retry = false;
+            if let Some(prev) = inflight.take() {
+                match self.finish_batch(prev).await {
+                    Ok(finished) => retry = finished.retry > 0,
+                    Err(e) => failure = failure.or(Some(e)),
+                }
+            }
+            inflight = next;
+            // 3. keep the pipeline full, back off, or wait for work
+            let pause = if let Some(e) = failure {
+                crate::metrics::batch_error();
+                let delay = backoff.next_delay();
+                if e.is_transient() {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
+                } else {
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying (this needs attention)");
+                }
+                delay
+            } else if retry {
+                // some events were not delivered for a passing reason: give Kafka a moment
+                backoff.next_delay()
+            } else if inflight.is_some() {
+                backoff.reset();
+                continue;
+            } else if deferred_only {
+                // another relay holds the head of these keys; let it finish
+                Duration::from_millis(20 + fastrand::u64(0..30))
+            } else {
+                backoff.reset();
+                if !stopping {
                     self.wait_for_work(&mut shutdown).await;
-                    continue;
                 }
-                Ok(Step::Batch { finished, .. }) if finished.retry == 0 => {
-                    backoff.reset();
-                    continue;
-                }
-                // Some events were not delivered for a passing reason: give
-                // Kafka a moment before claiming them again.
-                Ok(Step::Batch { .. }) => backoff.next_delay(),
-                // Another relay holds the head of these keys; let it finish.
-                Ok(Step::Deferred { .. }) => Duration::from_millis(20 + fastrand::u64(0..30)),
-                Err(e) => {
-                    crate::metrics::batch_error();
-                    let delay = backoff.next_delay();
-                    if e.is_transient() {
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying");
-                    } else {
-                        tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; retrying (this needs attention)");
-                    }
-                    delay
-                }
+                continue;
             };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
@@ -99,20 +129,40 @@ impl<S: Sink> Relay<S> {
         }
     }
 
-    /// One batch: claim, publish, record, commit.
+    /// One batch, start to end: claim, publish, record, commit.
     pub async fn step(&self) -> Result<Step, StoreError> {
-        let started = Instant::now();
-        let Some(claimed) = self.store.claim(self.cfg.batch_size).await? else {
-            return Ok(Step::Idle);
-        };
-        let n = claimed.events.len();
-        if n == 0 {
-            let rows = claimed.deferred;
-            claimed.release().await?;
-            crate::metrics::deferred(rows);
-            return Ok(Step::Deferred { rows });
+        match self.start_batch(&[], &HashSet::new()).await? {
+            Started::Idle => Ok(Step::Idle),
+            Started::Deferred => Ok(Step::Deferred { rows: 0 }),
+            Started::Batch(f) => {
+                let claimed = f.claimed.events.len();
+                let finished = self.finish_batch(f).await?;
+                Ok(Step::Batch { claimed, finished })
+            }
         }
-        let results = self.sink.publish(&claimed.events).await;
+    }
+
+    /// Claims a batch and hands it to the producer. `own`: rows of this relay's
+    /// batch still in flight; `hold`: keys the next batch must not send.
+    async fn start_batch(&self, own: &[uuid::Uuid], hold: &HashSet<String>) -> Result<Started, StoreError> {
+        let started = Instant::now();
+        let Some(claimed) = self.store.claim(self.cfg.batch_size, own).await? else {
+            return Ok(Started::Idle);
+        };
+        if claimed.events.is_empty() {
+            crate::metrics::deferred(claimed.deferred);
+            claimed.release().await?;
+            return Ok(Started::Deferred);
+        }
+        let sent = self.sink.send(&claimed.events, hold).await;
+        Ok(Started::Batch(Box::new(InFlight { claimed, results: sent.results, held_keys: sent.held_keys, started })))
+    }
+
+    /// Waits for every result of the batch, records the outcomes and commits.
+    async fn finish_batch(&self, f: Box<InFlight>) -> Result<Finished, StoreError> {
+        let InFlight { claimed, results, started, .. } = *f;
+        let results = results.await;
+        let n = claimed.events.len();
         let outcomes: Vec<Outcome> = claimed
             .events
             .iter()
@@ -122,32 +172,48 @@ impl<S: Sink> Relay<S> {
                 if let Outcome::Failed(f) = &outcome {
                     tracing::warn!(
                         event_id = %ev.id, seq = ev.seq, topic = %ev.topic, attempt = ev.attempts + 1,
-                        max_attempts = self.cfg.max_attempts, parked = f.park_now || ev.attempts + 1 >= self.cfg.max_attempts as i32,
+                        max_attempts = self.cfg.max_attempts,
+                        parked = f.park_now || ev.attempts + 1 >= self.cfg.max_attempts as i32,
                         error = %f.error, "event rejected"
                     );
                 }
                 outcome
             })
             .collect();
-        let claimed_deferred = claimed.deferred;
+        let deferred = claimed.deferred;
         let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
         crate::metrics::batch_finished(&events, &results, self.cfg.max_attempts, started.elapsed());
-        crate::metrics::deferred(claimed_deferred);
+        crate::metrics::deferred(deferred);
         use std::sync::atomic::Ordering::Relaxed;
         self.counters.published.fetch_add(finished.published as u64, Relaxed);
         self.counters.failed.fetch_add(finished.failed as u64, Relaxed);
         self.counters.batches.fetch_add(1, Relaxed);
         tracing::debug!(
             claimed = n,
-            deferred = claimed_deferred,
+            deferred,
             published = finished.published,
             failed = finished.failed,
             retry = finished.retry,
             ms = started.elapsed().as_millis() as u64,
             "batch done"
         );
-        Ok(Step::Batch { claimed: n, finished })
+        Ok(finished)
     }
+}
+
+/// A batch handed to the producer, waiting for its acknowledgements.
+struct InFlight {
+    claimed: Claimed,
+    results: futures_util::future::BoxFuture<'static, Vec<SendResult>>,
+    held_keys: HashSet<String>,
+    started: Instant,
+}
+
+enum Started {
+    Idle,
+    /// Every claimed row waits for another relay's earlier event of its key.
+    Deferred,
+    Batch(Box<InFlight>),
 }
 
 /// The store's view of a Kafka result.

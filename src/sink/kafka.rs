@@ -13,7 +13,9 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, P
 use rdkafka::ClientContext;
 use tokio::sync::Notify;
 
-use super::{classify, FailureClass, SendResult, Sink, SinkError};
+use futures_util::FutureExt;
+
+use super::{classify, FailureClass, SendResult, Sent, Sink, SinkError};
 use crate::config::Settings;
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 
@@ -180,11 +182,15 @@ fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
 }
 
 impl Sink for KafkaSink {
-    async fn publish(&self, events: &[OutboxEvent]) -> Vec<SendResult> {
-        let producer = self.producer();
+    async fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>) -> Sent {
+        let mut producer = self.producer();
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            self.rebuild(&format!("{code:?}: {reason}"));
+            producer = self.producer();
+        }
         let acks = Arc::new(BatchAcks::new(events.len()));
         // Keys whose event failed before reaching Kafka: their later events wait.
-        let mut failed_keys: HashSet<&str> = HashSet::new();
+        let mut failed_keys: HashSet<&str> = hold.iter().map(String::as_str).collect();
         for (i, ev) in events.iter().enumerate() {
             if ev.key.as_deref().is_some_and(|k| failed_keys.contains(k)) {
                 acks.set(i, SendResult::Skipped);
@@ -228,26 +234,29 @@ impl Sink for KafkaSink {
                 }
             }
         }
-        let started = Instant::now();
-        let mut next_report = Duration::from_secs(30);
-        while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
-            let waited = started.elapsed();
-            let left = next_report.saturating_sub(waited);
-            if tokio::time::timeout(left, acks.done.notified()).await.is_err() {
-                tracing::warn!(
-                    waiting_for = acks.remaining.load(AtomicOrdering::Acquire),
-                    batch = events.len(),
-                    waited_s = waited.as_secs(),
-                    "Kafka has not acknowledged the whole batch yet; still retrying (is the cluster reachable?)"
-                );
-                next_report += Duration::from_secs(30);
+        let held_keys = failed_keys.into_iter().map(str::to_string).collect();
+        let batch = events.len();
+        let results = async move {
+            let started = Instant::now();
+            let mut next_report = Duration::from_secs(30);
+            while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
+                let waited = started.elapsed();
+                let left = next_report.saturating_sub(waited);
+                if tokio::time::timeout(left, acks.done.notified()).await.is_err() {
+                    tracing::warn!(
+                        waiting_for = acks.remaining.load(AtomicOrdering::Acquire),
+                        batch,
+                        waited_s = waited.as_secs(),
+                        "Kafka has not acknowledged the whole batch yet; still retrying (is the cluster reachable?)"
+                    );
+                    next_report += Duration::from_secs(30);
+                }
             }
+            drop(producer);
+            acks.take()
         }
-        let results = acks.take();
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            self.rebuild(&format!("{code:?}: {reason}"));
-        }
-        results
+        .boxed();
+        Sent { results, held_keys }
     }
 
     fn purge(&self) {

@@ -5,8 +5,11 @@
 mod error;
 mod kafka;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;
+
+use futures_util::future::BoxFuture;
 
 pub use error::{classify, classify_code, FailureClass};
 pub use kafka::{producer_config, KafkaSink};
@@ -33,13 +36,27 @@ pub enum SendResult {
 #[error("kafka: {0}")]
 pub struct SinkError(pub String);
 
+/// A batch handed to the producer: its results arrive through `results`.
+pub struct Sent {
+    /// Resolves once every event has a final result (`[i]` belongs to `events[i]`).
+    pub results: BoxFuture<'static, Vec<SendResult>>,
+    /// Keys with an event that failed (or was skipped) before reaching Kafka:
+    /// the next batch must not send later events of them either.
+    pub held_keys: HashSet<String>,
+}
+
 /// Where batches go.
 pub trait Sink: Send + Sync + 'static {
-    /// Publishes every event and resolves once each one has a final result
-    /// (`result[i]` belongs to `events[i]`). Events of one key are handed to
-    /// Kafka in the order given; after one of them fails before reaching Kafka,
-    /// the later ones of that key are [`SendResult::Skipped`].
-    fn publish(&self, events: &[OutboxEvent]) -> impl Future<Output = Vec<SendResult>> + Send;
+    /// Hands every event to the producer, in the order given, and returns at once
+    /// with the pending results. An event whose key is in `hold`, or whose key had
+    /// an earlier event fail before reaching Kafka, is [`SendResult::Skipped`]:
+    /// sending it would overtake that event.
+    fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>) -> impl Future<Output = Sent> + Send;
+
+    /// `send` and wait for every result.
+    fn publish(&self, events: &[OutboxEvent]) -> impl Future<Output = Vec<SendResult>> + Send {
+        async move { self.send(events, &HashSet::new()).await.results.await }
+    }
 
     /// Drops whatever is queued or in flight (shutdown past its deadline); the
     /// pending `publish` resolves with transient failures.

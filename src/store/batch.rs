@@ -154,7 +154,10 @@ impl Store {
     /// Claims up to `limit` pending rows in `seq` order, skipping rows another
     /// relay holds. Returns `None` when nothing is pending (the transaction is
     /// already closed then).
-    pub async fn claim(&self, limit: usize) -> Result<Option<Claimed>, StoreError> {
+    ///
+    /// `own` are rows this relay holds in another, still open batch (pipelining):
+    /// they precede this batch on the same producer, so they do not defer it.
+    pub async fn claim(&self, limit: usize, own: &[uuid::Uuid]) -> Result<Option<Claimed>, StoreError> {
         let client = self.client().await?;
         // From BEGIN on, the guard owns the connection: if any step fails, it is
         // closed (Postgres rolls back) instead of going back to the pool inside an
@@ -184,7 +187,7 @@ impl Store {
                 created_at_us: row.try_get(7)?,
             });
         }
-        claimed.deferred = self.fence(client, &mut events).await?;
+        claimed.deferred = self.fence(client, &mut events, own).await?;
         claimed.events = events;
         Ok(Some(claimed))
     }
@@ -197,6 +200,7 @@ impl Store {
         &self,
         client: &deadpool_postgres::Object,
         events: &mut Vec<OutboxEvent>,
+        own: &[uuid::Uuid],
     ) -> Result<usize, StoreError> {
         let mut keys: Vec<&str> = events.iter().filter_map(|e| e.key.as_deref()).collect();
         if keys.is_empty() {
@@ -205,7 +209,7 @@ impl Store {
         keys.sort_unstable();
         keys.dedup();
         let max_seq = events.iter().map(|e| e.seq).max().unwrap_or(i64::MAX);
-        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).collect();
+        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).chain(own.iter().copied()).collect();
         let stmt = client.prepare_cached(&self.sql.fence).await?;
         let rows = client.query(&stmt, &[&max_seq, &keys, &ids]).await?;
         if rows.is_empty() {
