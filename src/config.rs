@@ -196,6 +196,14 @@ pub struct RelayConfig {
     /// `at-least-once` or `exactly-once`.
     #[serde(default = "defaults::delivery")]
     pub delivery: Delivery,
+    /// Exactly-once: a relay resolves another relay's prepared batch (fencing
+    /// that relay's Kafka transactional id) once it is older than this.
+    #[serde(default = "defaults::recovery_timeout", with = "duration")]
+    pub recovery_timeout: Duration,
+    /// Exactly-once: the compacted, single-partition topic that records each
+    /// batch's commit decision inside its Kafka transaction.
+    #[serde(default = "defaults::commits_topic")]
+    pub commits_topic: String,
     /// On SIGTERM/SIGINT: time to finish (or release) the in-flight batch and flush.
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
@@ -219,6 +227,8 @@ impl Default for RelayConfig {
             retry_backoff: defaults::retry_backoff(),
             ordering: defaults::ordering(),
             delivery: defaults::delivery(),
+            recovery_timeout: defaults::recovery_timeout(),
+            commits_topic: defaults::commits_topic(),
             shutdown_timeout: defaults::shutdown_timeout(),
             startup_timeout: defaults::startup_timeout(),
             max_backoff: defaults::max_backoff(),
@@ -330,6 +340,12 @@ mod defaults {
     }
     pub fn delivery() -> Delivery {
         Delivery::AtLeastOnce
+    }
+    pub fn recovery_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn commits_topic() -> String {
+        "__outbox_relay_commits".into()
     }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
@@ -569,10 +585,25 @@ impl Settings {
         if self.relay.max_attempts == 0 {
             return Err(ConfigError::key("relay.max_attempts", "must be at least 1"));
         }
-        if self.relay.delivery == Delivery::ExactlyOnce {
+        if self.relay.recovery_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::key("relay.recovery_timeout", "must be at least 1s"));
+        }
+        let topic = &self.relay.commits_topic;
+        if topic.is_empty()
+            || topic.len() > 249
+            || !topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            || topic == "."
+            || topic == ".."
+        {
             return Err(ConfigError::key(
-                "relay.delivery",
-                "= \"exactly-once\" is not available in this version yet; use \"at-least-once\" (consumers deduplicate on the event_id header)",
+                "relay.commits_topic",
+                "must be a Kafka topic name: 1-249 characters of letters, digits, '.', '_' or '-'",
+            ));
+        }
+        if self.relay.delivery == Delivery::ExactlyOnce && self.transactional_id().len() > 160 {
+            return Err(ConfigError::key(
+                "relay.id",
+                "is too long for exactly-once mode: with the table name it must fit a 200-byte Postgres transaction id",
             ));
         }
         if self.relay.max_backoff < Duration::from_millis(100) {
@@ -609,6 +640,20 @@ impl Settings {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "outbox-relay".into())
         })
+    }
+
+    /// Exactly-once: this instance's Kafka `transactional.id`, stable across
+    /// restarts: `outbox-relay/<schema.table>/<relay.id>`. Also the prefix of the
+    /// Postgres prepared-transaction ids of its batches.
+    pub fn transactional_id(&self) -> String {
+        format!("{}{}", self.transactional_prefix(), self.relay_id())
+    }
+
+    /// The part of every transactional id (and prepared-transaction id) shared
+    /// by the relays of this outbox table.
+    pub fn transactional_prefix(&self) -> String {
+        let t = self.table();
+        format!("outbox-relay/{}.{}/", t.schema, t.table)
     }
 
     /// The Postgres URL (validated as present).
@@ -746,7 +791,9 @@ mod tests {
             ("OUTBOX_RELAY__OUTBOX__TABLE", "x; drop table y", "outbox.table"),
             ("OUTBOX_RELAY__HTTP__LISTEN", "everywhere", "http.listen"),
             ("OUTBOX_RELAY__KAFKA__BROKERS", "nohostport", "kafka.brokers"),
-            ("OUTBOX_RELAY__RELAY__DELIVERY", "exactly-once", "relay.delivery"),
+            ("OUTBOX_RELAY__RELAY__DELIVERY", "exactly_once", "relay.delivery"),
+            ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", "bad/topic", "relay.commits_topic"),
+            ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "10ms", "relay.recovery_timeout"),
         ] {
             let err = load_env(&[(k, v)]).unwrap_err().to_string();
             assert!(err.contains(want), "{k}={v}: {err}");

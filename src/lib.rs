@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod failpoint;
 pub mod http;
 pub mod metrics;
 pub mod relay;

@@ -25,6 +25,7 @@ pub const PENDING: &str = "outbox_relay_pending_events";
 pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
 pub const PARKED_NOW: &str = "outbox_relay_parked_events";
 pub const READY: &str = "outbox_relay_ready";
+pub const RECOVERED: &str = "outbox_relay_batches_recovered_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -117,6 +118,11 @@ pub fn deferred(n: usize) {
     if n > 0 {
         counter!(DEFERRED).increment(n as u64);
     }
+}
+
+/// Exactly-once: an unfinished batch was resolved by recovery.
+pub fn recovered(committed: bool) {
+    counter!(RECOVERED, "decision" => if committed { "commit" } else { "rollback" }).increment(1);
 }
 
 pub fn batch_error() {

@@ -192,7 +192,7 @@ pub fn read_topics(
 }
 
 /// Producer-only properties make librdkafka warn in a consumer; leave them out.
-fn is_consumer_safe(name: &str) -> bool {
+pub(crate) fn is_consumer_safe(name: &str) -> bool {
     !matches!(
         name,
         "acks"

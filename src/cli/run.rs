@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 use super::{exit, CliError};
+use crate::config::Delivery;
 use crate::config::Settings;
 use crate::http::Health;
-use crate::relay::{spawn_monitor, Backoff, Relay};
+use crate::relay::{spawn_monitor, Backoff, ExactlyOnceRelay, Relay};
 use crate::sink::{KafkaSink, Sink};
 use crate::store::{describe, spawn_listener, Store};
 
@@ -91,16 +92,36 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         spawn_listener(store.pg_config().clone(), store.tls().clone(), store.table(), wake.clone(), stop_rx.clone());
     let retention = (settings.relay.on_publish == crate::config::OnPublish::Mark)
         .then(|| spawn_retention(store.clone(), settings.relay.retention, stop_rx.clone()));
-    let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
+    let exactly_once = settings.relay.delivery == Delivery::ExactlyOnce;
+    let (counters, mut relay_task) = if exactly_once {
+        let relay = ExactlyOnceRelay::new(&settings, store.clone(), sink.clone(), wake)
+            .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+        // Resolve what an earlier run of this relay left prepared before claiming.
+        let deadline = Instant::now() + settings.relay.startup_timeout;
+        let started = tokio::select! {
+            r = retry_until(deadline, "exactly-once recovery", || relay.start()) => r,
+            s = signals.recv() => {
+                tracing::info!(signal = s, "stopped during start-up");
+                return Ok(());
+            }
+        };
+        started.map_err(|e| {
+            CliError::new(exit::UNAVAILABLE, format!("exactly-once start-up failed: {e} (try `outbox-relay check`)"))
+        })?;
+        let relay = Arc::new(relay);
+        let counters = relay.counters.clone();
+        (counters, tokio::spawn(async move { relay.run(stop_rx).await }))
+    } else {
+        let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
+        let counters = relay.counters.clone();
+        (counters, tokio::spawn(async move { relay.run(stop_rx).await }))
+    };
     tracing::info!(
         relay = %relay_id, table = %store.table(), postgres = %pg, kafka = %settings.kafka_brokers(),
         on_publish = ?settings.relay.on_publish, batch_size = settings.relay.batch_size,
+        delivery = settings.relay.delivery.as_str(),
         "outbox-relay started"
     );
-    let mut relay_task = tokio::spawn({
-        let relay = relay.clone();
-        async move { relay.run(stop_rx).await }
-    });
 
     let signal = tokio::select! {
         s = signals.recv() => s,
@@ -136,7 +157,7 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     if let Some(t) = http_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
-    let c = &relay.counters;
+    let c = &counters;
     tracing::info!(
         published = c.published.load(std::sync::atomic::Ordering::Relaxed),
         failed = c.failed.load(std::sync::atomic::Ordering::Relaxed),

@@ -3,6 +3,7 @@
 //! fallback, backs off after failures and never gives up on a transient one.
 
 mod backoff;
+mod exactly_once;
 mod monitor;
 
 use std::collections::HashSet;
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 pub use backoff::Backoff;
+pub use exactly_once::{EosError, ExactlyOnceRelay};
 pub use monitor::spawn_monitor;
 
 use crate::config::RelayConfig;

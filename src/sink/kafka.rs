@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use futures_util::FutureExt;
 
 use super::{classify, FailureClass, SendResult, Sent, Sink, SinkError};
-use crate::config::Settings;
+use crate::config::{Delivery, Settings};
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 
 /// The producer properties the relay uses: its defaults, then the user's
@@ -27,10 +27,18 @@ pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
         props.insert(k.to_string(), v.to_string());
     };
     set("client.id", &format!("outbox-relay-{}", settings.relay_id()));
-    // Transient faults are retried inside the idempotent producer for as long as
-    // they last: only then does a partition keep its order across an outage (a
-    // timed-out message would be republished after later ones).
-    set("message.timeout.ms", "0");
+    let exactly_once = settings.relay.delivery == Delivery::ExactlyOnce;
+    if exactly_once {
+        // A transaction's messages may not outlive it: librdkafka bounds
+        // message.timeout.ms by transaction.timeout.ms. A timed-out batch is
+        // aborted as a whole and retried, so order holds anyway.
+        set("transaction.timeout.ms", "60000");
+    } else {
+        // Transient faults are retried inside the idempotent producer for as long as
+        // they last: only then does a partition keep its order across an outage (a
+        // timed-out message would be republished after later ones).
+        set("message.timeout.ms", "0");
+    }
     set("linger.ms", "5");
     set("compression.type", "lz4");
     set("batch.num.messages", "10000");
@@ -44,6 +52,9 @@ pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
     set("bootstrap.servers", settings.kafka_brokers());
     set("enable.idempotence", "true");
     set("acks", "all");
+    if exactly_once {
+        set("transactional.id", &settings.transactional_id());
+    }
     props
 }
 
@@ -127,7 +138,8 @@ impl ProducerContext for RelayContext {
 
 type RelayProducer = ThreadedProducer<RelayContext>;
 
-/// Kafka through one idempotent producer, rebuilt after a fatal error.
+/// Kafka through one idempotent (or, for exactly-once, transactional) producer,
+/// rebuilt after a fatal error.
 pub struct KafkaSink {
     config: ClientConfig,
     producer: RwLock<RelayProducer>,
@@ -177,6 +189,95 @@ impl KafkaSink {
     }
 }
 
+/// The Kafka transaction API (exactly-once mode). Every call blocks inside
+/// librdkafka, so each runs on the blocking pool.
+impl KafkaSink {
+    fn is_transactional(&self) -> bool {
+        self.config.get("transactional.id").is_some()
+    }
+
+    /// Replaces the producer with a new one and registers it with the
+    /// transaction coordinator (`init_transactions`): this fences every older
+    /// producer with the same transactional id — a zombie of this relay — and
+    /// completes or aborts the transaction it left open.
+    pub async fn reset_transactional(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let fresh = build(&self.config).map_err(|e| KafkaError::ClientCreation(e.0))?;
+        let p = fresh.clone();
+        blocking(move || p.init_transactions(timeout)).await?;
+        let mut guard = match self.producer.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let old = std::mem::replace(&mut *guard, fresh);
+        drop(guard);
+        old.purge(PurgeConfig::default().queue().inflight());
+        Ok(())
+    }
+
+    pub async fn begin(&self) -> Result<(), KafkaError> {
+        let p = self.producer();
+        blocking(move || p.begin_transaction()).await
+    }
+
+    pub async fn commit(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let p = self.producer();
+        blocking(move || p.commit_transaction(timeout)).await
+    }
+
+    pub async fn abort(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let p = self.producer();
+        blocking(move || p.abort_transaction(timeout)).await
+    }
+
+    /// Fences another relay's transactional id: a throw-away producer with that
+    /// id registers with the coordinator, which completes (if its commit had
+    /// begun) or aborts the other relay's open transaction and refuses that
+    /// relay's later commits.
+    pub async fn fence(&self, transactional_id: &str, timeout: Duration) -> Result<(), KafkaError> {
+        let mut config = self.config.clone();
+        config.set("transactional.id", transactional_id);
+        config.set("client.id", "outbox-relay-recovery");
+        let p = build(&config).map_err(|e| KafkaError::ClientCreation(e.0))?;
+        blocking(move || p.init_transactions(timeout)).await
+    }
+
+    /// Produces the batch's commit decision (key = transactional id, value =
+    /// the batch's prepared-transaction id) to partition 0 of `topic`, inside
+    /// the open transaction.
+    pub fn send_decision(
+        &self,
+        topic: &str,
+        key: &str,
+        gid: &str,
+    ) -> futures_util::future::BoxFuture<'static, SendResult> {
+        debug_assert!(self.is_transactional());
+        let acks = Arc::new(BatchAcks::new(1));
+        let record: BaseRecord<'_, [u8], [u8], _> = BaseRecord::with_opaque_to(topic, Box::new((acks.clone(), 0)))
+            .partition(0)
+            .key(key.as_bytes())
+            .payload(gid.as_bytes());
+        if let Err((e, _)) = self.producer().send(record) {
+            acks.set(0, SendResult::Failed { class: classify(&e), error: e.to_string() });
+        }
+        async move {
+            while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
+                acks.done.notified().await;
+            }
+            acks.take().pop().unwrap_or(SendResult::Skipped)
+        }
+        .boxed()
+    }
+}
+
+async fn blocking<F>(f: F) -> Result<(), KafkaError>
+where
+    F: FnOnce() -> Result<(), KafkaError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(KafkaError::Canceled).inspect_err(|_| tracing::error!(error = %e, "kafka task failed")))
+}
+
 fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
     config.create_with_context(RelayContext).map_err(|e| SinkError(format!("cannot create the producer: {e}")))
 }
@@ -184,7 +285,8 @@ fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
 impl Sink for KafkaSink {
     async fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>) -> Sent {
         let mut producer = self.producer();
-        if let Some((code, reason)) = producer.client().fatal_error() {
+        // A transactional producer is rebuilt (and registered) by the exactly-once loop.
+        if let Some((code, reason)) = producer.client().fatal_error().filter(|_| !self.is_transactional()) {
             self.rebuild(&format!("{code:?}: {reason}"));
             producer = self.producer();
         }

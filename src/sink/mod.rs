@@ -2,6 +2,7 @@
 //! message, and the classification of failures. The relay talks to a [`Sink`],
 //! so tests can also drive it against librdkafka's mock cluster.
 
+mod decisions;
 mod error;
 mod kafka;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+pub use decisions::Decisions;
 pub use error::{classify, classify_code, FailureClass};
 pub use kafka::{producer_config, KafkaSink};
 

@@ -238,9 +238,31 @@ impl Claimed {
     /// Records every outcome (`outcomes[i]` belongs to `events[i]`), commits, and
     /// hands the events back.
     pub async fn finish(
+        self,
+        outcomes: &[Outcome],
+        max_attempts: u32,
+    ) -> Result<(Finished, Vec<OutboxEvent>), StoreError> {
+        self.end(outcomes, max_attempts, "COMMIT".into()).await
+    }
+
+    /// Exactly-once: records every outcome like [`Claimed::finish`], then
+    /// `PREPARE TRANSACTION gid` instead of committing. The rows stay locked
+    /// (across crashes and restarts of Postgres) until `COMMIT PREPARED` or
+    /// `ROLLBACK PREPARED` — see [`Store::commit_prepared`].
+    pub async fn prepare(
+        self,
+        outcomes: &[Outcome],
+        max_attempts: u32,
+        gid: &str,
+    ) -> Result<(Finished, Vec<OutboxEvent>), StoreError> {
+        self.end(outcomes, max_attempts, format!("PREPARE TRANSACTION {}", quote_literal(gid))).await
+    }
+
+    async fn end(
         mut self,
         outcomes: &[Outcome],
         max_attempts: u32,
+        end: String,
     ) -> Result<(Finished, Vec<OutboxEvent>), StoreError> {
         let client = self.client.as_ref().ok_or_else(|| StoreError::config("batch already finished"))?;
         let mut done = Finished::default();
@@ -273,8 +295,9 @@ impl Claimed {
                 .execute(&stmt, &[&f_ids, &f_errors, &f_park, &(max_attempts as i32), &self.sql.retry_backoff_s])
                 .await? as usize;
         }
-        client.batch_execute("COMMIT").await?;
-        // Committed: the connection is clean and can go back to the pool.
+        client.batch_execute(&end).await?;
+        // Committed (or prepared, which detaches the transaction from the
+        // session): the connection is clean and can go back to the pool.
         self.client.take();
         Ok((done, std::mem::take(&mut self.events)))
     }
@@ -286,5 +309,60 @@ impl Claimed {
             self.client.take();
         }
         Ok(())
+    }
+}
+
+/// A SQL string literal (PREPARE TRANSACTION takes no parameters).
+pub(super) fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// A transaction prepared by a relay in exactly-once mode, still unresolved.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub gid: String,
+    /// Seconds since `PREPARE TRANSACTION`.
+    pub age_s: f64,
+}
+
+impl Store {
+    /// Prepared transactions in this database whose id starts with `prefix`.
+    pub async fn prepared(&self, prefix: &str) -> Result<Vec<Prepared>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts
+                 WHERE database = current_database() AND left(gid, length($1)) = $1 ORDER BY prepared",
+                &[&prefix],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| Prepared { gid: r.get(0), age_s: r.get(1) }).collect())
+    }
+
+    /// `COMMIT PREPARED gid`; `Ok(false)` when no such transaction exists (any
+    /// more: someone resolved it).
+    pub async fn commit_prepared(&self, gid: &str) -> Result<bool, StoreError> {
+        self.end_prepared("COMMIT PREPARED", gid).await
+    }
+
+    /// `ROLLBACK PREPARED gid`; `Ok(false)` when no such transaction exists.
+    pub async fn rollback_prepared(&self, gid: &str) -> Result<bool, StoreError> {
+        self.end_prepared("ROLLBACK PREPARED", gid).await
+    }
+
+    async fn end_prepared(&self, verb: &str, gid: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        match client.batch_execute(&format!("{verb} {}", quote_literal(gid))).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.code().map(|c| c.code()) == Some("42704") => Ok(false), // undefined_object
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Postgres's `max_prepared_transactions` (0 disables two-phase commit).
+    pub async fn max_prepared_transactions(&self) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        let row = client.query_one("SELECT current_setting('max_prepared_transactions')::int8", &[]).await?;
+        Ok(row.get(0))
     }
 }

@@ -16,7 +16,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use postgres_native_tls::MakeTlsConnector;
 
 pub use backlog::Backlog;
-pub use batch::{Claimed, EventFailure, Finished, Outcome};
+pub use batch::{Claimed, EventFailure, Finished, Outcome, Prepared};
 pub use error::StoreError;
 pub use listen::spawn_listener;
 pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus};

@@ -199,6 +199,42 @@ impl RelayProcess {
         }
     }
 
+    /// Waits for the process to end by itself (e.g. a failpoint killed it).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let c = self.child.as_mut().expect("relay");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            assert!(Instant::now() < deadline, "relay still running after {timeout:?}: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the process is stopped (SIGSTOP, state `T` in /proc).
+    pub fn wait_stopped(&mut self, timeout: Duration) {
+        let pid = self.pid();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // "pid (comm) S ..." — the state follows the closing parenthesis
+            if stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')) {
+                return;
+            }
+            self.assert_running();
+            assert!(Instant::now() < deadline, "relay not stopped after {timeout:?}: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` (e.g. "-CONT") to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill").args([signal, &self.pid().to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {signal} {} failed", self.pid());
+    }
+
     /// Panics if the process has already exited (with its stderr).
     pub fn assert_running(&mut self) {
         let c = self.child.as_mut().expect("relay");

@@ -1,0 +1,100 @@
+//! Crash points for tests of the exactly-once mode.
+//!
+//! Inactive unless `OUTBOX_RELAY_FAILPOINTS` is set, e.g.
+//! `OUTBOX_RELAY_FAILPOINTS=after-prepare=crash` or `after-kafka-commit=pause`.
+//! `crash` kills the process with SIGKILL (no clean-up, like a power cut);
+//! `pause` stops it with SIGSTOP (a zombie until someone sends SIGCONT).
+//! An optional `@N` fires on the N-th hit only: `after-claim=crash@3`.
+//! Points: `after-claim`, `after-kafka-send`, `after-prepare`,
+//! `after-kafka-commit`, `after-commit-prepared`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+pub const ENV: &str = "OUTBOX_RELAY_FAILPOINTS";
+pub const POINTS: &[&str] =
+    &["after-claim", "after-kafka-send", "after-prepare", "after-kafka-commit", "after-commit-prepared"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Crash,
+    Pause,
+}
+
+#[derive(Debug)]
+struct Point {
+    action: Action,
+    nth: u64,
+    hits: AtomicU64,
+}
+
+fn points() -> &'static HashMap<String, Point> {
+    static POINTS_SET: OnceLock<HashMap<String, Point>> = OnceLock::new();
+    POINTS_SET.get_or_init(|| match std::env::var(ENV) {
+        Ok(spec) => parse(&spec).unwrap_or_else(|e| {
+            tracing::error!("{ENV} ignored: {e}");
+            HashMap::new()
+        }),
+        Err(_) => HashMap::new(),
+    })
+}
+
+fn parse(spec: &str) -> Result<HashMap<String, Point>, String> {
+    let mut out = HashMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, rest) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected point=action"))?;
+        if !POINTS.contains(&name) {
+            return Err(format!("unknown failpoint {name:?}; known: {}", POINTS.join(", ")));
+        }
+        let (action, nth) = match rest.split_once('@') {
+            Some((a, n)) => (a, n.parse::<u64>().map_err(|_| format!("{item:?}: @N must be a number"))?),
+            None => (rest, 1),
+        };
+        let action = match action {
+            "crash" => Action::Crash,
+            "pause" => Action::Pause,
+            other => return Err(format!("{item:?}: unknown action {other:?}; use crash or pause")),
+        };
+        out.insert(name.to_string(), Point { action, nth: nth.max(1), hits: AtomicU64::new(0) });
+    }
+    Ok(out)
+}
+
+/// Marks a crash point; does nothing unless the environment arms it.
+pub fn hit(name: &str) {
+    let Some(point) = points().get(name) else {
+        return;
+    };
+    let n = point.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    if n != point.nth {
+        return;
+    }
+    let signal = match point.action {
+        Action::Crash => "-KILL",
+        Action::Pause => "-STOP",
+    };
+    eprintln!("failpoint {name}: {signal} (hit {n})");
+    // The signal comes from outside the process, exactly as a test or an
+    // operator would send it; with SIGSTOP this call returns after SIGCONT.
+    let _ = std::process::Command::new("kill").args([signal, &std::process::id().to_string()]).status();
+    if point.action == Action::Crash {
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_bad_ones_are_named() {
+        let p = parse("after-claim=crash, after-prepare=pause@3").unwrap();
+        assert_eq!(p["after-claim"].action, Action::Crash);
+        assert_eq!(p["after-prepare"].action, Action::Pause);
+        assert_eq!(p["after-prepare"].nth, 3);
+        assert!(parse("before-claim=crash").unwrap_err().contains("unknown failpoint"));
+        assert!(parse("after-claim=explode").unwrap_err().contains("unknown action"));
+        assert!(parse("after-claim").unwrap_err().contains("point=action"));
+    }
+}

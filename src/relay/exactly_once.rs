@@ -1,0 +1,312 @@
+//! The exactly-once loop (`relay.delivery = "exactly-once"`).
+//!
+//! One batch at a time:
+//!
+//! 1. claim rows (`FOR UPDATE SKIP LOCKED` + the per-key fence) in a Postgres
+//!    transaction;
+//! 2. begin a Kafka transaction; produce the events and the batch's decision
+//!    record (to `relay.commits_topic`); wait for every acknowledgement;
+//! 3. write the outcome (mark/delete, park invalid rows) and
+//!    `PREPARE TRANSACTION gid` — the Postgres side can now only go the way
+//!    the Kafka transaction goes;
+//! 4. commit the Kafka transaction — the decision;
+//! 5. `COMMIT PREPARED gid`.
+//!
+//! A crash anywhere leaves at most one prepared transaction per relay. It is
+//! resolved by the relay itself when it restarts, or by any other relay once it
+//! is older than `relay.recovery_timeout`: fence the owner's transactional id
+//! (its open Kafka transaction ends for good), read whether the decision record
+//! committed, then `COMMIT PREPARED` or `ROLLBACK PREPARED`. docs/exactly-once.md
+//! has the argument.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+
+use super::{outcome_of, Backoff, Counters, Step};
+use crate::config::{RelayConfig, Settings};
+use crate::failpoint;
+use crate::sink::{Decisions, KafkaSink, SendResult, Sink};
+use crate::store::{Outcome, Store, StoreError};
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EosError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("kafka: {0}")]
+    Kafka(String),
+}
+
+fn kafka(what: &str) -> impl Fn(rdkafka::error::KafkaError) -> EosError + '_ {
+    move |e| EosError::Kafka(format!("{what}: {e}"))
+}
+
+pub struct ExactlyOnceRelay {
+    store: Store,
+    sink: Arc<KafkaSink>,
+    decisions: Decisions,
+    cfg: RelayConfig,
+    wake: Arc<Notify>,
+    /// This relay's Kafka transactional id; also the prefix of its batches' gids.
+    txn_id: String,
+    /// Shared by every relay of this outbox table.
+    txn_prefix: String,
+    pub counters: Arc<Counters>,
+}
+
+impl ExactlyOnceRelay {
+    pub fn new(
+        settings: &Settings,
+        store: Store,
+        sink: Arc<KafkaSink>,
+        wake: Arc<Notify>,
+    ) -> Result<ExactlyOnceRelay, EosError> {
+        let decisions = Decisions::new(settings).map_err(|e| EosError::Kafka(e.0))?;
+        Ok(ExactlyOnceRelay {
+            store,
+            sink,
+            decisions,
+            cfg: settings.relay.clone(),
+            wake,
+            txn_id: settings.transactional_id(),
+            txn_prefix: settings.transactional_prefix(),
+            counters: Arc::default(),
+        })
+    }
+
+    /// Start-up: the decisions topic, a registered producer (fencing any zombie
+    /// of this relay), and this relay's own unresolved batches.
+    pub async fn start(&self) -> Result<(), EosError> {
+        self.decisions.ensure_topic().await.map_err(|e| EosError::Kafka(e.0))?;
+        self.recover_own().await
+    }
+
+    /// Runs until `shutdown` flips to true (between batches).
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
+        let mut must_recover = false;
+        let mut last_scan = Instant::now();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let pause = if must_recover {
+                match self.recover_own().await {
+                    Ok(()) => {
+                        must_recover = false;
+                        continue;
+                    }
+                    Err(e) => {
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "recovery failed; retrying");
+                        delay
+                    }
+                }
+            } else {
+                if last_scan.elapsed() >= self.cfg.recovery_timeout / 2 {
+                    last_scan = Instant::now();
+                    if let Err(e) = self.recover_stale().await {
+                        tracing::warn!(error = %e, "could not resolve another relay's stale batch; will try again");
+                    }
+                }
+                match self.step().await {
+                    Ok(Step::Batch { finished, .. }) if finished.retry == 0 => {
+                        backoff.reset();
+                        continue;
+                    }
+                    Ok(Step::Batch { .. }) => backoff.next_delay(),
+                    Ok(Step::Deferred { .. }) => Duration::from_millis(20 + fastrand::u64(0..30)),
+                    Ok(Step::Idle) => {
+                        backoff.reset();
+                        tokio::select! {
+                            _ = self.wake.notified() => {}
+                            _ = tokio::time::sleep(self.cfg.poll_interval.min(self.cfg.recovery_timeout / 2)) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        crate::metrics::batch_error();
+                        must_recover = true;
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; recovering");
+                        delay
+                    }
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// One batch through the whole protocol. An `Err` leaves at most this
+    /// batch's prepared transaction behind; `recover_own` resolves it.
+    pub async fn step(&self) -> Result<Step, EosError> {
+        let started = Instant::now();
+        let Some(claimed) = self.store.claim(self.cfg.batch_size, &[]).await? else {
+            return Ok(Step::Idle);
+        };
+        if claimed.events.is_empty() {
+            crate::metrics::deferred(claimed.deferred);
+            claimed.release().await?;
+            return Ok(Step::Deferred { rows: 0 });
+        }
+        let gid = format!("{}/{}", self.txn_id, uuid::Uuid::new_v4().simple());
+        failpoint::hit("after-claim");
+
+        if let Err(e) = self.sink.begin().await {
+            claimed.release().await?;
+            return Err(kafka("begin transaction")(e));
+        }
+        let sent = self.sink.send(&claimed.events, &HashSet::new()).await;
+        let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, &gid);
+        let results = sent.results.await;
+        let decision = decision.await;
+        failpoint::hit("after-kafka-send");
+
+        let all_in = decision == SendResult::Delivered
+            && results
+                .iter()
+                .all(|r| matches!(r, SendResult::Delivered | SendResult::Invalid { .. } | SendResult::Skipped));
+        let mut outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
+        if !all_in {
+            // Kafka refused part of the batch: the transaction cannot commit.
+            // Abort it, count the attempt against the refused events, give the
+            // rest back (they go again in the next batch, in order).
+            for o in &mut outcomes {
+                if *o == Outcome::Delivered {
+                    *o = Outcome::Retry;
+                }
+            }
+            if let SendResult::Failed { error, .. } = &decision {
+                tracing::warn!(%error, topic = %self.decisions.topic(), "decision record not written");
+            }
+            self.log_failures(&claimed.events, &outcomes);
+            let abort = self.sink.abort(KAFKA_TIMEOUT).await;
+            let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
+            let aborted: Vec<SendResult> = results
+                .iter()
+                .map(|r| if *r == SendResult::Delivered { SendResult::Skipped } else { r.clone() })
+                .collect();
+            crate::metrics::batch_finished(&events, &aborted, self.cfg.max_attempts, started.elapsed());
+            abort.map_err(kafka("abort transaction"))?;
+            self.count(finished);
+            return Ok(Step::Batch { claimed: events.len(), finished });
+        }
+
+        self.log_failures(&claimed.events, &outcomes);
+        let n = claimed.events.len();
+        let prepared = claimed.prepare(&outcomes, self.cfg.max_attempts, &gid).await;
+        let (finished, events) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                // Perhaps prepared, perhaps not: without a Kafka commit the
+                // decision is "roll back" either way (recovery finishes it).
+                let _ = self.sink.abort(KAFKA_TIMEOUT).await;
+                return Err(e.into());
+            }
+        };
+        failpoint::hit("after-prepare");
+
+        if let Err(e) = self.sink.commit(KAFKA_TIMEOUT).await {
+            let requires_abort = matches!(&e, rdkafka::error::KafkaError::Transaction(t) if t.txn_requires_abort());
+            if requires_abort && self.sink.abort(KAFKA_TIMEOUT).await.is_ok() {
+                self.store.rollback_prepared(&gid).await?;
+                tracing::warn!(error = %e, "Kafka refused to commit the batch; rolled back, retrying it");
+                return Ok(Step::Batch {
+                    claimed: n,
+                    finished: crate::store::Finished { retry: n, ..Default::default() },
+                });
+            }
+            // Unknown outcome (or fenced): recovery decides from the record.
+            return Err(kafka("commit transaction")(e));
+        }
+        failpoint::hit("after-kafka-commit");
+
+        // Committed in Kafka: Postgres must follow, whatever it takes.
+        if !self.store.commit_prepared(&gid).await? {
+            tracing::warn!(%gid, "batch was already resolved by a recovering relay");
+        }
+        failpoint::hit("after-commit-prepared");
+        crate::metrics::batch_finished(&events, &results, self.cfg.max_attempts, started.elapsed());
+        self.count(finished);
+        tracing::debug!(
+            claimed = n,
+            published = finished.published,
+            failed = finished.failed,
+            ms = started.elapsed().as_millis() as u64,
+            "batch committed"
+        );
+        Ok(Step::Batch { claimed: n, finished })
+    }
+
+    fn count(&self, finished: crate::store::Finished) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counters.published.fetch_add(finished.published as u64, Relaxed);
+        self.counters.failed.fetch_add(finished.failed as u64, Relaxed);
+        self.counters.batches.fetch_add(1, Relaxed);
+    }
+
+    fn log_failures(&self, events: &[crate::event::OutboxEvent], outcomes: &[Outcome]) {
+        for (ev, o) in events.iter().zip(outcomes) {
+            if let Outcome::Failed(f) = o {
+                tracing::warn!(
+                    event_id = %ev.id, seq = ev.seq, topic = %ev.topic, attempt = ev.attempts + 1,
+                    max_attempts = self.cfg.max_attempts,
+                    parked = f.park_now || ev.attempts + 1 >= self.cfg.max_attempts as i32,
+                    error = %f.error, "event rejected"
+                );
+            }
+        }
+    }
+
+    /// Registers a fresh producer (fencing older instances of this relay and
+    /// ending the transaction the last one left open), then resolves every
+    /// batch this relay prepared and did not finish.
+    pub async fn recover_own(&self) -> Result<(), EosError> {
+        self.sink.reset_transactional(KAFKA_TIMEOUT).await.map_err(kafka("init transactions"))?;
+        let own = format!("{}/", self.txn_id);
+        for p in self.store.prepared(&own).await? {
+            self.resolve(&self.txn_id, &p.gid).await?;
+        }
+        Ok(())
+    }
+
+    /// Resolves batches other relays prepared more than `recovery_timeout` ago
+    /// (the relay died, or hangs): fence it first, then decide.
+    pub async fn recover_stale(&self) -> Result<usize, EosError> {
+        let own = format!("{}/", self.txn_id);
+        let mut resolved = 0;
+        for p in self.store.prepared(&self.txn_prefix).await? {
+            if p.gid.starts_with(&own) || p.age_s < self.cfg.recovery_timeout.as_secs_f64() {
+                continue;
+            }
+            let Some((owner, _)) = p.gid.rsplit_once('/') else { continue };
+            tracing::warn!(gid = %p.gid, age_s = p.age_s as u64, owner, "resolving another relay's stale batch; fencing it");
+            self.sink.fence(owner, KAFKA_TIMEOUT).await.map_err(kafka("fence"))?;
+            self.resolve(owner, &p.gid).await?;
+            resolved += 1;
+        }
+        Ok(resolved)
+    }
+
+    /// The owner is fenced: read the decision and finish the Postgres side.
+    async fn resolve(&self, owner: &str, gid: &str) -> Result<(), EosError> {
+        let committed = self
+            .decisions
+            .was_committed(owner, gid, Duration::from_secs(120))
+            .await
+            .map_err(|e| EosError::Kafka(e.0))?;
+        let done =
+            if committed { self.store.commit_prepared(gid).await? } else { self.store.rollback_prepared(gid).await? };
+        tracing::info!(gid, committed, resolved_here = done, "recovered an unfinished batch");
+        crate::metrics::recovered(committed);
+        Ok(())
+    }
+}

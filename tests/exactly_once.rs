@@ -1,0 +1,191 @@
+//! Exactly-once mode on the real broker: a crash at every step of the batch
+//! protocol, and zombie relays, must leave a read_committed consumer with every
+//! committed event exactly once, in per-key order.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+
+const EOS: (&str, &str) = ("OUTBOX_RELAY__RELAY__DELIVERY", "exactly-once");
+const BATCH: (&str, &str) = ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50");
+
+async fn insert(ob: &Outbox, topic: &str, n: i64, from: i64) {
+    pg().await
+        .execute(
+            &format!(
+                "INSERT INTO {} (topic, key, payload)
+                 SELECT $1, 'key-' || (i % 10), jsonb_build_object('n', i) FROM generate_series($2::int8, $3::int8) i",
+                ob.qualified()
+            ),
+            &[&topic, &from, &(from + n - 1)],
+        )
+        .await
+        .unwrap();
+}
+
+/// Prepared transactions this test's relays left in Postgres.
+async fn prepared(ob: &Outbox) -> Vec<String> {
+    let prefix = format!("outbox-relay/{}/", ob.qualified());
+    pg().await
+        .query("SELECT gid FROM pg_prepared_xacts WHERE left(gid, length($1)) = $1", &[&prefix])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Every row of the table reached `topic` exactly once, in per-key order.
+async fn assert_exactly_once(ob: &Outbox, topic: &str) {
+    ob.wait_drained(Duration::from_secs(60)).await;
+    assert!(prepared(ob).await.is_empty(), "no batch may stay prepared");
+    let rows = pg().await.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
+    let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let msgs = consume(&[topic.to_string()], seq_of.len(), Duration::from_secs(60), Duration::from_secs(3));
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for m in &msgs {
+        *count.entry(m.event_id()).or_default() += 1;
+    }
+    let lost = seq_of.keys().filter(|id| !count.contains_key(*id)).count();
+    let duplicates: usize = count.values().map(|c| c - 1).sum();
+    let violations = order_violations(&msgs, &seq_of);
+    eprintln!(
+        "rows {} messages {} lost {lost} duplicates {duplicates} order violations {violations}",
+        seq_of.len(),
+        msgs.len()
+    );
+    assert_eq!((lost, duplicates, violations), (0, 0, 0), "lost, duplicates, order violations");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_every_failpoint_loses_and_duplicates_nothing() {
+    let ob = Outbox::new("eos_fail").await;
+    let topic = ob.topic("events", 3).await;
+    // (failpoint, batches left prepared by the crash)
+    let points = [
+        ("after-claim", 0),
+        ("after-kafka-send", 0),
+        ("after-prepare", 1),
+        ("after-kafka-commit", 1),
+        ("after-commit-prepared", 0),
+    ];
+    let mut from = 0;
+    for (point, left_prepared) in points {
+        insert(&ob, &topic, 200, from).await;
+        from += 200;
+        // The second batch crashes: the first one of this run commits normally.
+        let spec = format!("{point}=crash@2");
+        let mut relay = ob.spawn_relay(&[EOS, BATCH, ("OUTBOX_RELAY_FAILPOINTS", &spec)]);
+        let status = relay.wait_exit(Duration::from_secs(60));
+        assert!(!status.success(), "{point}: the failpoint must kill the relay");
+        assert!(relay.log().contains(&format!("failpoint {point}")), "{point} not reached: {}", relay.log());
+        let left = prepared(&ob).await;
+        assert_eq!(left.len(), left_prepared, "{point}: prepared batches left behind: {left:?}");
+        eprintln!("{point}: crashed, {} prepared batch(es) left", left.len());
+    }
+    // A clean start resolves the last crash's batch, then drains the rest.
+    let relay = ob.spawn_relay(&[EOS, BATCH]);
+    assert_exactly_once(&ob, &topic).await;
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}
+
+/// A relay stops (SIGSTOP) at `point` holding a prepared batch; another relay
+/// takes the batch over after `recovery_timeout` and fences it; the first one
+/// then resumes and must not publish anything twice.
+async fn zombie(point: &str, expect_committed: bool) {
+    let ob = Outbox::new("eos_zombie").await;
+    let topic = ob.topic("events", 3).await;
+    insert(&ob, &topic, 300, 0).await;
+    let recovery = ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "2s");
+    let spec = format!("{point}=pause@2");
+    let id_a = format!("{}-a", ob.table);
+    let mut a =
+        ob.spawn_relay(&[EOS, BATCH, recovery, ("OUTBOX_RELAY__RELAY__ID", &id_a), ("OUTBOX_RELAY_FAILPOINTS", &spec)]);
+    a.wait_stopped(Duration::from_secs(60));
+    let held = prepared(&ob).await;
+    assert_eq!(held.len(), 1, "the zombie holds one prepared batch: {held:?}");
+
+    let id_b = format!("{}-b", ob.table);
+    let b = ob.spawn_relay(&[EOS, BATCH, recovery, ("OUTBOX_RELAY__RELAY__ID", &id_b)]);
+    ob.wait_drained(Duration::from_secs(60)).await;
+    let log_b = b.log();
+    assert!(log_b.contains("resolving another relay's stale batch"), "B must take over A's batch: {log_b}");
+    assert!(
+        log_b.contains(&format!("committed={expect_committed}")),
+        "B must decide committed={expect_committed}: {log_b}"
+    );
+
+    // The zombie wakes up in the middle of its batch.
+    a.signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.assert_running();
+    insert(&ob, &topic, 200, 300).await;
+    assert_exactly_once(&ob, &topic).await;
+    let log_a = a.log();
+    eprintln!("zombie log:\n{log_a}");
+    let (code, _) = a.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+    let (code, _) = b.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_paused_before_its_kafka_commit_is_fenced() {
+    zombie("after-prepare", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_paused_after_its_kafka_commit_is_finished_by_another_relay() {
+    zombie("after-kafka-commit", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_relays_with_random_sigkills_publish_each_event_once() {
+    let ob = Outbox::new("eos_multi").await;
+    let topic = ob.topic("events", 4).await;
+    let ids: Vec<String> = (0..3).map(|i| format!("{}-{i}", ob.table)).collect();
+    let recovery = ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "3s");
+    let spawn = |i: usize| ob.spawn_relay(&[EOS, BATCH, recovery, ("OUTBOX_RELAY__RELAY__ID", ids[i].as_str())]);
+    let mut relays: Vec<_> = (0..3).map(spawn).collect();
+    let mut from = 0;
+    for kill in 0..6 {
+        insert(&ob, &topic, 300, from).await;
+        from += 300;
+        tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(0..800))).await;
+        let i = kill % 3;
+        relays.remove(i).kill9();
+        relays.insert(i, spawn(i));
+    }
+    assert_exactly_once(&ob, &topic).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_the_exactly_once_prerequisites() {
+    let ob = Outbox::new("eos_check").await;
+    let out = relay_cmd(&ob.table, &[EOS]).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("two-phase commit enabled (max_prepared_transactions = "), "{text}");
+    assert!(text.contains("kafka transactions available"), "{text}");
+
+    // A decisions topic with more than one partition cannot order the decisions.
+    let bad = ob.topic("decisions", 2).await;
+    let out = relay_cmd(&ob.table, &[EOS, ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", &bad)]).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&format!("PROBLEM decisions topic {bad} has 2 partitions")), "{text}");
+    // The relay refuses to start on it too.
+    let out = relay_cmd(
+        &ob.table,
+        &[EOS, ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", &bad), ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "2s")],
+    )
+    .arg("run")
+    .output()
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("must have exactly 1"), "{err}");
+}
