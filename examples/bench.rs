@@ -9,6 +9,9 @@
 //!    commit → Kafka append (≈ ack; topics use LogAppendTime) and commit →
 //!    consumer-visible, p50/p99/p99.9, from a timestamp written in the row.
 //!
+//! Each part runs for `relay.delivery` = at-least-once and exactly-once (skip the
+//! latter with `--no-exactly-once`).
+//!
 //! Prints a table and writes JSON (bench/results/<date>.json).
 
 use std::path::PathBuf;
@@ -49,6 +52,9 @@ struct Args {
     no_saturation: bool,
     #[arg(long)]
     no_latency: bool,
+    /// Skip the exactly-once runs (relay.delivery = "exactly-once").
+    #[arg(long)]
+    no_exactly_once: bool,
     #[arg(long, default_value = "target/release/outbox-relay")]
     relay_bin: PathBuf,
     #[arg(long, default_value = "bench/results")]
@@ -61,6 +67,7 @@ const PAD: usize = 960; // payload ≈ 1 KB of JSON
 #[derive(Debug, Serialize, Clone)]
 struct Saturation {
     mode: String,
+    delivery: String,
     events: i64,
     seconds: f64,
     events_per_s: f64,
@@ -72,6 +79,7 @@ struct Saturation {
 
 #[derive(Debug, Serialize, Clone)]
 struct Latency {
+    delivery: String,
     offered_per_s: u64,
     achieved_per_s: f64,
     seconds: u64,
@@ -109,7 +117,14 @@ struct Env {
 
 impl Env {
     fn relay_cmd(&self, table: &str, mode: &str) -> Command {
+        self.relay_cmd_with(table, mode, false)
+    }
+
+    fn relay_cmd_with(&self, table: &str, mode: &str, exactly_once: bool) -> Command {
         let mut cmd = Command::new(&self.args.relay_bin);
+        if exactly_once {
+            cmd.env("OUTBOX_RELAY__RELAY__DELIVERY", "exactly-once").env("OUTBOX_RELAY__RELAY__ID", table);
+        }
         cmd.env("OUTBOX_RELAY__POSTGRES__URL", &self.pg_url)
             .env("OUTBOX_RELAY__KAFKA__BROKERS", &self.brokers)
             .env("OUTBOX_RELAY__OUTBOX__TABLE", table)
@@ -228,7 +243,11 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-async fn saturation(env: &Env, mode: &str) -> Saturation {
+fn delivery(exactly_once: bool) -> String {
+    if exactly_once { "exactly-once" } else { "at-least-once" }.into()
+}
+
+async fn saturation(env: &Env, mode: &str, exactly_once: bool) -> Saturation {
     let n = env.args.events;
     // SQL-only ceiling: same rows, same claim, same batch, no Kafka.
     let ceiling_table = env.new_table("sql").await;
@@ -272,8 +291,13 @@ async fn saturation(env: &Env, mode: &str) -> Saturation {
     let run = table.clone();
     env.topics(&run, false).await;
     env.preload(&table, &run, n).await;
-    let child =
-        env.relay_cmd(&table, mode).arg("run").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("relay");
+    let child = env
+        .relay_cmd_with(&table, mode, exactly_once)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("relay");
     let pid = child.id();
     // Start the clock at the first finished batch (start-up is not throughput).
     let first = env.head(&db, &table).await.expect("preloaded");
@@ -301,6 +325,7 @@ async fn saturation(env: &Env, mode: &str) -> Saturation {
     db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
     Saturation {
         mode: mode.into(),
+        delivery: delivery(exactly_once),
         events: n,
         seconds: secs,
         events_per_s: rate,
@@ -311,12 +336,17 @@ async fn saturation(env: &Env, mode: &str) -> Saturation {
     }
 }
 
-async fn latency(env: &Env, rate: u64) -> Latency {
+async fn latency(env: &Env, rate: u64, exactly_once: bool) -> Latency {
     let table = env.new_table("lat").await;
     let run = table.clone();
     let topics = env.topics(&run, true).await;
-    let child =
-        env.relay_cmd(&table, "mark").arg("run").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("relay");
+    let child = env
+        .relay_cmd_with(&table, "mark", exactly_once)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("relay");
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Consumer: from the current end, until the writers are done and all arrived.
@@ -414,6 +444,7 @@ async fn latency(env: &Env, rate: u64) -> Latency {
     stop(child);
     env.db().await.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
     Latency {
+        delivery: delivery(exactly_once),
         offered_per_s: rate,
         achieved_per_s: written.load(Ordering::Relaxed) as f64 / elapsed,
         seconds: secs,
@@ -434,16 +465,23 @@ async fn main() {
     };
     let mut sat = Vec::new();
     if !args.no_saturation {
-        for mode in ["delete", "mark"] {
-            eprintln!("bench: saturation, on_publish = {mode}, {} events…", args.events);
-            sat.push(saturation(&env, mode).await);
+        let mut runs = vec![("delete", false), ("mark", false)];
+        if !args.no_exactly_once {
+            runs.extend([("delete", true), ("mark", true)]);
+        }
+        for (mode, eos) in runs {
+            eprintln!("bench: saturation, on_publish = {mode}, {}, {} events…", delivery(eos), args.events);
+            sat.push(saturation(&env, mode, eos).await);
         }
     }
     let mut lat = Vec::new();
     if !args.no_latency {
-        for &rate in &args.rates {
-            eprintln!("bench: latency at {rate} events/s for {} s…", args.latency_secs);
-            lat.push(latency(&env, rate).await);
+        let eos_runs: &[bool] = if args.no_exactly_once { &[false] } else { &[false, true] };
+        for &eos in eos_runs {
+            for &rate in &args.rates {
+                eprintln!("bench: latency at {rate} events/s, {}, for {} s…", delivery(eos), args.latency_secs);
+                lat.push(latency(&env, rate, eos).await);
+            }
         }
     }
 
@@ -464,11 +502,12 @@ async fn main() {
     if !sat.is_empty() {
         println!();
         println!("saturation ({} × 1 KB JSON events, 1k keys, 4 topics)", args.events);
-        println!("  mode    │ relay ev/s │ SQL-only ev/s │ fraction │ CPU s / 1M ev │ peak RSS MiB");
+        println!("  mode    │ delivery      │ relay ev/s │ SQL-only ev/s │ fraction │ CPU s / 1M ev │ peak RSS MiB");
         for s in &sat {
             println!(
-                "  {:<7} │ {:>10.0} │ {:>13.0} │ {:>7.0}% │ {:>13.1} │ {:>12.1}",
+                "  {:<7} │ {:<13} │ {:>10.0} │ {:>13.0} │ {:>7.0}% │ {:>13.1} │ {:>12.1}",
                 s.mode,
+                s.delivery,
                 s.events_per_s,
                 s.sql_ceiling_events_per_s,
                 s.fraction_of_ceiling * 100.0,
@@ -481,11 +520,12 @@ async fn main() {
         println!();
         println!("latency at a fixed offered rate (on_publish = mark; ms; commit→ack = broker LogAppendTime, 1 ms resolution)");
         println!(
-            "  offered/s │ achieved/s │ samples │ commit→ack p50 / p99 / p99.9 │ commit→visible p50 / p99 / p99.9"
+            "  delivery      │ offered/s │ achieved/s │ samples │ commit→ack p50 / p99 / p99.9 │ commit→visible p50 / p99 / p99.9"
         );
         for l in &lat {
             println!(
-                "  {:>9} │ {:>10.0} │ {:>7} │ {:>8.1} / {:>6.1} / {:>7.1}   │ {:>10.1} / {:>6.1} / {:>7.1}",
+                "  {:<13} │ {:>9} │ {:>10.0} │ {:>7} │ {:>8.1} / {:>6.1} / {:>7.1}   │ {:>10.1} / {:>6.1} / {:>7.1}",
+                l.delivery,
                 l.offered_per_s,
                 l.achieved_per_s,
                 l.samples,

@@ -50,7 +50,8 @@ struct Args {
     /// Where relay logs go.
     #[arg(long, default_value = "target/chaos")]
     run_dir: PathBuf,
-    /// Exactly-once mode (not available yet: exits with an error).
+    /// Run the relays with relay.delivery = "exactly-once"; the run then also
+    /// fails on any duplicate.
     #[arg(long)]
     exactly_once: bool,
 }
@@ -120,12 +121,6 @@ fn log(started: Instant, msg: impl AsRef<str>) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    if args.exactly_once {
-        eprintln!(
-            "chaos: --exactly-once needs relay.delivery = \"exactly-once\", which this version does not provide yet"
-        );
-        std::process::exit(2);
-    }
     let pg_url =
         std::env::var("OUTBOX_RELAY__POSTGRES__URL").expect("OUTBOX_RELAY__POSTGRES__URL (run via scripts/chaos)");
     let brokers = std::env::var("OUTBOX_RELAY__KAFKA__BROKERS").expect("OUTBOX_RELAY__KAFKA__BROKERS");
@@ -153,6 +148,11 @@ async fn main() {
         ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT".into(), "10m".into()),
         ("OUTBOX_RELAY__LOG__LEVEL".into(), "info,librdkafka=error".into()),
     ];
+    let mut env = env;
+    if args.exactly_once {
+        env.push(("OUTBOX_RELAY__RELAY__DELIVERY".into(), "exactly-once".into()));
+        env.push(("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT".into(), "10s".into()));
+    }
     let migrate = Command::new(&args.relay_bin).envs(env.iter().cloned()).arg("migrate").output().expect("migrate");
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
     let topics: Vec<String> = TOPICS.iter().map(|t| format!("{run}.{t}")).collect();
@@ -376,13 +376,15 @@ async fn main() {
     }
     let wrongly_parked = parked.keys().filter(|id| !poison.iter().any(|(p, _)| p == *id)).count();
 
-    let ok = report.lost == 0 && report.order_violations == 0 && poison_ok && wrongly_parked == 0;
+    let dup_ok = !args.exactly_once || report.duplicate_copies == 0;
+    let ok = report.lost == 0 && report.order_violations == 0 && poison_ok && wrongly_parked == 0 && dup_ok;
     println!();
     println!(
-        "chaos run {run}  ({:.0} s, {} relays, batch {})",
+        "chaos run {run}  ({:.0} s, {} relays, batch {}, {})",
         started.elapsed().as_secs_f64(),
         args.relays,
-        args.batch_size
+        args.batch_size,
+        if args.exactly_once { "exactly-once" } else { "at-least-once" }
     );
     println!("  ┌──────────────────────────────────────────┬────────────┐");
     let row = |k: &str, v: String| println!("  │ {k:<40} │ {v:>10} │");
@@ -394,7 +396,11 @@ async fn main() {
     row("duplicated events", report.duplicated_events.to_string());
     row("duplicate copies", report.duplicate_copies.to_string());
     row("duplicates per kill (mean)", format!("{:.1}", report.duplicate_copies as f64 / relays.kills.max(1) as f64));
-    row("duplicate bound per kill (batch size)", args.batch_size.to_string());
+    if args.exactly_once {
+        row("duplicates allowed (exactly-once)", "0".into());
+    } else {
+        row("duplicate bound per kill (batch size)", args.batch_size.to_string());
+    }
     row("PER-KEY ORDER VIOLATIONS", report.order_violations.to_string());
     row("SIGKILLs", relays.kills.to_string());
     row("relays that exited by themselves", revived.to_string());
