@@ -67,17 +67,32 @@ struct Relays {
     logs: PathBuf,
     children: Vec<Child>,
     kills: usize,
+    /// Exactly-once: half the starts arm a random crash point of the batch
+    /// protocol (a SIGKILL exactly between two of its steps).
+    failpoints: bool,
+    armed: Vec<bool>,
+    failpoint_kills: usize,
 }
 
 impl Relays {
-    fn spawn(&self, i: usize) -> Child {
+    fn spawn(&mut self, i: usize) -> Child {
+        let mut cmd = Command::new(&self.bin);
+        let armed = self.failpoints && fastrand::bool();
+        if armed {
+            let point = outbox_relay::failpoint::POINTS[fastrand::usize(0..outbox_relay::failpoint::POINTS.len())];
+            cmd.env(outbox_relay::failpoint::ENV, format!("{point}=crash@{}", fastrand::u32(1..=4)));
+        }
+        if i < self.armed.len() {
+            self.armed[i] = armed;
+        } else {
+            self.armed.push(armed);
+        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.logs.join(format!("relay-{i}.log")))
             .expect("log file");
-        Command::new(&self.bin)
-            .envs(self.env.iter().cloned())
+        cmd.envs(self.env.iter().cloned())
             .env("OUTBOX_RELAY__RELAY__ID", format!("chaos-{i}"))
             .arg("--config")
             .arg(&self.config)
@@ -100,6 +115,12 @@ impl Relays {
         let mut revived = 0;
         for i in 0..self.children.len() {
             if let Ok(Some(status)) = self.children[i].try_wait() {
+                if self.armed[i] && status.code().is_none() {
+                    // killed itself at its crash point, as armed
+                    self.failpoint_kills += 1;
+                    self.children[i] = self.spawn(i);
+                    continue;
+                }
                 eprintln!("chaos: relay {i} exited by itself ({status}); restarting");
                 self.children[i] = self.spawn(i);
                 revived += 1;
@@ -173,6 +194,9 @@ async fn main() {
         logs: args.run_dir.clone(),
         children: Vec::new(),
         kills: 0,
+        failpoints: args.exactly_once,
+        armed: Vec::new(),
+        failpoint_kills: 0,
     };
     relays.children = (0..args.relays).map(|i| relays.spawn(i)).collect();
 
@@ -402,7 +426,10 @@ async fn main() {
         row("duplicate bound per kill (batch size)", args.batch_size.to_string());
     }
     row("PER-KEY ORDER VIOLATIONS", report.order_violations.to_string());
-    row("SIGKILLs", relays.kills.to_string());
+    row("SIGKILLs (random moments)", relays.kills.to_string());
+    if args.exactly_once {
+        row("SIGKILLs at protocol crash points", relays.failpoint_kills.to_string());
+    }
     row("relays that exited by themselves", revived.to_string());
     row("clean exits on final SIGTERM", format!("{clean_exits}/{}", args.relays));
     row("Kafka outage (s)", args.kafka_outage.to_string());
