@@ -3,8 +3,10 @@
 //! 1. saturation: preload N 1 KB JSON events over 1k keys and 4 topics, then time
 //!    one relay draining them (`on_publish` = delete and mark), with its CPU
 //!    seconds and peak RSS;
-//! 2. the SQL-only ceiling in the same run: a stored procedure that claims and
-//!    deletes/marks the same kind of rows in the same batches, without Kafka;
+//! 2. the ceilings in the same run: SQL-only (a stored procedure that claims and
+//!    deletes/marks the same kind of rows in the same batches, without Kafka)
+//!    and Kafka-only (the relay's producer settings, the same messages, without
+//!    Postgres);
 //! 3. latency at a fixed offered rate (writers inserting in small transactions):
 //!    commit → Kafka append (≈ ack; topics use LogAppendTime) and commit →
 //!    consumer-visible, p50/p99/p99.9, from a timestamp written in the row.
@@ -47,6 +49,10 @@ struct Args {
     /// Extra relay settings, KEY=VALUE (OUTBOX_RELAY__… names), repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// librdkafka producer properties for the relay (`[kafka.properties]`),
+    /// NAME=VALUE, repeatable, e.g. --kafka-prop linger.ms=1.
+    #[arg(long = "kafka-prop", value_name = "NAME=VALUE")]
+    kafka_props: Vec<String>,
     /// Skip the saturation or latency parts.
     #[arg(long)]
     no_saturation: bool,
@@ -73,6 +79,18 @@ struct Saturation {
     events_per_s: f64,
     sql_ceiling_events_per_s: f64,
     fraction_of_ceiling: f64,
+    kafka_ceiling_events_per_s: f64,
+    fraction_of_kafka_ceiling: f64,
+    /// Share of all cores busy (any process) while the relay drained.
+    machine_cpu_busy: f64,
+    /// Machine CPU seconds per million events of each ceiling run.
+    sql_ceiling_machine_cpu_s_per_million: f64,
+    kafka_ceiling_machine_cpu_s_per_million: f64,
+    /// What this machine's cores could relay if the work per event measured by
+    /// the two ceilings (Postgres, Kafka) plus the relay's own CPU were all that
+    /// ran, perfectly overlapped. An upper bound: it leaves out Postgres sending
+    /// the rows to a client, which the SQL-only run never does.
+    two_core_bound_events_per_s: f64,
     relay_cpu_s_per_million: f64,
     relay_peak_rss_mib: f64,
 }
@@ -136,6 +154,17 @@ impl Env {
             if let Some((k, v)) = kv.split_once('=') {
                 cmd.env(k, v);
             }
+        }
+        if !self.args.kafka_props.is_empty() {
+            let mut toml = String::from("[kafka.properties]\n");
+            for kv in &self.args.kafka_props {
+                if let Some((k, v)) = kv.split_once('=') {
+                    toml.push_str(&format!("{k:?} = {v:?}\n"));
+                }
+            }
+            let path = std::env::temp_dir().join(format!("outbox-relay-bench-{}.toml", std::process::id()));
+            std::fs::write(&path, toml).expect("write bench relay config");
+            cmd.arg("--config").arg(path);
         }
         cmd
     }
@@ -216,6 +245,84 @@ impl Env {
     }
 }
 
+/// Counts failed deliveries of the Kafka-only ceiling run.
+struct CountFailures(AtomicU64);
+
+impl rdkafka::ClientContext for CountFailures {}
+
+impl rdkafka::producer::ProducerContext for CountFailures {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if r.is_err() {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The Kafka-only ceiling: the relay's own producer settings
+/// (`producer_config`), the same 1 KB payloads, keys and topics, every message
+/// acknowledged — and no Postgres. Blocking.
+fn kafka_ceiling(env: &Env, topics: &[String], n: i64) -> (f64, f64) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let settings = outbox_relay::config::Settings::load_from(
+        None,
+        vec![
+            ("OUTBOX_RELAY__POSTGRES__URL".to_string(), env.pg_url.clone()),
+            ("OUTBOX_RELAY__KAFKA__BROKERS".to_string(), env.brokers.clone()),
+        ],
+    )
+    .expect("settings");
+    let mut cfg = ClientConfig::new();
+    for (k, v) in outbox_relay::sink::producer_config(&settings) {
+        cfg.set(k, v);
+    }
+    for kv in &env.args.kafka_props {
+        if let Some((k, v)) = kv.split_once('=') {
+            cfg.set(k, v);
+        }
+    }
+    let producer: BaseProducer<CountFailures> =
+        cfg.create_with_context(CountFailures(AtomicU64::new(0))).expect("producer");
+    let pad = "x".repeat(PAD);
+    let (t, busy0) = (Instant::now(), machine_busy_s());
+    for i in 0..n {
+        let payload = format!(r#"{{"i": {i}, "pad": "{pad}", "type": "OrderPlaced"}}"#);
+        let key = format!("key-{}", i % 1000);
+        let mut record = BaseRecord::to(&topics[(i % 4) as usize]).key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    r,
+                )) => {
+                    record = r;
+                    producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => panic!("kafka ceiling: produce failed: {e}"),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(300)).expect("flush");
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let busy = machine_busy_s() - busy0;
+    let failed = producer.context().0.load(Ordering::Relaxed);
+    assert_eq!(failed, 0, "kafka ceiling: {failed} deliveries failed");
+    (rate, busy / n as f64 * 1e6)
+}
+
+/// Busy CPU seconds of the whole machine so far (all processes: Postgres,
+/// Kafka, relay, this bench), from /proc/stat.
+fn machine_busy_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().next().unwrap_or_default();
+    let f: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<f64>();
+    busy / 100.0
+}
+
 fn proc_cpu_s(pid: u32) -> f64 {
     // utime + stime (fields 14, 15) in clock ticks (100/s on Linux)
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -243,11 +350,16 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+fn cores() -> f64 {
+    std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0)
+}
+
 fn delivery(exactly_once: bool) -> String {
     if exactly_once { "exactly-once" } else { "at-least-once" }.into()
 }
 
-async fn saturation(env: &Env, mode: &str, exactly_once: bool) -> Saturation {
+async fn saturation(env: &Env, mode: &str, exactly_once: bool, kafka: (f64, f64)) -> Saturation {
+    let (kafka_ceiling, kafka_cpu) = kafka;
     let n = env.args.events;
     // SQL-only ceiling: same rows, same claim, same batch, no Kafka.
     let ceiling_table = env.new_table("sql").await;
@@ -277,11 +389,12 @@ async fn saturation(env: &Env, mode: &str, exactly_once: bool) -> Saturation {
     ))
     .await
     .expect("procedure");
-    let t = Instant::now();
+    let (t, busy0) = (Instant::now(), machine_busy_s());
     db.execute(&format!("CALL public.{ceiling_table}_drain($1)"), &[&(env.args.batch_size as i32)])
         .await
         .expect("call");
     let ceiling = n as f64 / t.elapsed().as_secs_f64();
+    let sql_cpu = (machine_busy_s() - busy0) / n as f64 * 1e6;
     db.batch_execute(&format!("DROP TABLE public.{ceiling_table}; DROP PROCEDURE public.{ceiling_table}_drain"))
         .await
         .ok();
@@ -301,17 +414,18 @@ async fn saturation(env: &Env, mode: &str, exactly_once: bool) -> Saturation {
     let pid = child.id();
     // Start the clock at the first finished batch (start-up is not throughput).
     let first = env.head(&db, &table).await.expect("preloaded");
-    let (mut t0, mut p0) = (None, n);
+    let (mut t0, mut p0, mut busy0) = (None, n, machine_busy_s());
     let deadline = Instant::now() + Duration::from_secs(600);
-    let t_end = loop {
+    let (t_end, busy_end) = loop {
         let head = env.head(&db, &table).await;
         if t0.is_none() && head != Some(first) {
             t0 = Some(Instant::now());
+            busy0 = machine_busy_s();
             // rows still to go from here (seq is dense in a preloaded table)
             p0 = head.map(|h| n - (h - first)).unwrap_or(0);
         }
         if head.is_none() {
-            break Instant::now();
+            break (Instant::now(), machine_busy_s());
         }
         assert!(Instant::now() < deadline, "relay did not drain {n} events in 10 minutes");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -331,6 +445,12 @@ async fn saturation(env: &Env, mode: &str, exactly_once: bool) -> Saturation {
         events_per_s: rate,
         sql_ceiling_events_per_s: ceiling,
         fraction_of_ceiling: rate / ceiling,
+        kafka_ceiling_events_per_s: kafka_ceiling,
+        fraction_of_kafka_ceiling: rate / kafka_ceiling,
+        machine_cpu_busy: (busy_end - busy0) / secs / cores(),
+        sql_ceiling_machine_cpu_s_per_million: sql_cpu,
+        kafka_ceiling_machine_cpu_s_per_million: kafka_cpu,
+        two_core_bound_events_per_s: cores() / ((sql_cpu + kafka_cpu + cpu / n as f64 * 1e6) / 1e6),
         relay_cpu_s_per_million: cpu / n as f64 * 1e6,
         relay_peak_rss_mib: rss,
     }
@@ -351,9 +471,11 @@ async fn latency(env: &Env, rate: u64, exactly_once: bool) -> Latency {
 
     // Consumer: from the current end, until the writers are done and all arrived.
     let done = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
     let expected = Arc::new(AtomicU64::new(u64::MAX));
     let consumer = {
-        let (brokers, topics, done, expected) = (env.brokers.clone(), topics.clone(), done.clone(), expected.clone());
+        let (brokers, topics, done, expected, ready) =
+            (env.brokers.clone(), topics.clone(), done.clone(), expected.clone(), ready.clone());
         std::thread::spawn(move || {
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
@@ -371,6 +493,13 @@ async fn latency(env: &Env, rate: u64, exactly_once: bool) -> Latency {
                 }
             }
             c.assign(&tpl).expect("assign");
+            // Connected and fetching before the writers start: otherwise the
+            // consumer's own start-up shows up as latency of the first events.
+            let warm = Instant::now();
+            while warm.elapsed() < Duration::from_secs(2) {
+                let _ = c.poll(Duration::from_millis(50));
+            }
+            ready.store(true, Ordering::Relaxed);
             let (mut ack, mut vis) = (Vec::new(), Vec::new());
             let mut last = Instant::now();
             loop {
@@ -404,6 +533,9 @@ async fn latency(env: &Env, rate: u64, exactly_once: bool) -> Latency {
     let tx_per_writer_per_s = rate as f64 / per_tx as f64 / writers as f64;
     let secs = env.args.latency_secs;
     let written = Arc::new(AtomicU64::new(0));
+    while !ready.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..writers {
@@ -469,9 +601,13 @@ async fn main() {
         if !args.no_exactly_once {
             runs.extend([("delete", true), ("mark", true)]);
         }
+        eprintln!("bench: Kafka-only ceiling, {} events…", args.events);
+        let kafka_topics =
+            env.topics(&format!("bench_kafka_{}", &Uuid::new_v4().simple().to_string()[..8]), false).await;
+        let kafka = tokio::task::block_in_place(|| kafka_ceiling(&env, &kafka_topics, args.events));
         for (mode, eos) in runs {
             eprintln!("bench: saturation, on_publish = {mode}, {}, {} events…", delivery(eos), args.events);
-            sat.push(saturation(&env, mode, eos).await);
+            sat.push(saturation(&env, mode, eos, kafka).await);
         }
     }
     let mut lat = Vec::new();
@@ -496,23 +632,45 @@ async fn main() {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!();
     println!(
-        "outbox-relay benchmark — {cores} cores ({host}), batch_size {}, settings {:?}",
-        args.batch_size, args.set
+        "outbox-relay benchmark — {cores} cores ({host}), batch_size {}, settings {:?}, kafka properties {:?}",
+        args.batch_size, args.set, args.kafka_props
     );
     if !sat.is_empty() {
         println!();
         println!("saturation ({} × 1 KB JSON events, 1k keys, 4 topics)", args.events);
-        println!("  mode    │ delivery      │ relay ev/s │ SQL-only ev/s │ fraction │ CPU s / 1M ev │ peak RSS MiB");
+        println!(
+            "  mode    │ delivery      │ relay ev/s │ SQL-only ev/s │ fraction │ Kafka-only ev/s │ fraction │ CPU s / 1M ev │ peak RSS MiB"
+        );
         for s in &sat {
             println!(
-                "  {:<7} │ {:<13} │ {:>10.0} │ {:>13.0} │ {:>7.0}% │ {:>13.1} │ {:>12.1}",
+                "  {:<7} │ {:<13} │ {:>10.0} │ {:>13.0} │ {:>7.0}% │ {:>15.0} │ {:>7.0}% │ {:>13.1} │ {:>12.1}",
                 s.mode,
                 s.delivery,
                 s.events_per_s,
                 s.sql_ceiling_events_per_s,
                 s.fraction_of_ceiling * 100.0,
+                s.kafka_ceiling_events_per_s,
+                s.fraction_of_kafka_ceiling * 100.0,
                 s.relay_cpu_s_per_million,
                 s.relay_peak_rss_mib
+            );
+        }
+        println!();
+        println!("  the machine (all processes) — what bounds the relay here");
+        println!("  mode    │ delivery      │ cores busy while draining │ CPU-s/1M ev: SQL-only │ Kafka-only │ {cores}-core bound ev/s │ relay / bound");
+        println!(
+            "  (bound = cores / (SQL-only + Kafka-only + relay CPU per event): the machine's limit if nothing waited)"
+        );
+        for s in &sat {
+            println!(
+                "  {:<7} │ {:<13} │ {:>24.0}% │ {:>21.1} │ {:>10.1} │ {:>18.0} │ {:>12.0}%",
+                s.mode,
+                s.delivery,
+                s.machine_cpu_busy * 100.0,
+                s.sql_ceiling_machine_cpu_s_per_million,
+                s.kafka_ceiling_machine_cpu_s_per_million,
+                s.two_core_bound_events_per_s,
+                s.events_per_s / s.two_core_bound_events_per_s * 100.0
             );
         }
     }
@@ -543,7 +701,7 @@ async fn main() {
     let path = args.out_dir.join(format!("{stamp}.json"));
     let json = serde_json::json!({
         "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        "cores": cores, "cpu": host, "batch_size": args.batch_size, "settings": args.set,
+        "cores": cores, "cpu": host, "batch_size": args.batch_size, "settings": args.set, "kafka_properties": args.kafka_props,
         "saturation": sat, "latency": lat,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap_or_default()).expect("write results");

@@ -406,6 +406,12 @@ impl TableName {
         Ok(TableName { schema: schema.to_string(), table: table.to_string() })
     }
 
+    /// Exactly-once: the prefix of the transactional ids (and prepared-transaction
+    /// ids) of this table's relays.
+    pub fn transactional_prefix(&self) -> String {
+        format!("outbox-relay/{}.{}/", self.schema, self.table)
+    }
+
     /// `"schema"."table"`, ready to splice into SQL.
     pub fn quoted(&self) -> String {
         format!("\"{}\".\"{}\"", self.schema, self.table)
@@ -652,8 +658,7 @@ impl Settings {
     /// The part of every transactional id (and prepared-transaction id) shared
     /// by the relays of this outbox table.
     pub fn transactional_prefix(&self) -> String {
-        let t = self.table();
-        format!("outbox-relay/{}.{}/", t.schema, t.table)
+        self.table().transactional_prefix()
     }
 
     /// The Postgres URL (validated as present).

@@ -10,7 +10,7 @@ use super::{exit, CliError};
 use crate::config::Delivery;
 use crate::config::Settings;
 use crate::http::Health;
-use crate::relay::{spawn_monitor, Backoff, ExactlyOnceRelay, Relay};
+use crate::relay::{spawn_monitor, Backoff, EosError, ExactlyOnceRelay, Relay};
 use crate::sink::{KafkaSink, Sink};
 use crate::store::{describe, spawn_listener, Store};
 
@@ -98,6 +98,15 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
             .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
         // Resolve what an earlier run of this relay left prepared before claiming.
         let deadline = Instant::now() + settings.relay.startup_timeout;
+        retry_until(deadline, "postgres", || async {
+            match relay.check_prerequisites().await {
+                Err(EosError::Store(e)) => Err(e),
+                other => Ok(other),
+            }
+        })
+        .await
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot reach Postgres at {pg}: {e}")))?
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
         let started = tokio::select! {
             r = retry_until(deadline, "exactly-once recovery", || relay.start()) => r,
             s = signals.recv() => {

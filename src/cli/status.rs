@@ -35,6 +35,13 @@ pub fn render(s: &Status, where_: &str) -> String {
         s.published_1m, s.published_5m, s.published_15m
     ));
     out.push_str(&format!("  parked      {:>10}\n", s.parked));
+    if s.prepared_batches > 0 {
+        out.push_str(&format!(
+            "  in doubt    {:>10} prepared exactly-once batch(es), oldest {} (a running relay resolves them)\n",
+            s.prepared_batches,
+            age(s.oldest_prepared_age_s)
+        ));
+    }
     if !s.top_errors.is_empty() {
         out.push_str("  most common errors of parked events:\n");
         for e in &s.top_errors {

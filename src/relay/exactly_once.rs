@@ -39,6 +39,8 @@ pub enum EosError {
     Store(#[from] StoreError),
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("{0}")]
+    Prerequisite(String),
 }
 
 fn kafka(what: &str) -> impl Fn(rdkafka::error::KafkaError) -> EosError + '_ {
@@ -76,6 +78,18 @@ impl ExactlyOnceRelay {
             txn_prefix: settings.transactional_prefix(),
             counters: Arc::default(),
         })
+    }
+
+    /// Prerequisites no retry can fix: Postgres two-phase commit must be on.
+    pub async fn check_prerequisites(&self) -> Result<(), EosError> {
+        if self.store.max_prepared_transactions().await? == 0 {
+            return Err(EosError::Prerequisite(
+                "exactly-once needs Postgres two-phase commit, but max_prepared_transactions = 0: set it in \
+                 postgresql.conf to at least the number of relays (e.g. 64) and restart Postgres"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Start-up: the decisions topic, a registered producer (fencing any zombie

@@ -67,27 +67,41 @@ impl<S: Sink> Relay<S> {
             if stopping && inflight.is_none() {
                 return;
             }
-            // 1. claim and send the next batch, unless stopping
+            // 1. claim and send the next batch (unless stopping) while, on another
+            //    connection, 2. the previous one is recorded and committed once
+            //    its acknowledgements are in. Its rows stay locked until then, so
+            //    the claim skips them; its events went to the producer first.
             let (mut next, mut deferred_only, mut failure) = (None, false, None);
-            if !stopping {
-                let (own, hold) = match &inflight {
-                    Some(f) => (f.claimed.events.iter().map(|e| e.id).collect(), f.held_keys.clone()),
-                    None => (Vec::new(), HashSet::new()),
-                };
-                match self.start_batch(&own, &hold).await {
-                    Ok(Started::Batch(f)) => next = Some(f),
-                    Ok(Started::Idle) => {}
-                    Ok(Started::Deferred) => deferred_only = true,
-                    Err(e) => failure = Some(e),
+            let (own, hold) = match &inflight {
+                Some(f) => (f.claimed.events.iter().map(|e| e.id).collect(), f.held_keys.clone()),
+                None => (Vec::new(), HashSet::new()),
+            };
+            let prev = inflight.take();
+            let claim = async {
+                if stopping {
+                    None
+                } else {
+                    Some(self.start_batch(&own, &hold).await)
                 }
+            };
+            let finish = async {
+                match prev {
+                    Some(prev) => Some(self.finish_batch(prev).await),
+                    None => None,
+                }
+            };
+            let (claimed, finished) = tokio::join!(claim, finish);
+            match claimed {
+                Some(Ok(Started::Batch(f))) => next = Some(f),
+                Some(Ok(Started::Idle)) | None => {}
+                Some(Ok(Started::Deferred)) => deferred_only = true,
+                Some(Err(e)) => failure = Some(e),
             }
-            // 2. record and commit the previous one
             let mut retry = false;
-            if let Some(prev) = inflight.take() {
-                match self.finish_batch(prev).await {
-                    Ok(finished) => retry = finished.retry > 0,
-                    Err(e) => failure = failure.or(Some(e)),
-                }
+            match finished {
+                Some(Ok(finished)) => retry = finished.retry > 0,
+                Some(Err(e)) => failure = failure.or(Some(e)),
+                None => {}
             }
             inflight = next;
             // 3. keep the pipeline full, back off, or wait for work

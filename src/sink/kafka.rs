@@ -39,7 +39,10 @@ pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
         // timed-out message would be republished after later ones).
         set("message.timeout.ms", "0");
     }
-    set("linger.ms", "5");
+    // 1 ms: the relay hands over whole batches, so requests fill up anyway under
+    // load, and a lone event is not held back (scripts/bench: p99 at 1k ev/s
+    // 8.8 ms with 1 ms vs 16.7 ms with librdkafka's default 5 ms).
+    set("linger.ms", "1");
     set("compression.type", "lz4");
     set("batch.num.messages", "10000");
     set("queue.buffering.max.messages", "200000");

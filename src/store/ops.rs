@@ -37,6 +37,10 @@ pub struct Status {
     pub published_15m: i64,
     pub top_errors: Vec<ErrorCount>,
     pub topics: Vec<TopicStatus>,
+    /// Exactly-once batches prepared in Postgres and not yet committed or rolled
+    /// back (normally 0, or 1 per relay for a few milliseconds).
+    pub prepared_batches: usize,
+    pub oldest_prepared_age_s: Option<f64>,
 }
 
 /// Which rows `replay` puts back in the queue. All given conditions must hold.
@@ -148,7 +152,10 @@ impl Store {
             .iter()
             .filter_map(|t| t.oldest_pending_age_s)
             .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
+        let prepared = self.prepared(&self.table().transactional_prefix()).await?;
         Ok(Status {
+            prepared_batches: prepared.len(),
+            oldest_prepared_age_s: prepared.iter().map(|p| p.age_s).reduce(f64::max),
             table: self.table().to_string(),
             pending: topics.iter().map(|t| t.pending).sum(),
             oldest_pending_age_s: oldest,
