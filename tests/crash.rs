@@ -89,7 +89,8 @@ async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {
     assert!(count.keys().all(|id| seq_of.contains_key(id)), "a message that was never written");
     assert_eq!(violations, 0, "per-key order");
     // at-least-once: a kill can republish at most the batch in flight
-    assert!(duplicates <= KILLS * BATCH, "{duplicates} duplicates for {KILLS} kills of batch {BATCH}");
+    // Two batches are in flight at once (pipelining): a kill republishes at most both.
+    assert!(duplicates <= KILLS * 2 * BATCH, "{duplicates} duplicates for {KILLS} kills of batch {BATCH}");
     let (code, stderr) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{stderr}");
 }

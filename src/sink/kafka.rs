@@ -31,8 +31,10 @@ pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
     if exactly_once {
         // A transaction's messages may not outlive it: librdkafka bounds
         // message.timeout.ms by transaction.timeout.ms. A timed-out batch is
-        // aborted as a whole and retried, so order holds anyway.
-        set("transaction.timeout.ms", "60000");
+        // aborted as a whole and retried, so order holds anyway. Short, because
+        // the open transaction of a relay that died and does not come back holds
+        // read_committed consumers (and recovery) back until it times out.
+        set("transaction.timeout.ms", "15000");
     } else {
         // Transient faults are retried inside the idempotent producer for as long as
         // they last: only then does a partition keep its order across an outage (a
