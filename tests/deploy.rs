@@ -100,6 +100,31 @@ fn compose_file_has_the_services_in_order() {
     assert!(s["kafka"]["image"].as_str().unwrap().starts_with("apache/kafka:"), "official Apache Kafka image");
 }
 
+/// The real Compose v2 CLI (built by scripts/deps) accepts the file: schema,
+/// interpolation, depends_on conditions, build contexts.
+#[test]
+fn docker_compose_config_accepts_the_compose_file() {
+    let home = std::env::var("HOME").expect("HOME");
+    let bin = std::path::Path::new(&home).join(".cache/outbox-relay/bin/docker-compose-v2.32.4");
+    assert!(bin.exists(), "{} missing: run scripts/deps (it builds docker compose once)", bin.display());
+    let out = std::process::Command::new(&bin)
+        .args(["-f", "docker-compose.yml", "config", "--quiet"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run docker compose");
+    assert!(out.status.success(), "docker compose config: {}", String::from_utf8_lossy(&out.stderr));
+    // and it resolves what it should
+    let out = std::process::Command::new(&bin)
+        .args(["-f", "docker-compose.yml", "config", "--services"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run docker compose");
+    let services = String::from_utf8_lossy(&out.stdout);
+    for svc in ["postgres", "kafka", "migrate", "relay", "writer"] {
+        assert!(services.lines().any(|l| l == svc), "service {svc} in {services}");
+    }
+}
+
 #[test]
 fn systemd_unit_runs_the_relay_hardened_with_a_stop_timeout() {
     let unit = read("deploy/systemd/outbox-relay.service");
