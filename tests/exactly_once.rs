@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
@@ -42,22 +41,12 @@ async fn prepared(ob: &Outbox) -> Vec<String> {
 async fn assert_exactly_once(ob: &Outbox, topic: &str) {
     ob.wait_drained(Duration::from_secs(60)).await;
     assert!(prepared(ob).await.is_empty(), "no batch may stay prepared");
-    let rows = pg().await.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
-    let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let msgs = consume(&[topic.to_string()], seq_of.len(), Duration::from_secs(60), Duration::from_secs(3));
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for m in &msgs {
-        *count.entry(m.event_id()).or_default() += 1;
-    }
-    let lost = seq_of.keys().filter(|id| !count.contains_key(*id)).count();
-    let duplicates: usize = count.values().map(|c| c - 1).sum();
-    let violations = order_violations(&msgs, &seq_of);
-    eprintln!(
-        "rows {} messages {} lost {lost} duplicates {duplicates} order violations {violations}",
-        seq_of.len(),
-        msgs.len()
+    let d = delivery(ob, &[topic.to_string()], Duration::from_secs(3)).await;
+    assert_eq!(
+        (d.lost.len(), d.duplicates, d.order_violations, d.unknown),
+        (0, 0, 0, 0),
+        "lost, duplicates, order violations, unknown messages"
     );
-    assert_eq!((lost, duplicates, violations), (0, 0, 0), "lost, duplicates, order violations");
 }
 
 #[tokio::test(flavor = "multi_thread")]

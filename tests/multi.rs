@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,25 +61,11 @@ async fn three_relays_keep_per_key_order_with_a_hot_key() {
     writer.await.unwrap();
     ob.wait_drained(Duration::from_secs(120)).await;
 
-    let rows = db.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
-    let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(seq_of.len() as u64, written.load(Ordering::Relaxed));
-    let msgs = consume(std::slice::from_ref(&topic), seq_of.len(), Duration::from_secs(120), Duration::from_secs(2));
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for m in &msgs {
-        *count.entry(m.event_id()).or_default() += 1;
-    }
-    let lost = seq_of.keys().filter(|id| !count.contains_key(*id)).count();
-    let duplicates: usize = count.values().map(|c| c - 1).sum();
-    let violations = order_violations(&msgs, &seq_of);
-    eprintln!(
-        "written {} delivered {} lost {lost} duplicates {duplicates} order violations {violations}",
-        seq_of.len(),
-        msgs.len()
-    );
-    assert_eq!(lost, 0);
-    assert_eq!(duplicates, 0, "no crash, no duplicate");
-    assert_eq!(violations, 0, "per-key order across relays");
+    let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(2)).await;
+    assert_eq!(d.seq_of.len() as u64, written.load(Ordering::Relaxed));
+    assert!(d.lost.is_empty(), "{} lost", d.lost.len());
+    assert_eq!(d.duplicates, 0, "no crash, no duplicate");
+    assert_eq!(d.order_violations, 0, "per-key order across relays");
     for r in relays {
         let (code, err) = r.terminate(Duration::from_secs(30));
         assert_eq!(code, Some(0), "{err}");

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -91,24 +90,9 @@ fn spawn_writer(
 
 async fn check_all_delivered(ob: &Outbox, topic: &str) {
     ob.wait_drained(Duration::from_secs(180)).await;
-    let db = pg().await;
-    let rows = db.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
-    let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let msgs = consume(&[topic.to_string()], seq_of.len(), Duration::from_secs(120), Duration::from_secs(2));
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for m in &msgs {
-        *count.entry(m.event_id()).or_default() += 1;
-    }
-    let lost = seq_of.keys().filter(|id| !count.contains_key(*id)).count();
-    let dups: usize = count.values().map(|c| c - 1).sum();
-    let violations = order_violations(&msgs, &seq_of);
-    eprintln!(
-        "committed {} delivered {} lost {lost} duplicates {dups} order violations {violations}",
-        seq_of.len(),
-        msgs.len()
-    );
-    assert_eq!(lost, 0, "lost events");
-    assert_eq!(violations, 0, "per-key order");
+    let d = delivery(ob, &[topic.to_string()], Duration::from_secs(2)).await;
+    assert!(d.lost.is_empty(), "{} lost events", d.lost.len());
+    assert_eq!(d.order_violations, 0, "per-key order");
     assert_eq!(ob.count("parked_at IS NOT NULL OR attempts > 0").await, 0, "an outage never counts against events");
 }
 

@@ -366,3 +366,47 @@ pub fn order_violations(msgs: &[Received], seq_of: &HashMap<String, i64>) -> usi
     }
     violations
 }
+
+/// What a read_committed consumer saw of an outbox table's rows on `topics`.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Rows in the table (id → seq).
+    pub seq_of: HashMap<String, i64>,
+    /// Messages read.
+    pub messages: usize,
+    /// Rows with no message.
+    pub lost: Vec<String>,
+    /// Extra copies beyond the first.
+    pub duplicates: usize,
+    pub order_violations: usize,
+    /// Messages whose event_id is not a row of the table.
+    pub unknown: usize,
+}
+
+/// Reads `topics` back (read_committed) and compares with every row of the table.
+pub async fn delivery(ob: &Outbox, topics: &[String], settle: Duration) -> Delivery {
+    let rows = pg().await.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
+    let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let msgs = consume(topics, seq_of.len(), Duration::from_secs(120), settle);
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for m in &msgs {
+        *count.entry(m.event_id()).or_default() += 1;
+    }
+    let d = Delivery {
+        lost: seq_of.keys().filter(|id| !count.contains_key(*id)).cloned().collect(),
+        duplicates: count.values().map(|c| c - 1).sum(),
+        order_violations: order_violations(&msgs, &seq_of),
+        unknown: count.keys().filter(|id| !seq_of.contains_key(*id)).count(),
+        messages: msgs.len(),
+        seq_of,
+    };
+    eprintln!(
+        "rows {} messages {} lost {} duplicates {} order violations {}",
+        d.seq_of.len(),
+        d.messages,
+        d.lost.len(),
+        d.duplicates,
+        d.order_violations
+    );
+    d
+}
