@@ -26,6 +26,8 @@ pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
 pub const PARKED_NOW: &str = "outbox_relay_parked_events";
 pub const READY: &str = "outbox_relay_ready";
 pub const RECOVERED: &str = "outbox_relay_batches_recovered_total";
+pub const PREPARED: &str = "outbox_relay_prepared_batches";
+pub const OLDEST_PREPARED_AGE: &str = "outbox_relay_oldest_prepared_batch_age_seconds";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -63,6 +65,9 @@ fn describe() {
     describe_gauge!(OLDEST_PENDING_AGE, Unit::Seconds, "Age of the oldest pending row (0 when none).");
     describe_gauge!(PARKED_NOW, Unit::Count, "Rows parked, waiting for an operator (outbox-relay replay).");
     describe_gauge!(READY, "1 when Postgres and Kafka are reachable and the schema is usable.");
+    describe_gauge!(PREPARED, Unit::Count, "Exactly-once batches prepared in Postgres and not yet resolved.");
+    describe_gauge!(OLDEST_PREPARED_AGE, Unit::Seconds, "Age of the oldest unresolved prepared batch (0 when none).");
+    describe_counter!(RECOVERED, "Exactly-once batches resolved by recovery, by decision (commit, rollback).");
 }
 
 /// A batch was finished: count per topic, record latency from commit to ack.
@@ -133,6 +138,8 @@ pub fn backlog(b: &Backlog) {
     gauge!(PENDING).set(b.pending as f64);
     gauge!(OLDEST_PENDING_AGE).set(b.oldest_pending_age_s);
     gauge!(PARKED_NOW).set(b.parked as f64);
+    gauge!(PREPARED).set(b.prepared as f64);
+    gauge!(OLDEST_PREPARED_AGE).set(b.oldest_prepared_age_s);
 }
 
 pub fn ready(ready: bool) {
