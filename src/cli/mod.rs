@@ -81,10 +81,15 @@ pub enum Command {
 Examples:
   outbox-relay run
   OUTBOX_RELAY__RELAY__ON_PUBLISH=delete outbox-relay run
+  OUTBOX_RELAY__RELAY__DELIVERY=exactly-once OUTBOX_RELAY__RELAY__ID=relay-1 outbox-relay run
   outbox-relay --config /etc/outbox-relay.toml run
 
 Stops on SIGTERM/SIGINT: stops claiming, finishes or releases the in-flight
-batch, flushes the producer and exits 0 within relay.shutdown_timeout.")]
+batch, flushes the producer and exits 0 within relay.shutdown_timeout.
+
+Exactly-once mode (relay.delivery = \"exactly-once\") needs Postgres
+max_prepared_transactions > 0 and Kafka transactions; each running relay needs
+its own stable relay.id. `outbox-relay check` verifies the prerequisites.")]
     Run,
     /// Apply the bundled schema migrations (or print their SQL with --print).
     #[command(after_help = "\
