@@ -167,7 +167,8 @@ pub enum Delivery {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// Name of this relay instance (logs, metrics, later the Kafka transactional id).
+    /// Name of this relay instance (logs, metrics; in exactly-once mode part of the Kafka
+    /// transactional id, so unique per running relay and stable across its restarts).
     /// Defaults to the host name.
     #[serde(default)]
     pub id: Option<String>,
