@@ -61,6 +61,15 @@ fn parse(spec: &str) -> Result<HashMap<String, Point>, String> {
     Ok(out)
 }
 
+/// Checks `OUTBOX_RELAY_FAILPOINTS` (if set) so that a typo is an error at
+/// start-up rather than a crash point that silently never fires.
+pub fn validate_env() -> Result<(), String> {
+    match std::env::var(ENV) {
+        Ok(spec) => parse(&spec).map(|_| ()).map_err(|e| format!("{ENV}: {e}")),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Marks a crash point; does nothing unless the environment arms it.
 pub fn hit(name: &str) {
     let Some(point) = points().get(name) else {

@@ -120,14 +120,8 @@ pub fn read_topics(
     timeout: Duration,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Seen>, String> {
-    let mut cfg = ClientConfig::new();
-    for (k, v) in properties {
-        if is_consumer_safe(k) {
-            cfg.set(k, v);
-        }
-    }
-    cfg.set("bootstrap.servers", brokers)
-        .set("group.id", format!("outbox-relay-verify-{}", Uuid::new_v4()))
+    let mut cfg = client_config(brokers, properties);
+    cfg.set("group.id", format!("outbox-relay-verify-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false");
@@ -191,8 +185,21 @@ pub fn read_topics(
     }
 }
 
+/// A Kafka client config (consumer, admin, plain producer) with the relay's
+/// brokers and the connection/security parts of its `kafka.properties`.
+pub(crate) fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in properties {
+        if is_consumer_safe(k) {
+            cfg.set(k, v);
+        }
+    }
+    cfg.set("bootstrap.servers", brokers);
+    cfg
+}
+
 /// Producer-only properties make librdkafka warn in a consumer; leave them out.
-pub(crate) fn is_consumer_safe(name: &str) -> bool {
+fn is_consumer_safe(name: &str) -> bool {
     !matches!(
         name,
         "acks"

@@ -36,6 +36,15 @@ fn invalid_setting_exits_64_naming_the_key() {
 }
 
 #[test]
+fn a_misspelled_failpoint_is_an_error_not_a_crash_point_that_never_fires() {
+    let o = run(&["run"], &[("OUTBOX_RELAY_FAILPOINTS", "after-clam=crash")], false);
+    assert_eq!(o.status.code(), Some(64));
+    assert_one_clean_line(&o);
+    let err = stderr(&o);
+    assert!(err.contains("OUTBOX_RELAY_FAILPOINTS") && err.contains("after-claim"), "{err}");
+}
+
+#[test]
 fn unknown_key_is_an_error_not_ignored() {
     let o = run(&["run"], &[("OUTBOX_RELAY__RELAY__BATCHSIZE", "10")], false);
     assert_eq!(o.status.code(), Some(64));

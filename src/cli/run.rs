@@ -18,6 +18,7 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     // Handlers first: a SIGTERM during start-up (waiting for Postgres or Kafka)
     // is a clean stop too, not a kill by the default action.
     let mut signals = Signals::install();
+    crate::failpoint::validate_env().map_err(|e| CliError::new(exit::USAGE, e))?;
     let relay_id = settings.relay_id();
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let pg = describe(store.pg_config());

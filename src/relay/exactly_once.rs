@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use super::{outcome_of, Backoff, Counters, Step};
+use super::{log_rejections, outcome_of, Backoff, Counters, Step};
 use crate::config::{RelayConfig, Settings};
 use crate::failpoint;
 use crate::sink::{Decisions, KafkaSink, SendResult, Sink};
@@ -53,8 +53,10 @@ pub struct ExactlyOnceRelay {
     decisions: Decisions,
     cfg: RelayConfig,
     wake: Arc<Notify>,
-    /// This relay's Kafka transactional id; also the prefix of its batches' gids.
+    /// This relay's Kafka transactional id.
     txn_id: String,
+    /// `<txn_id>/`: the prefix of its batches' prepared-transaction ids.
+    own_prefix: String,
     /// Shared by every relay of this outbox table.
     txn_prefix: String,
     pub counters: Arc<Counters>,
@@ -75,6 +77,7 @@ impl ExactlyOnceRelay {
             cfg: settings.relay.clone(),
             wake,
             txn_id: settings.transactional_id(),
+            own_prefix: format!("{}/", settings.transactional_id()),
             txn_prefix: settings.transactional_prefix(),
             counters: Arc::default(),
         })
@@ -171,7 +174,7 @@ impl ExactlyOnceRelay {
             claimed.release().await?;
             return Ok(Step::Deferred { rows: 0 });
         }
-        let gid = format!("{}/{}", self.txn_id, uuid::Uuid::new_v4().simple());
+        let gid = format!("{}{}", self.own_prefix, uuid::Uuid::new_v4().simple());
         failpoint::hit("after-claim");
 
         if let Err(e) = self.sink.begin().await {
@@ -201,7 +204,7 @@ impl ExactlyOnceRelay {
             if let SendResult::Failed { error, .. } = &decision {
                 tracing::warn!(%error, topic = %self.decisions.topic(), "decision record not written");
             }
-            self.log_failures(&claimed.events, &outcomes);
+            log_rejections(&claimed.events, &outcomes, self.cfg.max_attempts);
             let abort = self.sink.abort(KAFKA_TIMEOUT).await;
             let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
             let aborted: Vec<SendResult> = results
@@ -210,11 +213,11 @@ impl ExactlyOnceRelay {
                 .collect();
             crate::metrics::batch_finished(&events, &aborted, self.cfg.max_attempts, started.elapsed());
             abort.map_err(kafka("abort transaction"))?;
-            self.count(finished);
+            self.counters.add(finished);
             return Ok(Step::Batch { claimed: events.len(), finished });
         }
 
-        self.log_failures(&claimed.events, &outcomes);
+        log_rejections(&claimed.events, &outcomes, self.cfg.max_attempts);
         let n = claimed.events.len();
         let prepared = claimed.prepare(&outcomes, self.cfg.max_attempts, &gid).await;
         let (finished, events) = match prepared {
@@ -249,7 +252,7 @@ impl ExactlyOnceRelay {
         }
         failpoint::hit("after-commit-prepared");
         crate::metrics::batch_finished(&events, &results, self.cfg.max_attempts, started.elapsed());
-        self.count(finished);
+        self.counters.add(finished);
         tracing::debug!(
             claimed = n,
             published = finished.published,
@@ -260,33 +263,12 @@ impl ExactlyOnceRelay {
         Ok(Step::Batch { claimed: n, finished })
     }
 
-    fn count(&self, finished: crate::store::Finished) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.counters.published.fetch_add(finished.published as u64, Relaxed);
-        self.counters.failed.fetch_add(finished.failed as u64, Relaxed);
-        self.counters.batches.fetch_add(1, Relaxed);
-    }
-
-    fn log_failures(&self, events: &[crate::event::OutboxEvent], outcomes: &[Outcome]) {
-        for (ev, o) in events.iter().zip(outcomes) {
-            if let Outcome::Failed(f) = o {
-                tracing::warn!(
-                    event_id = %ev.id, seq = ev.seq, topic = %ev.topic, attempt = ev.attempts + 1,
-                    max_attempts = self.cfg.max_attempts,
-                    parked = f.park_now || ev.attempts + 1 >= self.cfg.max_attempts as i32,
-                    error = %f.error, "event rejected"
-                );
-            }
-        }
-    }
-
     /// Registers a fresh producer (fencing older instances of this relay and
     /// ending the transaction the last one left open), then resolves every
     /// batch this relay prepared and did not finish.
     pub async fn recover_own(&self) -> Result<(), EosError> {
         self.sink.reset_transactional(KAFKA_TIMEOUT).await.map_err(kafka("init transactions"))?;
-        let own = format!("{}/", self.txn_id);
-        for p in self.store.prepared(&own).await? {
+        for p in self.store.prepared(&self.own_prefix).await? {
             self.resolve(&self.txn_id, &p.gid).await?;
         }
         Ok(())
@@ -295,10 +277,9 @@ impl ExactlyOnceRelay {
     /// Resolves batches other relays prepared more than `recovery_timeout` ago
     /// (the relay died, or hangs): fence it first, then decide.
     pub async fn recover_stale(&self) -> Result<usize, EosError> {
-        let own = format!("{}/", self.txn_id);
         let mut resolved = 0;
         for p in self.store.prepared(&self.txn_prefix).await? {
-            if p.gid.starts_with(&own) || p.age_s < self.cfg.recovery_timeout.as_secs_f64() {
+            if p.gid.starts_with(&self.own_prefix) || p.age_s < self.cfg.recovery_timeout.as_secs_f64() {
                 continue;
             }
             let Some((owner, _)) = p.gid.rsplit_once('/') else { continue };

@@ -179,31 +179,13 @@ impl<S: Sink> Relay<S> {
         let InFlight { claimed, results, started, .. } = *f;
         let results = results.await;
         let n = claimed.events.len();
-        let outcomes: Vec<Outcome> = claimed
-            .events
-            .iter()
-            .zip(&results)
-            .map(|(ev, r)| {
-                let outcome = outcome_of(r);
-                if let Outcome::Failed(f) = &outcome {
-                    tracing::warn!(
-                        event_id = %ev.id, seq = ev.seq, topic = %ev.topic, attempt = ev.attempts + 1,
-                        max_attempts = self.cfg.max_attempts,
-                        parked = f.park_now || ev.attempts + 1 >= self.cfg.max_attempts as i32,
-                        error = %f.error, "event rejected"
-                    );
-                }
-                outcome
-            })
-            .collect();
+        let outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
+        log_rejections(&claimed.events, &outcomes, self.cfg.max_attempts);
         let deferred = claimed.deferred;
         let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
         crate::metrics::batch_finished(&events, &results, self.cfg.max_attempts, started.elapsed());
         crate::metrics::deferred(deferred);
-        use std::sync::atomic::Ordering::Relaxed;
-        self.counters.published.fetch_add(finished.published as u64, Relaxed);
-        self.counters.failed.fetch_add(finished.failed as u64, Relaxed);
-        self.counters.batches.fetch_add(1, Relaxed);
+        self.counters.add(finished);
         tracing::debug!(
             claimed = n,
             deferred,
@@ -214,6 +196,29 @@ impl<S: Sink> Relay<S> {
             "batch done"
         );
         Ok(finished)
+    }
+}
+
+impl Counters {
+    fn add(&self, finished: Finished) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.published.fetch_add(finished.published as u64, Relaxed);
+        self.failed.fetch_add(finished.failed as u64, Relaxed);
+        self.batches.fetch_add(1, Relaxed);
+    }
+}
+
+/// One warning per event Kafka (or the row itself) rejected, with its id.
+fn log_rejections(events: &[crate::event::OutboxEvent], outcomes: &[Outcome], max_attempts: u32) {
+    for (ev, o) in events.iter().zip(outcomes) {
+        if let Outcome::Failed(f) = o {
+            tracing::warn!(
+                event_id = %ev.id, seq = ev.seq, topic = %ev.topic, attempt = ev.attempts + 1,
+                max_attempts,
+                parked = f.park_now || ev.attempts + 1 >= max_attempts as i32,
+                error = %f.error, "event rejected"
+            );
+        }
     }
 }
 

@@ -6,7 +6,6 @@
 //! `read_committed` reader if and only if that transaction committed, which
 //! makes it the decision record that recovery reads after fencing the owner.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -27,14 +26,7 @@ pub struct Decisions {
 
 impl Decisions {
     pub fn new(settings: &Settings) -> Result<Decisions, SinkError> {
-        let mut base = ClientConfig::new();
-        let props: &BTreeMap<String, String> = &settings.kafka.properties;
-        for (k, v) in props {
-            if crate::verify::is_consumer_safe(k) {
-                base.set(k, v);
-            }
-        }
-        base.set("bootstrap.servers", settings.kafka_brokers());
+        let base = crate::verify::client_config(settings.kafka_brokers(), &settings.kafka.properties);
         let probe = base
             .clone()
             .set("client.id", "outbox-relay-decisions")

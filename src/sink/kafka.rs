@@ -68,11 +68,12 @@ pub struct BatchAcks {
     results: Mutex<Vec<Option<SendResult>>>,
     remaining: AtomicUsize,
     done: Notify,
+    size: usize,
 }
 
 impl BatchAcks {
     fn new(n: usize) -> BatchAcks {
-        BatchAcks { results: Mutex::new(vec![None; n]), remaining: AtomicUsize::new(n), done: Notify::new() }
+        BatchAcks { results: Mutex::new(vec![None; n]), remaining: AtomicUsize::new(n), done: Notify::new(), size: n }
     }
 
     fn set(&self, i: usize, r: SendResult) {
@@ -89,6 +90,26 @@ impl BatchAcks {
                 }
             }
         }
+    }
+
+    /// Waits for every result, warning every 30 s while Kafka does not answer.
+    async fn wait_all(&self) -> Vec<SendResult> {
+        let started = Instant::now();
+        let mut next_report = Duration::from_secs(30);
+        while self.remaining.load(AtomicOrdering::Acquire) > 0 {
+            let waited = started.elapsed();
+            let left = next_report.saturating_sub(waited);
+            if tokio::time::timeout(left, self.done.notified()).await.is_err() {
+                tracing::warn!(
+                    waiting_for = self.remaining.load(AtomicOrdering::Acquire),
+                    batch = self.size,
+                    waited_s = waited.as_secs(),
+                    "Kafka has not acknowledged the whole batch yet; still retrying (is the cluster reachable?)"
+                );
+                next_report += Duration::from_secs(30);
+            }
+        }
+        self.take()
     }
 
     fn take(&self) -> Vec<SendResult> {
@@ -173,20 +194,24 @@ impl KafkaSink {
         }
     }
 
+    /// Puts `fresh` in place of the current producer and drops what the old one
+    /// still had queued or in flight (its pending results resolve as failures).
+    fn install(&self, fresh: RelayProducer) {
+        let mut guard = match self.producer.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let old = std::mem::replace(&mut *guard, fresh);
+        drop(guard);
+        old.purge(PurgeConfig::default().queue().inflight());
+    }
+
     /// Replaces a producer that reported a fatal error.
     fn rebuild(&self, reason: &str) {
         tracing::error!(%reason, "Kafka producer hit a fatal error; rebuilding it (unacknowledged events stay pending)");
         self.rebuilds.fetch_add(1, AtomicOrdering::Relaxed);
         match build(&self.config) {
-            Ok(p) => {
-                let mut guard = match self.producer.write() {
-                    Ok(g) => g,
-                    Err(poisoned) => poisoned.into_inner(),
-                };
-                let old = std::mem::replace(&mut *guard, p);
-                drop(guard);
-                old.purge(PurgeConfig::default().queue().inflight());
-            }
+            Ok(p) => self.install(p),
             Err(e) => {
                 tracing::error!(error = %e, "could not rebuild the Kafka producer; will try again")
             }
@@ -209,13 +234,7 @@ impl KafkaSink {
         let fresh = build(&self.config).map_err(|e| KafkaError::ClientCreation(e.0))?;
         let p = fresh.clone();
         blocking(move || p.init_transactions(timeout)).await?;
-        let mut guard = match self.producer.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let old = std::mem::replace(&mut *guard, fresh);
-        drop(guard);
-        old.purge(PurgeConfig::default().queue().inflight());
+        self.install(fresh);
         Ok(())
     }
 
@@ -261,14 +280,14 @@ impl KafkaSink {
             .partition(0)
             .key(key.as_bytes())
             .payload(gid.as_bytes());
-        if let Err((e, _)) = self.producer().send(record) {
+        let producer = self.producer();
+        if let Err((e, _)) = producer.send(record) {
             acks.set(0, SendResult::Failed { class: classify(&e), error: e.to_string() });
         }
         async move {
-            while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
-                acks.done.notified().await;
-            }
-            acks.take().pop().unwrap_or(SendResult::Skipped)
+            let result = acks.wait_all().await.pop().unwrap_or(SendResult::Skipped);
+            drop(producer);
+            result
         }
         .boxed()
     }
@@ -342,25 +361,10 @@ impl Sink for KafkaSink {
             }
         }
         let held_keys = failed_keys.into_iter().map(str::to_string).collect();
-        let batch = events.len();
         let results = async move {
-            let started = Instant::now();
-            let mut next_report = Duration::from_secs(30);
-            while acks.remaining.load(AtomicOrdering::Acquire) > 0 {
-                let waited = started.elapsed();
-                let left = next_report.saturating_sub(waited);
-                if tokio::time::timeout(left, acks.done.notified()).await.is_err() {
-                    tracing::warn!(
-                        waiting_for = acks.remaining.load(AtomicOrdering::Acquire),
-                        batch,
-                        waited_s = waited.as_secs(),
-                        "Kafka has not acknowledged the whole batch yet; still retrying (is the cluster reachable?)"
-                    );
-                    next_report += Duration::from_secs(30);
-                }
-            }
-            drop(producer);
-            acks.take()
+            let results = acks.wait_all().await;
+            drop(producer); // kept alive until the last report arrived
+            results
         }
         .boxed();
         Sent { results, held_keys }

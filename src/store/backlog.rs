@@ -25,21 +25,19 @@ impl Store {
                        (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL),
                        (SELECT coalesce(extract(epoch FROM now() - created_at), 0)::float8 FROM {t}
                           WHERE published_at IS NULL AND parked_at IS NULL ORDER BY seq LIMIT 1),
-                       (SELECT count(*) FROM {t} WHERE parked_at IS NOT NULL),
-                       (SELECT count(*) FROM pg_prepared_xacts
-                          WHERE database = current_database() AND left(gid, length($1)) = $1),
-                       (SELECT coalesce(extract(epoch FROM now() - min(prepared)), 0)::float8 FROM pg_prepared_xacts
-                          WHERE database = current_database() AND left(gid, length($1)) = $1)"
+                       (SELECT count(*) FROM {t} WHERE parked_at IS NOT NULL)"
                 ),
-                &[&self.table().transactional_prefix()],
+                &[],
             )
             .await?;
+        drop(client);
+        let prepared = self.prepared(&self.table().transactional_prefix()).await?;
         Ok(Backlog {
             pending: row.get(0),
             oldest_pending_age_s: row.get::<_, Option<f64>>(1).unwrap_or(0.0).max(0.0),
             parked: row.get(2),
-            prepared: row.get(3),
-            oldest_prepared_age_s: row.get::<_, Option<f64>>(4).unwrap_or(0.0).max(0.0),
+            prepared: prepared.len() as i64,
+            oldest_prepared_age_s: prepared.iter().map(|p| p.age_s).fold(0.0, f64::max),
         })
     }
 }
