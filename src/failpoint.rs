@@ -79,16 +79,29 @@ pub fn hit(name: &str) {
     if n != point.nth {
         return;
     }
-    let signal = match point.action {
-        Action::Crash => "-KILL",
-        Action::Pause => "-STOP",
-    };
-    eprintln!("failpoint {name}: {signal} (hit {n})");
-    // The signal comes from outside the process, exactly as a test or an
-    // operator would send it; with SIGSTOP this call returns after SIGCONT.
-    let _ = std::process::Command::new("kill").args([signal, &std::process::id().to_string()]).status();
-    if point.action == Action::Crash {
-        std::process::abort();
+    eprintln!("failpoint {name}: {:?} (hit {n})", point.action);
+    match point.action {
+        // SIGKILL: no clean-up, like a power cut.
+        Action::Crash => {
+            #[allow(unsafe_code)]
+            // SAFETY: plain syscalls on our own process.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL)
+            };
+            std::process::abort();
+        }
+        // SIGSTOP directed at this very thread: it stops before it returns from
+        // the call, so the batch cannot take one more step (a signal sent to the
+        // process as a whole may be taken by another thread first, and this one
+        // would run on for a moment — long enough to send COMMIT PREPARED). The
+        // call returns after SIGCONT, as a zombie relay would resume.
+        Action::Pause => {
+            #[allow(unsafe_code)]
+            // SAFETY: raise(3) has no memory-safety preconditions.
+            unsafe {
+                libc::raise(libc::SIGSTOP)
+            };
+        }
     }
 }
 

@@ -72,7 +72,7 @@ async fn a_crash_at_every_failpoint_loses_and_duplicates_nothing() {
         assert!(!status.success(), "{point}: the failpoint must kill the relay");
         assert!(relay.log().contains(&format!("failpoint {point}")), "{point} not reached: {}", relay.log());
         let left = prepared(&ob).await;
-        assert_eq!(left.len(), left_prepared, "{point}: prepared batches left behind: {left:?}");
+        assert_eq!(left.len(), left_prepared, "{point}: prepared batches left behind: {left:?}\n{}", relay.log());
         eprintln!("{point}: crashed, {} prepared batch(es) left", left.len());
     }
     // A clean start resolves the last crash's batch, then drains the rest.
@@ -96,7 +96,7 @@ async fn zombie(point: &str, expect_committed: bool) {
         ob.spawn_relay(&[EOS, BATCH, recovery, ("OUTBOX_RELAY__RELAY__ID", &id_a), ("OUTBOX_RELAY_FAILPOINTS", &spec)]);
     a.wait_stopped(Duration::from_secs(60));
     let held = prepared(&ob).await;
-    assert_eq!(held.len(), 1, "the zombie holds one prepared batch: {held:?}");
+    assert_eq!(held.len(), 1, "the zombie holds one prepared batch: {held:?}\n{}", a.log());
 
     let id_b = format!("{}-b", ob.table);
     let b = ob.spawn_relay(&[EOS, BATCH, recovery, ("OUTBOX_RELAY__RELAY__ID", &id_b)]);
