@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use outbox_relay::config::Settings;
 use outbox_relay::store::Store;
-use outbox_relay::verify::{compare, read_topics};
+use outbox_relay::verify::{compare, duplicates_by_disruption, read_topics};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use tokio_postgres::NoTls;
@@ -60,6 +60,22 @@ const KEYS: usize = 1000;
 const WRITERS: usize = 4;
 const TOPICS: [&str; 4] = ["orders", "payments", "stock", "shipping"];
 
+/// Something done to the system at a moment: the duplicates an at-least-once
+/// relay may produce are blamed on these (see `duplicates_by_disruption`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Disruption {
+    Kill,
+    CrashPoint,
+    SelfExit,
+    KafkaStop,
+    KafkaStart,
+    PostgresRestart,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 struct Relays {
     bin: PathBuf,
     env: Vec<(String, String)>,
@@ -72,6 +88,8 @@ struct Relays {
     failpoints: bool,
     armed: Vec<bool>,
     failpoint_kills: usize,
+    /// When each disruption happened (ms since the epoch), in order.
+    disruptions: Vec<(i64, Disruption)>,
 }
 
 impl Relays {
@@ -104,6 +122,7 @@ impl Relays {
     }
 
     fn kill_and_restart(&mut self, i: usize) {
+        self.disruptions.push((now_ms(), Disruption::Kill));
         let _ = self.children[i].kill(); // SIGKILL
         let _ = self.children[i].wait();
         self.kills += 1;
@@ -118,10 +137,12 @@ impl Relays {
                 if self.armed[i] && status.code().is_none() {
                     // killed itself at its crash point, as armed
                     self.failpoint_kills += 1;
+                    self.disruptions.push((now_ms(), Disruption::CrashPoint));
                     self.children[i] = self.spawn(i);
                     continue;
                 }
                 eprintln!("chaos: relay {i} exited by itself ({status}); restarting");
+                self.disruptions.push((now_ms(), Disruption::SelfExit));
                 self.children[i] = self.spawn(i);
                 revived += 1;
             }
@@ -197,6 +218,7 @@ async fn main() {
         failpoints: args.exactly_once,
         armed: Vec::new(),
         failpoint_kills: 0,
+        disruptions: Vec::new(),
     };
     relays.children = (0..args.relays).map(|i| relays.spawn(i)).collect();
 
@@ -295,16 +317,19 @@ async fn main() {
         let writing = writers.iter().any(|w| !w.is_finished());
         if !kafka_down && t >= kafka_down_at {
             log(started, format!("stopping Kafka for {} s", args.kafka_outage));
+            relays.disruptions.push((now_ms(), Disruption::KafkaStop));
             infra("stop-kafka");
             kafka_down = true;
         }
         if kafka_down && !kafka_back && t >= kafka_down_at + Duration::from_secs(args.kafka_outage) {
             log(started, "starting Kafka");
             infra("start-kafka");
+            relays.disruptions.push((now_ms(), Disruption::KafkaStart));
             kafka_back = true;
         }
         if kafka_back && !pg_restarted && t >= pg_restart_at {
             log(started, "restarting Postgres");
+            relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
             infra("restart-postgres");
             pg_restarted = true;
         }
@@ -366,6 +391,19 @@ async fn main() {
             .expect("reader")
             .expect("read topics");
     let report = compare(&rows, &seen);
+    let moments: Vec<i64> = relays.disruptions.iter().map(|d| d.0).collect();
+    let (blamed, unexplained) = duplicates_by_disruption(&seen, &moments);
+    let mut by_cause: BTreeMap<Disruption, (usize, usize)> = BTreeMap::new(); // (total, max at one)
+    for ((_, cause), n) in relays.disruptions.iter().zip(&blamed) {
+        let e = by_cause.entry(*cause).or_default();
+        e.0 += n;
+        e.1 = e.1.max(*n);
+    }
+    let max_per_kill = [Disruption::Kill, Disruption::CrashPoint]
+        .iter()
+        .filter_map(|c| by_cause.get(c).map(|e| e.1))
+        .max()
+        .unwrap_or(0);
 
     // Poison: each parked, with its reason; nothing else parked.
     let db = {
@@ -419,12 +457,27 @@ async fn main() {
     row("LOST", report.lost.to_string());
     row("duplicated events", report.duplicated_events.to_string());
     row("duplicate copies", report.duplicate_copies.to_string());
-    row("duplicates per kill (mean)", format!("{:.1}", report.duplicate_copies as f64 / relays.kills.max(1) as f64));
+    row(
+        "duplicate copies per kill (mean)",
+        format!("{:.1}", report.duplicate_copies as f64 / relays.kills.max(1) as f64),
+    );
+    row("duplicate copies per kill (MAX)", max_per_kill.to_string());
     if args.exactly_once {
         row("duplicates allowed (exactly-once)", "0".into());
     } else {
         row("duplicate bound per kill (2 batches)", (2 * args.batch_size).to_string());
     }
+    for (cause, label) in [
+        (Disruption::KafkaStop, "dup copies after the Kafka stop"),
+        (Disruption::KafkaStart, "dup copies after the Kafka start"),
+        (Disruption::PostgresRestart, "dup copies after the Postgres restart"),
+        (Disruption::SelfExit, "dup copies after a relay's own exit"),
+    ] {
+        if let Some((n, _)) = by_cause.get(&cause) {
+            row(label, n.to_string());
+        }
+    }
+    row("dup copies no disruption explains", unexplained.to_string());
     row("PER-KEY ORDER VIOLATIONS", report.order_violations.to_string());
     row("SIGKILLs (random moments)", relays.kills.to_string());
     if args.exactly_once {

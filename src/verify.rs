@@ -21,6 +21,9 @@ pub struct Seen {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The message's timestamp (ms since the epoch; the producer's clock when
+    /// the relay handed it over).
+    pub timestamp_ms: Option<i64>,
 }
 
 /// The comparison of rows and messages.
@@ -110,6 +113,38 @@ pub fn compare(expected: &[PublishedRow], seen: &[Seen]) -> Report {
     report
 }
 
+/// Blames every extra copy of an event on the disruption that caused it.
+///
+/// `disruptions` are the moments (ms since the epoch, ascending) something was
+/// done to the system: a SIGKILL, a broker stop, a Postgres restart. A second
+/// copy exists because the batch that sent the first one was not recorded,
+/// so a disruption struck after the first copy was produced and before the
+/// next one was. Each extra copy goes to the first disruption at or after the
+/// timestamp of the copy before it (and no later than its own). Returns the
+/// copies per disruption (same index) and the copies no disruption explains.
+/// Needs one clock for both sides: the relay and the caller on one machine.
+pub fn duplicates_by_disruption(seen: &[Seen], disruptions: &[i64]) -> (Vec<usize>, usize) {
+    let mut stamps: HashMap<Uuid, Vec<i64>> = HashMap::new();
+    for m in seen {
+        if let (Some(id), Some(ts)) = (m.id, m.timestamp_ms) {
+            stamps.entry(id).or_default().push(ts);
+        }
+    }
+    let mut per = vec![0; disruptions.len()];
+    let mut unexplained = 0;
+    for ts in stamps.values_mut().filter(|t| t.len() > 1) {
+        ts.sort_unstable();
+        for pair in ts.windows(2) {
+            let i = disruptions.partition_point(|&d| d < pair[0]);
+            match disruptions.get(i) {
+                Some(&d) if d <= pair[1] => per[i] += 1,
+                _ => unexplained += 1,
+            }
+        }
+    }
+    (per, unexplained)
+}
+
 /// Reads `topics` from the beginning up to their current end with a
 /// read_committed consumer. `properties` are the relay's `kafka.properties`
 /// (security settings apply to the consumer too). Blocking.
@@ -159,7 +194,13 @@ pub fn read_topics(
                 .and_then(|h| h.iter().find(|h| h.key == EVENT_ID_HEADER).and_then(|h| h.value))
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|s| Uuid::parse_str(s).ok());
-            seen.push(Seen { id, topic: m.topic().to_string(), partition: m.partition(), offset: m.offset() });
+            seen.push(Seen {
+                id,
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+            });
             if seen.len() % 100_000 == 0 {
                 progress(seen.len());
             }
@@ -237,7 +278,31 @@ mod tests {
     }
 
     fn seen(r: &PublishedRow, offset: i64) -> Seen {
-        Seen { id: Some(r.id), topic: "t".into(), partition: 0, offset }
+        Seen { id: Some(r.id), topic: "t".into(), partition: 0, offset, timestamp_ms: Some(1_000 + offset) }
+    }
+
+    #[test]
+    fn each_extra_copy_is_blamed_on_the_next_disruption() {
+        let rows = [row(1, "a"), row(2, "a"), row(3, "b")];
+        let at = |r: &PublishedRow, ts: i64| Seen { timestamp_ms: Some(ts), ..seen(r, 0) };
+        let msgs = vec![
+            at(&rows[0], 100),
+            at(&rows[1], 101),
+            at(&rows[2], 102),
+            // kill at 150: a1 and a2 again
+            at(&rows[0], 200),
+            at(&rows[1], 201),
+            // kill at 250, broker stop at 300: a1 a third time
+            at(&rows[0], 400),
+            // a copy with no disruption in between
+            at(&rows[2], 103),
+        ];
+        let (per, unexplained) = duplicates_by_disruption(&msgs, &[150, 250, 300]);
+        // a1's third copy goes to the first disruption after its second (250)
+        assert_eq!(per, vec![2, 1, 0]);
+        assert_eq!(unexplained, 1);
+        let (per, _) = duplicates_by_disruption(&msgs, &[150, 300]);
+        assert_eq!(per, vec![2, 1]);
     }
 
     #[test]

@@ -69,7 +69,7 @@ async fn a_crash_at_every_failpoint_loses_and_duplicates_nothing() {
         let spec = format!("{point}=crash@2");
         let mut relay = ob.spawn_relay(&[EOS, BATCH, ("OUTBOX_RELAY_FAILPOINTS", &spec)]);
         let status = relay.wait_exit(Duration::from_secs(60));
-        assert!(!status.success(), "{point}: the failpoint must kill the relay");
+        assert!(!status.success(), "{point}: the failpoint must kill the relay: {}", relay.log());
         assert!(relay.log().contains(&format!("failpoint {point}")), "{point} not reached: {}", relay.log());
         let left = prepared(&ob).await;
         assert_eq!(left.len(), left_prepared, "{point}: prepared batches left behind: {left:?}\n{}", relay.log());
