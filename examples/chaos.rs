@@ -323,8 +323,10 @@ async fn main() {
         }
         if kafka_down && !kafka_back && t >= kafka_down_at + Duration::from_secs(args.kafka_outage) {
             log(started, "starting Kafka");
-            infra("start-kafka");
+            // Noted before the call: the broker takes writes before the script
+            // has seen it ready.
             relays.disruptions.push((now_ms(), Disruption::KafkaStart));
+            infra("start-kafka");
             kafka_back = true;
         }
         if kafka_back && !pg_restarted && t >= pg_restart_at {
