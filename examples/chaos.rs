@@ -323,16 +323,19 @@ async fn main() {
         }
         if kafka_down && !kafka_back && t >= kafka_down_at + Duration::from_secs(args.kafka_outage) {
             log(started, "starting Kafka");
-            // Noted before the call: the broker takes writes before the script
-            // has seen it ready.
             relays.disruptions.push((now_ms(), Disruption::KafkaStart));
             infra("start-kafka");
+            relays.disruptions.push((now_ms(), Disruption::KafkaStart));
             kafka_back = true;
         }
         if kafka_back && !pg_restarted && t >= pg_restart_at {
             log(started, "restarting Postgres");
+            // A restart lasts a while: a batch sent while Postgres goes down
+            // cannot be committed and is sent again once it is back, so both
+            // ends are noted (likewise for the broker).
             relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
             infra("restart-postgres");
+            relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
             pg_restarted = true;
         }
         if pg_restarted && !second_poison {
