@@ -133,6 +133,35 @@ async fn migrate_is_idempotent_and_records_the_version() {
     assert_eq!(n, outbox_relay::store::MIGRATIONS.len() as i64, "every bundled migration recorded once");
 }
 
+/// Pods of several services start together on a fresh database: their
+/// migrations must not trip over the schema and version table they share.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_migrations_into_a_fresh_schema_all_succeed() {
+    let schema = format!("fresh_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            relay_cmd(&format!("{schema}.outbox_{i}"), &[])
+                .arg("migrate")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let n: i64 = pg()
+        .await
+        .query_one(&format!("SELECT count(DISTINCT table_name) FROM {schema}.outbox_relay_migrations"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6, "every table's migrations recorded");
+    pg().await.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await.unwrap();
+}
+
 #[test]
 fn migrate_print_renders_the_configured_table_without_a_database() {
     let o = run(&["migrate", "--print"], &[("OUTBOX_RELAY__OUTBOX__TABLE", "billing.events")], true);

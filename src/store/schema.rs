@@ -79,8 +79,11 @@ pub(super) async fn migrate(
     table: &TableName,
 ) -> Result<Vec<&'static str>, StoreError> {
     let tx = client.transaction().await?;
-    // One migrator at a time per table (several pods may start together).
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("outbox-relay migrate {table}")]).await?;
+    // One migrator at a time per schema (several pods may start together, and
+    // the tables of one schema share its version table: two concurrent
+    // `CREATE … IF NOT EXISTS` of one object can both try to create it).
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("outbox-relay migrate {}", table.schema)])
+        .await?;
     tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema)).await?;
     tx.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS {} (
