@@ -81,6 +81,12 @@ struct Saturation {
     fraction_of_ceiling: f64,
     kafka_ceiling_events_per_s: f64,
     fraction_of_kafka_ceiling: f64,
+    /// The relay's own Postgres work, no Kafka: `Store::claim` (fence included)
+    /// and `Claimed::finish`, pipelined on two connections like the relay, rows
+    /// shipped to a client. What any relay built on these queries could reach
+    /// with an infinitely fast Kafka.
+    store_path_events_per_s: f64,
+    store_path_fraction_of_sql_ceiling: f64,
     /// Share of all cores busy (any process) while the relay drained.
     machine_cpu_busy: f64,
     /// Machine CPU seconds per million events of each ceiling run (Kafka-only:
@@ -366,7 +372,55 @@ fn delivery(exactly_once: bool) -> String {
     if exactly_once { "exactly-once" } else { "at-least-once" }.into()
 }
 
-async fn saturation(env: &Env, mode: &str, exactly_once: bool, kafka: (f64, f64)) -> Saturation {
+/// The store-path ceiling (see `Saturation::store_path_events_per_s`) for `mode`.
+async fn store_path_ceiling(env: &Env, mode: &str) -> f64 {
+    use outbox_relay::store::{Claimed, Outcome, Store};
+    let n = env.args.events;
+    let table = env.new_table("store").await;
+    env.preload(&table, "store", n).await;
+    let settings = outbox_relay::config::Settings::load_from(
+        None,
+        [
+            ("OUTBOX_RELAY__POSTGRES__URL", env.pg_url.as_str()),
+            ("OUTBOX_RELAY__KAFKA__BROKERS", env.brokers.as_str()),
+            ("OUTBOX_RELAY__OUTBOX__TABLE", table.as_str()),
+            ("OUTBOX_RELAY__RELAY__ON_PUBLISH", mode),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    )
+    .expect("settings");
+    let store = Store::new(&settings).expect("store");
+    let batch = env.args.batch_size;
+    let finish = |c: Option<Claimed>| async move {
+        if let Some(c) = c {
+            let outcomes: Vec<Outcome> = c.events.iter().map(|_| Outcome::Delivered).collect();
+            c.finish(&outcomes, 10).await.expect("finish");
+        }
+    };
+    let t = Instant::now();
+    let mut in_flight: Option<Claimed> = None;
+    loop {
+        // Like the relay: claim batch N+1 while batch N is recorded.
+        let own: Vec<Uuid> = in_flight.iter().flat_map(|c| c.events.iter().map(|e| e.id)).collect();
+        let (next, ()) = tokio::join!(store.claim(batch, &own), finish(in_flight.take()));
+        match next.expect("claim") {
+            Some(c) => in_flight = Some(c),
+            None => break,
+        }
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let db = env.db().await;
+    let left: i64 = db
+        .query_one(&format!("SELECT count(*) FROM public.{table} WHERE published_at IS NULL"), &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0, "store-path run left rows pending");
+    db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
+    rate
+}
+
+async fn saturation(env: &Env, mode: &str, exactly_once: bool, kafka: (f64, f64), store_path: f64) -> Saturation {
     let (kafka_ceiling, kafka_cpu) = kafka;
     let n = env.args.events;
     // SQL-only ceiling: same rows, same claim, same batch, no Kafka.
@@ -455,6 +509,8 @@ async fn saturation(env: &Env, mode: &str, exactly_once: bool, kafka: (f64, f64)
         fraction_of_ceiling: rate / ceiling,
         kafka_ceiling_events_per_s: kafka_ceiling,
         fraction_of_kafka_ceiling: rate / kafka_ceiling,
+        store_path_events_per_s: store_path,
+        store_path_fraction_of_sql_ceiling: store_path / ceiling,
         machine_cpu_busy: (busy_end - busy0) / secs / cores(),
         sql_ceiling_machine_cpu_s_per_million: sql_cpu,
         kafka_ceiling_machine_cpu_s_per_million: kafka_cpu,
@@ -613,9 +669,14 @@ async fn main() {
         let kafka_topics =
             env.topics(&format!("bench_kafka_{}", &Uuid::new_v4().simple().to_string()[..8]), false).await;
         let kafka = tokio::task::block_in_place(|| kafka_ceiling(&env, &kafka_topics, args.events));
+        let mut store_path = std::collections::HashMap::new();
+        for mode in ["delete", "mark"] {
+            eprintln!("bench: store-path ceiling (the relay's Postgres work, no Kafka), on_publish = {mode}…");
+            store_path.insert(mode, store_path_ceiling(&env, mode).await);
+        }
         for (mode, eos) in runs {
             eprintln!("bench: saturation, on_publish = {mode}, {}, {} events…", delivery(eos), args.events);
-            sat.push(saturation(&env, mode, eos, kafka).await);
+            sat.push(saturation(&env, mode, eos, kafka, store_path[mode]).await);
         }
     }
     let mut lat = Vec::new();
@@ -661,6 +722,18 @@ async fn main() {
                 s.fraction_of_kafka_ceiling * 100.0,
                 s.relay_cpu_s_per_million,
                 s.relay_peak_rss_mib
+            );
+        }
+        println!();
+        println!("  the relay's own Postgres work without Kafka (Store::claim with the per-key fence + finish, pipelined on two connections)");
+        println!("  mode    │ store-path ev/s │ of SQL-only │ relay / store-path");
+        for s in sat.iter().filter(|s| s.delivery == delivery(false)) {
+            println!(
+                "  {:<7} │ {:>15.0} │ {:>10.0}% │ {:>17.0}%",
+                s.mode,
+                s.store_path_events_per_s,
+                s.store_path_fraction_of_sql_ceiling * 100.0,
+                s.events_per_s / s.store_path_events_per_s * 100.0
             );
         }
         println!();
