@@ -323,6 +323,8 @@ async fn main() {
         }
         if kafka_down && !kafka_back && t >= kafka_down_at + Duration::from_secs(args.kafka_outage) {
             log(started, "starting Kafka");
+            // Both ends of the start: the broker may take writes before the
+            // script sees it ready.
             relays.disruptions.push((now_ms(), Disruption::KafkaStart));
             infra("start-kafka");
             relays.disruptions.push((now_ms(), Disruption::KafkaStart));
@@ -332,7 +334,7 @@ async fn main() {
             log(started, "restarting Postgres");
             // A restart lasts a while: a batch sent while Postgres goes down
             // cannot be committed and is sent again once it is back, so both
-            // ends are noted (likewise for the broker).
+            // ends are noted.
             relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
             infra("restart-postgres");
             relays.disruptions.push((now_ms(), Disruption::PostgresRestart));

@@ -21,8 +21,9 @@ pub struct Seen {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    /// The message's timestamp (ms since the epoch; the producer's clock when
-    /// the relay handed it over).
+    /// The message's timestamp, ms since the epoch: when the relay's producer
+    /// took it (topics with CreateTime, the default) or when the broker
+    /// appended it (LogAppendTime).
     pub timestamp_ms: Option<i64>,
 }
 
@@ -122,7 +123,8 @@ pub fn compare(expected: &[PublishedRow], seen: &[Seen]) -> Report {
 /// next one was. Each extra copy goes to the first disruption at or after the
 /// timestamp of the copy before it (and no later than its own). Returns the
 /// copies per disruption (same index) and the copies no disruption explains.
-/// Needs one clock for both sides: the relay and the caller on one machine.
+/// Needs one clock for both sides (the relay and the caller on one machine)
+/// and CreateTime topics, so that a copy's timestamp is when it was sent.
 pub fn duplicates_by_disruption(seen: &[Seen], disruptions: &[i64]) -> (Vec<usize>, usize) {
     let mut stamps: HashMap<Uuid, Vec<i64>> = HashMap::new();
     for m in seen {
