@@ -75,6 +75,16 @@ pub struct PostgresConfig {
     /// Give up a connection attempt after this long.
     #[serde(default = "defaults::connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// `statement_timeout` of the relay's own sessions: no query of the relay
+    /// runs longer on the server (the relay logs it and carries on).
+    #[serde(default = "defaults::statement_timeout", with = "duration")]
+    pub statement_timeout: Duration,
+    /// `idle_in_transaction_session_timeout` of the relay's own sessions. A live
+    /// relay keeps an open batch alive while it waits for Kafka (a heartbeat every
+    /// third of this); a frozen or cut-off relay's batch is ended by Postgres after
+    /// this long and its rows go to other relays. `0s` disables both.
+    #[serde(default = "defaults::idle_in_transaction_timeout", with = "duration")]
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -86,6 +96,8 @@ impl fmt::Debug for PostgresConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("idle_in_transaction_timeout", &self.idle_in_transaction_timeout)
             .finish()
     }
 }
@@ -175,9 +187,16 @@ pub struct RelayConfig {
     /// Rows claimed per batch.
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
-    /// Fallback poll interval when no NOTIFY arrives.
+    /// Longest wait between two looks at the outbox while it is empty. The wait
+    /// starts at 1 ms when the outbox runs dry and grows with the idle time (a
+    /// quarter of it) up to this; a busy relay never waits.
     #[serde(default = "defaults::poll_interval", with = "duration")]
     pub poll_interval: Duration,
+    /// How often a claim scans the pending index from its start instead of from
+    /// the floor: the safety net for replayed events whose notification was lost.
+    /// Under a held xmin horizon each such scan passes every dead entry once.
+    #[serde(default = "defaults::sweep_interval", with = "duration")]
+    pub sweep_interval: Duration,
     /// `mark` (keep published rows for `retention`) or `delete`.
     #[serde(default = "defaults::on_publish")]
     pub on_publish: OnPublish,
@@ -222,6 +241,7 @@ impl Default for RelayConfig {
             id: None,
             batch_size: defaults::batch_size(),
             poll_interval: defaults::poll_interval(),
+            sweep_interval: defaults::sweep_interval(),
             on_publish: defaults::on_publish(),
             retention: defaults::retention(),
             max_attempts: defaults::max_attempts(),
@@ -322,7 +342,16 @@ mod defaults {
         500
     }
     pub fn poll_interval() -> Duration {
-        Duration::from_secs(1)
+        Duration::from_millis(100)
+    }
+    pub fn sweep_interval() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn statement_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn idle_in_transaction_timeout() -> Duration {
+        Duration::from_secs(30)
     }
     pub fn on_publish() -> OnPublish {
         OnPublish::Mark
@@ -407,9 +436,9 @@ impl TableName {
         Ok(TableName { schema: schema.to_string(), table: table.to_string() })
     }
 
-    /// Exactly-once: the prefix of the transactional ids (and prepared-transaction
-    /// ids) of this table's relays.
-    pub fn transactional_prefix(&self) -> String {
+    /// Exactly-once: the prefix of transactional ids (and prepared-transaction
+    /// ids) that relays before 0.2 used for this table (see `store::TxnIds`).
+    pub fn legacy_transactional_prefix(&self) -> String {
         format!("outbox-relay/{}.{}/", self.schema, self.table)
     }
 
@@ -589,6 +618,16 @@ impl Settings {
         if self.relay.poll_interval < Duration::from_millis(10) {
             return Err(ConfigError::key("relay.poll_interval", "must be at least 10ms"));
         }
+        if self.relay.sweep_interval < Duration::from_secs(1) {
+            return Err(ConfigError::key("relay.sweep_interval", "must be at least 1s"));
+        }
+        if self.postgres.statement_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::key("postgres.statement_timeout", "must be at least 1s"));
+        }
+        let idle = self.postgres.idle_in_transaction_timeout;
+        if !idle.is_zero() && idle < Duration::from_secs(3) {
+            return Err(ConfigError::key("postgres.idle_in_transaction_timeout", "must be at least 3s, or 0s to disable"));
+        }
         if self.relay.max_attempts == 0 {
             return Err(ConfigError::key("relay.max_attempts", "must be at least 1"));
         }
@@ -607,7 +646,9 @@ impl Settings {
                 "must be a Kafka topic name: 1-249 characters of letters, digits, '.', '_' or '-'",
             ));
         }
-        if self.relay.delivery == Delivery::ExactlyOnce && self.transactional_id().len() > 160 {
+        // outbox-relay/<12 hex>/<schema.table>/<relay.id>/<32 hex> must fit Postgres's 200-byte gid.
+        let gid_len = "outbox-relay/".len() + 13 + self.table().to_string().len() + 1 + self.relay_id().len() + 33;
+        if self.relay.delivery == Delivery::ExactlyOnce && gid_len > 199 {
             return Err(ConfigError::key(
                 "relay.id",
                 "is too long for exactly-once mode: with the table name it must fit a 200-byte Postgres transaction id",
@@ -647,19 +688,6 @@ impl Settings {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "outbox-relay".into())
         })
-    }
-
-    /// Exactly-once: this instance's Kafka `transactional.id`, stable across
-    /// restarts: `outbox-relay/<schema.table>/<relay.id>`. Also the prefix of the
-    /// Postgres prepared-transaction ids of its batches.
-    pub fn transactional_id(&self) -> String {
-        format!("{}{}", self.transactional_prefix(), self.relay_id())
-    }
-
-    /// The part of every transactional id (and prepared-transaction id) shared
-    /// by the relays of this outbox table.
-    pub fn transactional_prefix(&self) -> String {
-        self.table().transactional_prefix()
     }
 
     /// The Postgres URL (validated as present).
@@ -728,7 +756,8 @@ mod tests {
         let s = load_env(&[]).unwrap();
         assert_eq!(s.relay.batch_size, 500);
         assert_eq!(s.relay.on_publish, OnPublish::Mark);
-        assert_eq!(s.relay.poll_interval, Duration::from_secs(1));
+        assert_eq!(s.relay.poll_interval, Duration::from_millis(100));
+        assert_eq!(s.postgres.idle_in_transaction_timeout, Duration::from_secs(30));
         assert_eq!(s.table(), TableName { schema: "public".into(), table: "outbox".into() });
         assert_eq!(s.kafka_brokers(), "localhost:9092");
     }

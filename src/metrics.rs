@@ -28,6 +28,13 @@ pub const READY: &str = "outbox_relay_ready";
 pub const RECOVERED: &str = "outbox_relay_batches_recovered_total";
 pub const PREPARED: &str = "outbox_relay_prepared_batches";
 pub const OLDEST_PREPARED_AGE: &str = "outbox_relay_oldest_prepared_batch_age_seconds";
+pub const RECOVERY_FAILURES: &str = "outbox_relay_prepared_resolution_failures_total";
+pub const CLAIM_DURATION: &str = "outbox_relay_claim_duration_seconds";
+pub const INFLIGHT_AGE: &str = "outbox_relay_inflight_batch_age_seconds";
+pub const DEAD_TUPLES: &str = "outbox_relay_table_dead_tuples";
+pub const LIVE_TUPLES: &str = "outbox_relay_table_live_tuples";
+pub const HORIZON_AGE: &str = "outbox_relay_xmin_horizon_age_seconds";
+pub const HORIZON_XIDS: &str = "outbox_relay_xmin_horizon_age_xids";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -42,6 +49,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 .set_buckets_for_metric(Matcher::Full(COMMIT_TO_ACK.into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), LATENCY_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(CLAIM_DURATION.into()), LATENCY_BUCKETS))
                 .map_err(|e| e.to_string())?;
             let handle = builder.install_recorder().map_err(|e| e.to_string())?;
             describe();
@@ -68,6 +76,13 @@ fn describe() {
     describe_gauge!(PREPARED, Unit::Count, "Exactly-once batches prepared in Postgres and not yet resolved.");
     describe_gauge!(OLDEST_PREPARED_AGE, Unit::Seconds, "Age of the oldest unresolved prepared batch (0 when none).");
     describe_counter!(RECOVERED, "Exactly-once batches resolved by recovery, by decision (commit, rollback).");
+    describe_counter!(RECOVERY_FAILURES, "Attempts to resolve a prepared batch that failed (logged with the gid and fix).");
+    describe_histogram!(CLAIM_DURATION, Unit::Seconds, "The claim statement (row locks and the per-key fence), per batch.");
+    describe_gauge!(INFLIGHT_AGE, Unit::Seconds, "How long the oldest batch this relay holds has been open (0 when none).");
+    describe_gauge!(DEAD_TUPLES, Unit::Count, "Dead tuples of the outbox table (pg_stat_user_tables), waiting for vacuum.");
+    describe_gauge!(LIVE_TUPLES, Unit::Count, "Live tuples of the outbox table (pg_stat_user_tables).");
+    describe_gauge!(HORIZON_AGE, Unit::Seconds, "Age of the oldest transaction or snapshot holding back vacuum in this database (0 when none).");
+    describe_gauge!(HORIZON_XIDS, Unit::Count, "How many transaction ids the oldest snapshot holding back vacuum is behind.");
 }
 
 /// A batch was finished: count per topic, record latency from commit to ack.
@@ -128,6 +143,28 @@ pub fn deferred(n: usize) {
 /// Exactly-once: an unfinished batch was resolved by recovery.
 pub fn recovered(committed: bool) {
     counter!(RECOVERED, "decision" => if committed { "commit" } else { "rollback" }).increment(1);
+}
+
+/// An attempt to resolve a prepared batch failed.
+pub fn recovery_failed() {
+    counter!(RECOVERY_FAILURES).increment(1);
+}
+
+pub fn claim_duration(took: Duration) {
+    histogram!(CLAIM_DURATION).record(took.as_secs_f64());
+}
+
+/// How long the oldest batch this relay holds has been open.
+pub fn inflight_age(age: Option<Duration>) {
+    gauge!(INFLIGHT_AGE).set(age.map_or(0.0, |a| a.as_secs_f64()));
+}
+
+pub fn db_health(h: &crate::store::DbHealth) {
+    gauge!(DEAD_TUPLES).set(h.dead_tuples as f64);
+    gauge!(LIVE_TUPLES).set(h.live_tuples as f64);
+    let horizon = h.horizon.as_ref();
+    gauge!(HORIZON_AGE).set(horizon.and_then(|x| x.age_s).unwrap_or(0.0).max(0.0));
+    gauge!(HORIZON_XIDS).set(horizon.and_then(|x| x.age_xids).unwrap_or(0) as f64);
 }
 
 pub fn batch_error() {

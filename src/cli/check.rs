@@ -36,8 +36,10 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
                 }
             }
             if exactly_once {
-                problems += check_two_phase_commit(&settings, &store).await;
+                problems += check_two_phase_commit(&store).await;
             }
+            problems += check_prepared_batches(&settings, &store).await;
+            problems += check_db_health(&store).await;
         }
         Err(e) => {
             problems += 1;
@@ -49,7 +51,7 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
             Ok(()) => {
                 println!("ok      kafka reachable ({})", settings.kafka_brokers());
                 if exactly_once {
-                    problems += check_transactions(&settings, &sink).await;
+                    problems += check_transactions(&settings, &store, &sink).await;
                 }
             }
             Err(e) => {
@@ -69,7 +71,7 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
 }
 
 /// Exactly-once needs Postgres two-phase commit. Returns the number of problems.
-async fn check_two_phase_commit(settings: &Settings, store: &Store) -> usize {
+async fn check_two_phase_commit(store: &Store) -> usize {
     match store.max_prepared_transactions().await {
         Ok(0) => {
             println!(
@@ -84,16 +86,39 @@ async fn check_two_phase_commit(settings: &Settings, store: &Store) -> usize {
             return 1;
         }
     }
-    match store.prepared(&settings.transactional_prefix()).await {
+    0
+}
+
+/// Prepared exactly-once batches of this table, in any mode: they hold their
+/// rows and the xmin horizon until resolved. Returns the number of problems.
+async fn check_prepared_batches(settings: &Settings, store: &Store) -> usize {
+    let prefixes = store.transactional_prefixes().await;
+    match store.prepared_any(&prefixes).await {
+        Ok(p) if p.is_empty() => 0,
         Ok(p) => {
-            let stale: Vec<_> = p.iter().filter(|p| p.age_s > settings.relay.recovery_timeout.as_secs_f64()).collect();
-            if !stale.is_empty() {
+            let timeout = settings.relay.recovery_timeout.as_secs_f64();
+            let stale: Vec<_> = p.iter().filter(|p| p.age_s > timeout).collect();
+            if stale.is_empty() {
+                println!("ok      {} prepared batch(es) in flight (younger than relay.recovery_timeout)", p.len());
+                return 0;
+            }
+            let (role, superuser) = store.role().await.unwrap_or_default();
+            let foreign: Vec<_> = stale.iter().filter(|p| !superuser && p.owner != role).collect();
+            println!(
+                "warning {} prepared batch(es) older than relay.recovery_timeout (oldest {:.0} s, e.g. {}): they hold \
+                 their rows and the xmin horizon; a running relay of this table (any mode) resolves them",
+                stale.len(),
+                stale.iter().map(|p| p.age_s).fold(0.0, f64::max),
+                stale[0].gid
+            );
+            if !foreign.is_empty() {
                 println!(
-                    "warning {} prepared batch(es) older than relay.recovery_timeout (oldest {:.0} s): a running \
-                     relay in exactly-once mode resolves them; they hold their rows until then",
-                    stale.len(),
-                    stale.iter().map(|p| p.age_s).fold(0.0, f64::max)
+                    "PROBLEM {} of them were prepared by another role ({}); role {role} cannot finish them: run the \
+                     relay as that role, or finish them as it (COMMIT/ROLLBACK PREPARED as the decision record says)",
+                    foreign.len(),
+                    foreign[0].owner
                 );
+                return 1;
             }
             0
         }
@@ -104,12 +129,44 @@ async fn check_two_phase_commit(settings: &Settings, store: &Store) -> usize {
     }
 }
 
+/// Dead tuples of the outbox and who holds vacuum back. Warnings only.
+async fn check_db_health(store: &Store) -> usize {
+    match store.db_health().await {
+        Ok(h) => {
+            println!(
+                "ok      table {}: {} live, {} dead tuples{}",
+                store.table(),
+                h.live_tuples,
+                h.dead_tuples,
+                h.last_vacuum_age_s.map(|a| format!(", last vacuum {a:.0} s ago")).unwrap_or_default()
+            );
+            match &h.horizon {
+                Some(x) if x.age_s.unwrap_or(0.0) > 300.0 => println!(
+                    "warning the xmin horizon is held by {x}: vacuum cannot remove dead rows younger than it in \
+                     this database (see README, \"Running next to a production database\")"
+                ),
+                Some(x) if x.age_s.unwrap_or(0.0) > 10.0 => println!("ok      oldest snapshot: {x}"),
+                _ => println!("ok      no long-running snapshot holds the xmin horizon"),
+            }
+            0
+        }
+        Err(e) => {
+            println!("warning cannot read table statistics: {e}");
+            0
+        }
+    }
+}
+
 /// Exactly-once needs Kafka transactions and the decisions topic. Returns the
 /// number of problems.
-async fn check_transactions(settings: &Settings, sink: &KafkaSink) -> usize {
+async fn check_transactions(settings: &Settings, store: &Store, sink: &KafkaSink) -> usize {
     let mut problems = 0;
+    let prefix = match store.txn_ids().await {
+        Ok(ids) => ids.prefix,
+        Err(_) => settings.table().legacy_transactional_prefix(),
+    };
     // A throw-away transactional id: registering the relay's own would fence it.
-    let probe = format!("{}check-{}", settings.transactional_prefix(), uuid::Uuid::new_v4().simple());
+    let probe = format!("{prefix}check-{}", uuid::Uuid::new_v4().simple());
     match sink.fence(&probe, Duration::from_secs(15)).await {
         Ok(()) => println!("ok      kafka transactions available"),
         Err(e) => {
@@ -117,8 +174,7 @@ async fn check_transactions(settings: &Settings, sink: &KafkaSink) -> usize {
             println!(
                 "PROBLEM kafka transactions unavailable: {e} — the brokers need transaction support \
                  (transaction.state.log.replication.factor and min.isr no larger than the number of brokers) \
-                 and the relay's principal needs Write and Describe on transactional ids \"{}*\"",
-                settings.transactional_prefix()
+                 and the relay's principal needs Write and Describe on transactional ids \"{prefix}*\""
             );
         }
     }

@@ -10,9 +10,9 @@ use super::{exit, CliError};
 use crate::config::Delivery;
 use crate::config::Settings;
 use crate::http::Health;
-use crate::relay::{spawn_monitor, Backoff, EosError, ExactlyOnceRelay, Relay};
-use crate::sink::{KafkaSink, Sink};
-use crate::store::{describe, spawn_listener, Store};
+use crate::relay::{spawn_monitor, Backoff, EosError, ExactlyOnceRelay, Recovery, Relay};
+use crate::sink::{Decisions, KafkaSink, Sink};
+use crate::store::{describe, spawn_listener, Store, TxnIds};
 
 pub async fn run(settings: Settings) -> Result<(), CliError> {
     // Handlers first: a SIGTERM during start-up (waiting for Postgres or Kafka)
@@ -66,8 +66,16 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         if let Some(p) = problems.iter().find(|p| p.fatal) {
             return Err(CliError::new(exit::SCHEMA, p.to_string()));
         }
+        let txn_ids = retry_until(deadline, "postgres", || store.txn_ids())
+            .await
+            .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot read the database identity at {pg}: {e}")))?;
 
-        let sink = Arc::new(KafkaSink::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
+        let sink = if settings.relay.delivery == Delivery::ExactlyOnce {
+            KafkaSink::transactional(&settings, &txn_ids.transactional_id(&relay_id))
+        } else {
+            KafkaSink::new(&settings)
+        };
+        let sink = Arc::new(sink.map_err(|e| CliError::new(exit::USAGE, e.to_string()))?);
         retry_until(deadline, "kafka", || sink.ping(Duration::from_secs(5))).await.map_err(|e| {
             CliError::new(
                 exit::UNAVAILABLE,
@@ -77,9 +85,9 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
                 ),
             )
         })?;
-        Ok::<_, CliError>(sink)
+        Ok::<_, CliError>((sink, txn_ids))
     };
-    let sink = tokio::select! {
+    let (sink, txn_ids) = tokio::select! {
         r = startup => r?,
         s = signals.recv() => {
             tracing::info!(signal = s, "stopped during start-up");
@@ -89,13 +97,12 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
 
     let wake = Arc::new(Notify::new());
     let monitor = spawn_monitor(store.clone(), sink.clone(), health.clone(), Duration::from_secs(5), stop_rx.clone());
-    let listener =
-        spawn_listener(store.pg_config().clone(), store.tls().clone(), store.table(), wake.clone(), stop_rx.clone());
+    let listener = spawn_listener(store.clone(), wake.clone(), stop_rx.clone());
     let retention = (settings.relay.on_publish == crate::config::OnPublish::Mark)
         .then(|| spawn_retention(store.clone(), settings.relay.retention, stop_rx.clone()));
     let exactly_once = settings.relay.delivery == Delivery::ExactlyOnce;
     let (counters, mut relay_task) = if exactly_once {
-        let relay = ExactlyOnceRelay::new(&settings, store.clone(), sink.clone(), wake)
+        let relay = ExactlyOnceRelay::new(&settings, store.clone(), sink.clone(), wake, &txn_ids)
             .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
         // Resolve what an earlier run of this relay left prepared before claiming.
         let deadline = Instant::now() + settings.relay.startup_timeout;
@@ -120,12 +127,19 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         })?;
         let relay = Arc::new(relay);
         let counters = relay.counters.clone();
-        (counters, tokio::spawn(async move { relay.run(stop_rx).await }))
+        let stop = stop_rx.clone();
+        (counters, tokio::spawn(async move { relay.run(stop).await }))
     } else {
         let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
         let counters = relay.counters.clone();
-        (counters, tokio::spawn(async move { relay.run(stop_rx).await }))
+        let stop = stop_rx.clone();
+        (counters, tokio::spawn(async move { relay.run(stop).await }))
     };
+    // Exactly-once relays resolve stale prepared batches in their loop; in
+    // at-least-once mode a task does it (a table switched from exactly-once, or
+    // an exactly-once relay that never came back, leaves them behind).
+    let orphans = (!exactly_once)
+        .then(|| spawn_orphan_resolver(&settings, store.clone(), sink.clone(), txn_ids.clone(), stop_rx.clone()));
     tracing::info!(
         relay = %relay_id, table = %store.table(), postgres = %pg, kafka = %settings.kafka_brokers(),
         on_publish = ?settings.relay.on_publish, batch_size = settings.relay.batch_size,
@@ -161,6 +175,9 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     }
     listener.abort();
     monitor.abort();
+    if let Some(o) = orphans.flatten() {
+        o.abort();
+    }
     if let Some(r) = retention {
         r.abort();
     }
@@ -219,6 +236,42 @@ impl Signals {
             _ => std::future::pending().await,
         }
     }
+}
+
+/// At-least-once mode: resolves this table's prepared batches older than
+/// `relay.recovery_timeout` (see `relay::Recovery`), every half of it.
+fn spawn_orphan_resolver(
+    settings: &Settings,
+    store: Store,
+    sink: Arc<KafkaSink>,
+    txn_ids: TxnIds,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let every = settings.relay.recovery_timeout / 2;
+    let decisions = match Decisions::new(settings) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot resolve prepared batches left by exactly-once relays");
+            return None;
+        }
+    };
+    let recovery = Recovery::new(store, decisions, txn_ids, settings.relay.recovery_timeout);
+    Some(tokio::spawn(async move {
+        loop {
+            match recovery.resolve_stale(&sink, None).await {
+                Ok(r) if r.committed + r.rolled_back > 0 => tracing::info!(
+                    committed = r.committed, rolled_back = r.rolled_back, failed = r.failed,
+                    "resolved prepared batches left by exactly-once relays"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not list prepared batches; will try again"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }))
 }
 
 /// With `on_publish = "mark"`: delete rows older than `relay.retention` once a

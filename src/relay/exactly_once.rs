@@ -25,11 +25,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
-use super::{log_rejections, outcome_of, Backoff, Counters, Step};
+use super::recovery::Recovery;
+use super::{log_rejections, outcome_of, Backoff, Counters, IdleWait, Step};
 use crate::config::{RelayConfig, Settings};
 use crate::failpoint;
 use crate::sink::{Decisions, KafkaSink, SendResult, Sink};
-use crate::store::{Outcome, Store, StoreError};
+use crate::store::{Outcome, Store, StoreError, TxnIds};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -51,34 +52,42 @@ pub struct ExactlyOnceRelay {
     store: Store,
     sink: Arc<KafkaSink>,
     decisions: Decisions,
+    recovery: Recovery,
     cfg: RelayConfig,
     wake: Arc<Notify>,
     /// This relay's Kafka transactional id.
     txn_id: String,
     /// `<txn_id>/`: the prefix of its batches' prepared-transaction ids.
     own_prefix: String,
-    /// Shared by every relay of this outbox table.
-    txn_prefix: String,
     pub counters: Arc<Counters>,
 }
 
 impl ExactlyOnceRelay {
+    /// `sink` must be transactional with `txn_ids.transactional_id(relay id)`.
     pub fn new(
         settings: &Settings,
         store: Store,
         sink: Arc<KafkaSink>,
         wake: Arc<Notify>,
+        txn_ids: &TxnIds,
     ) -> Result<ExactlyOnceRelay, EosError> {
         let decisions = Decisions::new(settings).map_err(|e| EosError::Kafka(e.0))?;
+        let recovery = Recovery::new(
+            store.clone(),
+            Decisions::new(settings).map_err(|e| EosError::Kafka(e.0))?,
+            txn_ids.clone(),
+            settings.relay.recovery_timeout,
+        );
+        let txn_id = txn_ids.transactional_id(&settings.relay_id());
         Ok(ExactlyOnceRelay {
             store,
             sink,
             decisions,
+            recovery,
             cfg: settings.relay.clone(),
             wake,
-            txn_id: settings.transactional_id(),
-            own_prefix: format!("{}/", settings.transactional_id()),
-            txn_prefix: settings.transactional_prefix(),
+            own_prefix: format!("{txn_id}/"),
+            txn_id,
             counters: Arc::default(),
         })
     }
@@ -105,12 +114,14 @@ impl ExactlyOnceRelay {
     /// Runs until `shutdown` flips to true (between batches).
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
+        let mut idle = IdleWait::new(self.cfg.poll_interval);
         let mut must_recover = false;
         let mut last_scan = Instant::now();
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            self.store.floor().sweep_if_due(self.cfg.sweep_interval);
             let pause = if must_recover {
                 match self.recover_own().await {
                     Ok(()) => {
@@ -133,15 +144,17 @@ impl ExactlyOnceRelay {
                 match self.step().await {
                     Ok(Step::Batch { finished, .. }) if finished.retry == 0 => {
                         backoff.reset();
+                        idle.busy();
                         continue;
                     }
                     Ok(Step::Batch { .. }) => backoff.next_delay(),
-                    Ok(Step::Deferred { .. }) => Duration::from_millis(20 + fastrand::u64(0..30)),
+                    Ok(Step::Deferred { .. }) => Duration::from_millis(10 + fastrand::u64(0..20)),
                     Ok(Step::Idle) => {
                         backoff.reset();
+                        let wait = idle.next().min(self.cfg.recovery_timeout / 2);
                         tokio::select! {
                             _ = self.wake.notified() => {}
-                            _ = tokio::time::sleep(self.cfg.poll_interval.min(self.cfg.recovery_timeout / 2)) => {}
+                            _ = tokio::time::sleep(wait) => {}
                             _ = shutdown.changed() => {}
                         }
                         continue;
@@ -265,43 +278,19 @@ impl ExactlyOnceRelay {
 
     /// Registers a fresh producer (fencing older instances of this relay and
     /// ending the transaction the last one left open), then resolves every
-    /// batch this relay prepared and did not finish.
+    /// batch this relay prepared and did not finish. A batch that cannot be
+    /// resolved is logged with its fix and retried later; it does not stop the
+    /// relay (its rows stay locked meanwhile).
     pub async fn recover_own(&self) -> Result<(), EosError> {
         self.sink.reset_transactional(KAFKA_TIMEOUT).await.map_err(kafka("init transactions"))?;
-        for p in self.store.prepared(&self.own_prefix).await? {
-            self.resolve(&self.txn_id, &p.gid).await?;
-        }
+        self.recovery.resolve_own(&self.txn_id, &self.own_prefix).await?;
         Ok(())
     }
 
     /// Resolves batches other relays prepared more than `recovery_timeout` ago
     /// (the relay died, or hangs): fence it first, then decide.
     pub async fn recover_stale(&self) -> Result<usize, EosError> {
-        let mut resolved = 0;
-        for p in self.store.prepared(&self.txn_prefix).await? {
-            if p.gid.starts_with(&self.own_prefix) || p.age_s < self.cfg.recovery_timeout.as_secs_f64() {
-                continue;
-            }
-            let Some((owner, _)) = p.gid.rsplit_once('/') else { continue };
-            tracing::warn!(gid = %p.gid, age_s = p.age_s as u64, owner, "resolving another relay's stale batch; fencing it");
-            self.sink.fence(owner, KAFKA_TIMEOUT).await.map_err(kafka("fence"))?;
-            self.resolve(owner, &p.gid).await?;
-            resolved += 1;
-        }
-        Ok(resolved)
-    }
-
-    /// The owner is fenced: read the decision and finish the Postgres side.
-    async fn resolve(&self, owner: &str, gid: &str) -> Result<(), EosError> {
-        let committed = self
-            .decisions
-            .was_committed(owner, gid, Duration::from_secs(120))
-            .await
-            .map_err(|e| EosError::Kafka(e.0))?;
-        let done =
-            if committed { self.store.commit_prepared(gid).await? } else { self.store.rollback_prepared(gid).await? };
-        tracing::info!(gid, committed, resolved_here = done, "recovered an unfinished batch");
-        crate::metrics::recovered(committed);
-        Ok(())
+        let r = self.recovery.resolve_stale(&self.sink, Some(&self.own_prefix)).await?;
+        Ok(r.committed + r.rolled_back)
     }
 }

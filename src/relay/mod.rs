@@ -1,10 +1,13 @@
 //! The loop that joins store and sink: claim a batch, publish it, wait for every
-//! delivery report, record the outcome, commit. Wakes on NOTIFY, polls as a
-//! fallback, backs off after failures and never gives up on a transient one.
+//! delivery report, record the outcome, commit. A busy relay never waits: the
+//! pipeline keeps claiming. An idle one looks again after a wait that grows with
+//! how long the outbox has been empty (see [`IdleWait`]). It backs off after
+//! failures and never gives up on a transient one.
 
 mod backoff;
 mod exactly_once;
 mod monitor;
+mod recovery;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use tokio::sync::{watch, Notify};
 pub use backoff::Backoff;
 pub use exactly_once::{EosError, ExactlyOnceRelay};
 pub use monitor::spawn_monitor;
+pub use recovery::{Recovery, ResolveError, Resolved};
 
 use crate::config::RelayConfig;
 use crate::sink::{FailureClass, SendResult, Sink};
@@ -47,8 +51,38 @@ pub struct Relay<S: Sink> {
     pub counters: Arc<Counters>,
 }
 
+/// How long an idle relay waits before it looks at the outbox again: a quarter
+/// of how long the outbox has been empty, at least 1 ms, at most
+/// `relay.poll_interval`. Right after a batch the relay looks again within a
+/// millisecond or two (an event rarely waits), and an outbox empty for minutes
+/// costs Postgres one cheap claim per `poll_interval`. No NOTIFY is needed, so
+/// nothing runs in the application's commit (see migration 0003).
+#[derive(Debug, Clone)]
+pub struct IdleWait {
+    since: Option<Instant>,
+    max: Duration,
+}
+
+impl IdleWait {
+    pub fn new(max: Duration) -> IdleWait {
+        IdleWait { since: None, max }
+    }
+
+    /// Work was found.
+    pub fn busy(&mut self) {
+        self.since = None;
+    }
+
+    /// Nothing was found: how long to wait now.
+    pub fn next(&mut self) -> Duration {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        (since.elapsed() / 4).clamp(Duration::from_millis(1), self.max)
+    }
+}
+
 impl<S: Sink> Relay<S> {
-    /// `wake` receives a permit for every NOTIFY (see `store::spawn_listener`).
+    /// `wake` receives a permit when an operator replays events (see
+    /// `store::spawn_listener`).
     pub fn new(store: Store, sink: Arc<S>, cfg: RelayConfig, wake: Arc<Notify>) -> Relay<S> {
         Relay { store, sink, cfg, wake, counters: Arc::default() }
     }
@@ -61,12 +95,17 @@ impl<S: Sink> Relay<S> {
     /// order holds); then N is recorded and committed.
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
+        let mut idle = IdleWait::new(self.cfg.poll_interval);
         let mut inflight: Option<Box<InFlight>> = None;
         loop {
             let stopping = *shutdown.borrow();
             if stopping && inflight.is_none() {
                 return;
             }
+            if self.store.floor().sweep_if_due(self.cfg.sweep_interval) {
+                tracing::debug!("next claim scans the pending index from its start (relay.sweep_interval)");
+            }
+            crate::metrics::inflight_age(inflight.as_ref().map(|f| f.claimed.claimed_at.elapsed()));
             // 1. claim and send the next batch (unless stopping) while, on another
             //    connection, 2. the previous one is recorded and committed once
             //    its acknowledgements are in. Its rows stay locked until then, so
@@ -119,14 +158,17 @@ impl<S: Sink> Relay<S> {
                 backoff.next_delay()
             } else if inflight.is_some() {
                 backoff.reset();
+                idle.busy();
                 continue;
             } else if deferred_only {
-                // another relay holds the head of these keys; let it finish
-                Duration::from_millis(20 + fastrand::u64(0..30))
+                // everything claimable belongs to keys another relay holds the
+                // head of (its keys are left out for a moment); let it finish
+                Duration::from_millis(10 + fastrand::u64(0..20))
             } else {
                 backoff.reset();
                 if !stopping {
-                    self.wait_for_work(&mut shutdown).await;
+                    let wait = idle.next();
+                    self.wait_for_work(wait, &mut shutdown).await;
                 }
                 continue;
             };
@@ -137,10 +179,10 @@ impl<S: Sink> Relay<S> {
         }
     }
 
-    async fn wait_for_work(&self, shutdown: &mut watch::Receiver<bool>) {
+    async fn wait_for_work(&self, wait: Duration, shutdown: &mut watch::Receiver<bool>) {
         tokio::select! {
             _ = self.wake.notified() => {}
-            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
         }
     }

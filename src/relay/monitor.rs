@@ -1,4 +1,5 @@
-//! Background checks: dependency health for `/readyz`, and backlog gauges.
+//! Background checks: dependency health for `/readyz`, backlog gauges, and the
+//! health of the database the relay is a guest on (dead tuples, xmin horizon).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,10 @@ pub fn spawn_monitor<S: Sink>(
                 match store.backlog().await {
                     Ok(b) => crate::metrics::backlog(&b),
                     Err(e) => tracing::debug!(error = %e, "backlog query failed"),
+                }
+                match store.db_health().await {
+                    Ok(h) => crate::metrics::db_health(&h),
+                    Err(e) => tracing::debug!(error = %e, "table statistics query failed"),
                 }
             }
             let was_ready = health.is_ready();

@@ -21,7 +21,8 @@ use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 
 /// The producer properties the relay uses: its defaults, then the user's
 /// `[kafka.properties]`, then the settings the guarantees depend on.
-pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
+/// `transactional_id`: exactly-once mode's (see `store::TxnIds`).
+pub fn producer_config(settings: &Settings, transactional_id: Option<&str>) -> BTreeMap<String, String> {
     let mut props = BTreeMap::new();
     let mut set = |k: &str, v: &str| {
         props.insert(k.to_string(), v.to_string());
@@ -57,8 +58,8 @@ pub fn producer_config(settings: &Settings) -> BTreeMap<String, String> {
     set("bootstrap.servers", settings.kafka_brokers());
     set("enable.idempotence", "true");
     set("acks", "all");
-    if exactly_once {
-        set("transactional.id", &settings.transactional_id());
+    if let Some(id) = transactional_id {
+        set("transactional.id", id);
     }
     props
 }
@@ -168,18 +169,56 @@ type RelayProducer = ThreadedProducer<RelayContext>;
 /// rebuilt after a fatal error.
 pub struct KafkaSink {
     config: ClientConfig,
-    producer: RwLock<RelayProducer>,
+    producer: RwLock<Current>,
     rebuilds: std::sync::atomic::AtomicU64,
 }
 
+/// The producer in use and how many batches handed to it still wait for results.
+#[derive(Clone)]
+struct Current {
+    producer: RelayProducer,
+    outstanding: Arc<AtomicUsize>,
+}
+
+/// Counts a batch as outstanding on its producer until its results are in (or
+/// the batch is dropped).
+struct Outstanding(Arc<AtomicUsize>);
+
+impl Outstanding {
+    fn new(count: &Arc<AtomicUsize>) -> Outstanding {
+        count.fetch_add(1, AtomicOrdering::AcqRel);
+        Outstanding(count.clone())
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::AcqRel);
+    }
+}
+
 impl KafkaSink {
+    /// An idempotent producer (at-least-once mode; also what `check` pings with).
     pub fn new(settings: &Settings) -> Result<KafkaSink, SinkError> {
+        Self::build_sink(settings, None)
+    }
+
+    /// A transactional producer with this transactional id (exactly-once mode).
+    pub fn transactional(settings: &Settings, transactional_id: &str) -> Result<KafkaSink, SinkError> {
+        Self::build_sink(settings, Some(transactional_id))
+    }
+
+    fn build_sink(settings: &Settings, transactional_id: Option<&str>) -> Result<KafkaSink, SinkError> {
         let mut config = ClientConfig::new();
-        for (k, v) in producer_config(settings) {
+        for (k, v) in producer_config(settings, transactional_id) {
             config.set(k, v);
         }
         let producer = build(&config)?;
-        Ok(KafkaSink { config, producer: RwLock::new(producer), rebuilds: Default::default() })
+        Ok(KafkaSink {
+            config,
+            producer: RwLock::new(Current { producer, outstanding: Arc::default() }),
+            rebuilds: Default::default(),
+        })
     }
 
     /// How often the producer was rebuilt after a fatal error.
@@ -187,11 +226,15 @@ impl KafkaSink {
         self.rebuilds.load(AtomicOrdering::Relaxed)
     }
 
-    fn producer(&self) -> RelayProducer {
+    fn current(&self) -> Current {
         match self.producer.read() {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    fn producer(&self) -> RelayProducer {
+        self.current().producer
     }
 
     /// Puts `fresh` in place of the current producer and drops what the old one
@@ -201,9 +244,9 @@ impl KafkaSink {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let old = std::mem::replace(&mut *guard, fresh);
+        let old = std::mem::replace(&mut *guard, Current { producer: fresh, outstanding: Arc::default() });
         drop(guard);
-        old.purge(PurgeConfig::default().queue().inflight());
+        old.producer.purge(PurgeConfig::default().queue().inflight());
     }
 
     /// Replaces a producer that reported a fatal error.
@@ -261,6 +304,9 @@ impl KafkaSink {
         let mut config = self.config.clone();
         config.set("transactional.id", transactional_id);
         config.set("client.id", "outbox-relay-recovery");
+        // Also from an at-least-once relay, whose config has no transaction bound.
+        config.set("transaction.timeout.ms", "15000");
+        config.set("message.timeout.ms", "10000");
         let p = build(&config).map_err(|e| KafkaError::ClientCreation(e.0))?;
         blocking(move || p.init_transactions(timeout)).await
     }
@@ -308,12 +354,27 @@ fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
 
 impl Sink for KafkaSink {
     async fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>) -> Sent {
-        let mut producer = self.producer();
+        let mut current = self.current();
         // A transactional producer is rebuilt (and registered) by the exactly-once loop.
-        if let Some((code, reason)) = producer.client().fatal_error().filter(|_| !self.is_transactional()) {
+        if let Some((code, reason)) = current.producer.client().fatal_error().filter(|_| !self.is_transactional()) {
+            if current.outstanding.load(AtomicOrdering::Acquire) > 0 {
+                // An earlier batch is still out on the broken producer. Sending this
+                // one on a new producer could overtake it (its events would be
+                // retried after ours). End the earlier batch's wait instead; this
+                // one goes back untouched, and the next claim sends both in order.
+                current.producer.purge(PurgeConfig::default().queue().inflight());
+                let acks = Arc::new(BatchAcks::new(events.len()));
+                for i in 0..events.len() {
+                    acks.set(i, SendResult::Skipped);
+                }
+                let held_keys = events.iter().filter_map(|e| e.key.clone()).collect();
+                return Sent { results: async move { acks.take() }.boxed(), held_keys };
+            }
             self.rebuild(&format!("{code:?}: {reason}"));
-            producer = self.producer();
+            current = self.current();
         }
+        let producer = current.producer;
+        let outstanding = Outstanding::new(&current.outstanding);
         let acks = Arc::new(BatchAcks::new(events.len()));
         // Keys whose event failed before reaching Kafka: their later events wait.
         let mut failed_keys: HashSet<&str> = hold.iter().map(String::as_str).collect();
@@ -364,6 +425,7 @@ impl Sink for KafkaSink {
         let results = async move {
             let results = acks.wait_all().await;
             drop(producer); // kept alive until the last report arrived
+            drop(outstanding);
             results
         }
         .boxed();

@@ -1,6 +1,6 @@
 //! Backlog figures for metrics and `status`, read through the partial indexes
-//! (pending: `(seq) WHERE pending`; parked: `(parked_at) WHERE parked`), so their
-//! cost follows the backlog, not the table.
+//! (pending: `(seq) WHERE pending`, from the floor; parked: `(parked_at) WHERE
+//! parked`), so their cost follows the backlog, not the table or its dead rows.
 
 use super::{Store, StoreError};
 
@@ -15,23 +15,33 @@ pub struct Backlog {
 }
 
 impl Store {
+    /// The backlog as this relay sees it: pending rows from its floor on, plus
+    /// rows waiting for a retry (wherever they are). A relay that has not
+    /// claimed yet (floor 0) counts the whole pending index.
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let floor = self.floor().get();
         let t = self.table().quoted();
         let client = self.client().await?;
         let row = client
             .query_one(
                 &format!(
                     "SELECT
-                       (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL),
-                       (SELECT coalesce(extract(epoch FROM now() - created_at), 0)::float8 FROM {t}
-                          WHERE published_at IS NULL AND parked_at IS NULL ORDER BY seq LIMIT 1),
+                       (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1)
+                         + (SELECT count(*) FROM {t} WHERE retry_at IS NOT NULL AND published_at IS NULL
+                              AND parked_at IS NULL AND seq < $1),
+                       (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM (
+                          (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1
+                           ORDER BY seq LIMIT 1)
+                          UNION ALL
+                          (SELECT created_at FROM {t} WHERE retry_at IS NOT NULL AND published_at IS NULL
+                             AND parked_at IS NULL AND seq < $1 ORDER BY seq LIMIT 1)) h),
                        (SELECT count(*) FROM {t} WHERE parked_at IS NOT NULL)"
                 ),
-                &[],
+                &[&floor],
             )
             .await?;
         drop(client);
-        let prepared = self.prepared(&self.table().transactional_prefix()).await?;
+        let prepared = self.prepared_any(&self.transactional_prefixes().await).await?;
         Ok(Backlog {
             pending: row.get(0),
             oldest_pending_age_s: row.get::<_, Option<f64>>(1).unwrap_or(0.0).max(0.0),

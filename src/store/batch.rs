@@ -5,13 +5,20 @@
 //! Kafka answered for every row. If the relay dies meanwhile, Postgres rolls the
 //! transaction back and the rows are pending again: nothing is ever marked
 //! published before Kafka acknowledged it.
+//!
+//! Every per-batch statement starts at the floor (see `floor.rs`), so its cost
+//! follows the live pending rows, not the dead entries vacuum has not removed yet.
+
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use tokio_postgres::types::{FromSql, Type};
 
+use super::prepared::quote_literal;
+use super::{Store, StoreError};
 use crate::config::{OnPublish, Ordering, TableName};
 use crate::event::OutboxEvent;
-
-use super::{Store, StoreError};
 
 /// What happened to one claimed event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,11 +38,17 @@ pub struct EventFailure {
     pub park_now: bool,
 }
 
+/// How long a key whose earlier event another relay holds is left out of this
+/// relay's claims: the other relay publishes it (and, pipelining, what follows).
+const BLOCKED_KEY_TTL: Duration = Duration::from_millis(500);
+/// At most this many keys are left out at once.
+const BLOCKED_KEYS_MAX: usize = 10_000;
+
 /// SQL for one table, built once from validated identifiers.
 #[derive(Debug, Clone)]
 pub(super) struct Statements {
-    claim: String,
-    fence: String,
+    pub(super) claim: String,
+    pub(super) probe: String,
     mark: String,
     delete: String,
     fail: String,
@@ -52,6 +65,7 @@ impl Statements {
         retry_backoff: std::time::Duration,
     ) -> Statements {
         let t = table.quoted();
+        let pending = "published_at IS NULL AND parked_at IS NULL";
         // Strict order: an event whose key has an earlier parked event waits until
         // an operator replays (or deletes) the parked one.
         let strict = match ordering {
@@ -60,33 +74,72 @@ impl Statements {
                 " AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.parked_at IS NOT NULL AND p.key = o.key AND p.seq < o.seq)"
             ),
         };
+        // A key waits while an earlier event of it waits for its retry_at (the
+        // retry index holds only such rows, so this is a probe of a tiny index).
+        let not_waiting = format!(
+            " AND (o.key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} w WHERE w.key = o.key AND w.seq < o.seq
+                  AND w.retry_at > now() AND w.{p1} AND w.{p2}))",
+            p1 = "published_at IS NULL",
+            p2 = "parked_at IS NULL"
+        );
+        let cols = "ctid, id, seq, topic, key, payload, headers, attempts, created_at";
         Statements {
-            // A key waits while an earlier event of it waits for its retry_at.
+            // $1 floor, $2 limit, $3 ids this relay holds in its other open batch,
+            // $4 keys to leave out (another relay holds their head).
+            //
+            // `due`: events whose retry time has come, found through the retry
+            // index wherever they are (the floor passes waiting events).
+            // `main`: the pending index from the floor, in seq order.
+            // `fence`: per-key order with several relays. For each key of the
+            // batch, the earliest pending row this relay does NOT hold (another
+            // relay has it, or gave it back); our later rows of that key are
+            // deferred. It reads the pending index from the floor to the batch's
+            // last seq, plus waiting events through the retry index.
             claim: format!(
-                "SELECT id, seq, topic, key, payload, headers, attempts,
-                        (extract(epoch FROM created_at) * 1000000)::int8
-                 FROM {t} o
-                 WHERE published_at IS NULL AND parked_at IS NULL
-                   AND (retry_at IS NULL OR retry_at <= now())
-                   AND (key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM {t} w
-                        WHERE w.key = o.key AND w.seq < o.seq AND w.retry_at > now()
-                          AND w.published_at IS NULL AND w.parked_at IS NULL)){strict}
-                 ORDER BY seq
-                 LIMIT $1
-                 FOR UPDATE SKIP LOCKED"
+                "WITH due AS MATERIALIZED (
+                   SELECT {cols} FROM {t} o
+                   WHERE o.retry_at IS NOT NULL AND o.retry_at <= now() AND o.{pending} AND o.seq < $1{not_waiting}{strict}
+                   ORDER BY o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
+                 main AS MATERIALIZED (
+                   SELECT {cols} FROM {t} o
+                   WHERE o.{pending} AND o.seq >= $1
+                     AND (o.retry_at IS NULL OR o.retry_at <= now())
+                     AND (o.key IS NULL OR NOT (o.key = ANY($4))){not_waiting}{strict}
+                   ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due) FOR UPDATE SKIP LOCKED),
+                 claimed AS (SELECT * FROM due UNION ALL SELECT * FROM main),
+                 fence AS (
+                   SELECT p.key, min(p.seq) AS first FROM (
+                       SELECT key, seq, id FROM {t} WHERE {pending}
+                         AND seq >= $1 AND seq < (SELECT max(seq) FROM claimed)
+                       UNION ALL
+                       SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND {pending}
+                         AND seq < $1 AND seq < (SELECT max(seq) FROM claimed)
+                   ) p
+                   WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
+                     AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = p.id)
+                   GROUP BY p.key)
+                 SELECT c.ctid::text, c.id, c.seq, c.topic, c.key, c.payload, c.headers, c.attempts,
+                        (extract(epoch FROM c.created_at) * 1000000)::int8, f.first
+                 FROM claimed c LEFT JOIN fence f ON f.key = c.key
+                 ORDER BY c.seq"
             ),
-            // Per-key order with several relays: the earliest pending row of each of
-            // our keys that we do NOT hold (another relay has it, or released it
-            // since). Only the pending rows below our highest seq are scanned.
-            fence: format!(
-                "SELECT key, min(seq) FROM {t}
-                 WHERE published_at IS NULL AND parked_at IS NULL
-                   AND seq < $1 AND key = ANY($2) AND NOT (id = ANY($3))
-                 GROUP BY key"
+            // Run right after the claim, in its transaction: the head (lowest
+            // pending seq at or above the floor, held by anyone, not waiting for a
+            // retry) and, when $2 is not 0, who holds the identity sequence's lock
+            // (see floor.rs).
+            probe: format!(
+                "SELECT (SELECT seq FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1 ORDER BY seq LIMIT 1),
+                        CASE WHEN $2::oid <> 0 THEN ARRAY(
+                          SELECT virtualtransaction FROM pg_locks
+                          WHERE locktype = 'relation' AND relation = $2::oid
+                            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) END"
             ),
-            mark: format!("UPDATE {t} SET published_at = now() WHERE id = ANY($1)"),
-            delete: format!("DELETE FROM {t} WHERE id = ANY($1)"),
+            // The rows are locked by this transaction, so their ctid cannot
+            // change: a TID scan, no index lookups. The id check is a guard.
+            mark: format!(
+                "UPDATE {t} SET published_at = now() WHERE ctid = ANY($1::text[]::tid[]) AND id = ANY($2::uuid[])"
+            ),
+            delete: format!("DELETE FROM {t} WHERE ctid = ANY($1::text[]::tid[]) AND id = ANY($2::uuid[])"),
             fail: format!(
                 "UPDATE {t} AS o
                  SET attempts = o.attempts + 1,
@@ -104,26 +157,68 @@ impl Statements {
     }
 }
 
+/// A pooled connection that holds an open transaction. Dropped without being
+/// marked clean, it is detached from the pool and closed (Postgres rolls back),
+/// and any statement still running on it is cancelled: a connection holding
+/// locks is never lent out again.
+pub(super) struct Conn {
+    obj: Option<deadpool_postgres::Object>,
+    clean: AtomicBool,
+    tls: postgres_native_tls::MakeTlsConnector,
+}
+
+impl Conn {
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.obj.as_ref().expect("connection present until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let Some(obj) = self.obj.take() else { return };
+        if self.clean.load(AtomicOrdering::Acquire) {
+            return; // back to the pool
+        }
+        let token = obj.cancel_token();
+        drop(deadpool_postgres::Object::take(obj));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let tls = self.tls.clone();
+            rt.spawn(async move {
+                let _ = token.cancel_query(tls).await;
+            });
+        }
+    }
+}
+
 /// A claimed batch: an open transaction holding the rows' locks.
 ///
 /// Finish it with [`Claimed::finish`] or give the rows back with
 /// [`Claimed::release`]. Dropped without either (a cancelled task), the
 /// connection is closed instead of returned to the pool, so Postgres rolls the
 /// transaction back and never lends out a connection that holds locks.
+///
+/// While it is open, a heartbeat runs a trivial statement on its connection every
+/// `postgres.idle_in_transaction_timeout / 3`: Postgres ends a transaction that
+/// stays idle longer than that, which bounds how long a frozen relay (SIGSTOP,
+/// a hung host) keeps its rows, while a live relay waiting for Kafka keeps them.
 pub struct Claimed {
-    client: Option<deadpool_postgres::Object>,
+    conn: Option<Arc<Conn>>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
     sql: Statements,
+    ctids: Vec<String>,
     /// The events to publish, in seq order.
     pub events: Vec<OutboxEvent>,
     /// Rows held but not to be published now: an earlier event of their key is
     /// held by another relay. They stay pending, untouched, when the batch ends.
     pub deferred: usize,
+    /// When the rows were locked.
+    pub claimed_at: Instant,
 }
 
 impl Drop for Claimed {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            drop(deadpool_postgres::Object::take(client));
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
         }
     }
 }
@@ -150,79 +245,131 @@ impl<'a> FromSql<'a> for RawBytes {
     }
 }
 
+/// One claimed row with the fence's answer for its key.
+struct Row {
+    ctid: String,
+    event: OutboxEvent,
+    first_foreign: Option<i64>,
+}
+
 impl Store {
     /// Claims up to `limit` pending rows in `seq` order, skipping rows another
-    /// relay holds. Returns `None` when nothing is pending (the transaction is
-    /// already closed then).
+    /// relay holds. Returns `None` when nothing could be claimed (the transaction
+    /// is already closed then).
     ///
     /// `own` are rows this relay holds in another, still open batch (pipelining):
     /// they precede this batch on the same producer, so they do not defer it.
+    ///
+    /// When every row claimed belongs to keys another relay holds, their keys are
+    /// left out for a moment and the claim is tried once more at once, so a hot
+    /// key's backlog held elsewhere does not stall this relay.
     pub async fn claim(&self, limit: usize, own: &[uuid::Uuid]) -> Result<Option<Claimed>, StoreError> {
-        let client = self.client().await?;
-        // From BEGIN on, the guard owns the connection: if any step fails, it is
-        // closed (Postgres rolls back) instead of going back to the pool inside an
-        // aborted transaction.
-        let mut claimed = Claimed { client: Some(client), sql: self.sql.clone(), events: Vec::new(), deferred: 0 };
-        let client = claimed.client.as_ref().ok_or_else(|| StoreError::config("no connection"))?;
-        client.batch_execute("BEGIN").await?;
-        let stmt = client.prepare_cached(&self.sql.claim).await?;
-        let rows = client.query(&stmt, &[&(limit as i64)]).await?;
-        if rows.is_empty() {
-            client.batch_execute("COMMIT").await?;
-            claimed.client.take(); // clean: back to the pool
-            return Ok(None);
+        let mut deferred_before = 0;
+        for attempt in 0..2 {
+            let (claimed, rows) = self.claim_once(limit, own).await?;
+            let Some(mut claimed) = claimed else { break };
+            let mut blocked = Vec::new();
+            for r in rows {
+                match r.first_foreign {
+                    Some(first) if r.event.seq > first => {
+                        claimed.deferred += 1;
+                        blocked.extend(r.event.key.clone());
+                    }
+                    _ => {
+                        claimed.ctids.push(r.ctid);
+                        claimed.events.push(r.event);
+                    }
+                }
+            }
+            self.block_keys(blocked);
+            if claimed.events.is_empty() && attempt == 0 {
+                deferred_before = claimed.deferred;
+                claimed.release().await?;
+                continue;
+            }
+            claimed.deferred += deferred_before;
+            claimed.start_heartbeat(self.shared.keepalive);
+            return Ok(Some(claimed));
         }
-        let mut events = Vec::with_capacity(rows.len());
-        for row in rows {
-            let payload: Option<RawBytes> = row.try_get(4)?;
-            let headers: RawBytes = row.try_get(5)?;
-            events.push(OutboxEvent {
-                id: row.try_get(0)?,
-                seq: row.try_get(1)?,
-                topic: row.try_get(2)?,
-                key: row.try_get(3)?,
-                payload: payload.map(|p| p.0),
-                headers: headers.0,
-                attempts: row.try_get(6)?,
-                created_at_us: row.try_get(7)?,
-            });
-        }
-        claimed.deferred = self.fence(client, &mut events, own).await?;
-        claimed.events = events;
-        Ok(Some(claimed))
+        // Nothing claimable; report what was deferred, holding nothing.
+        Ok((deferred_before > 0).then(|| Claimed {
+            conn: None,
+            heartbeat: None,
+            sql: self.sql.clone(),
+            ctids: Vec::new(),
+            events: Vec::new(),
+            deferred: deferred_before,
+            claimed_at: Instant::now(),
+        }))
     }
 
-    /// Drops from `events` every event that another relay's earlier event of the
-    /// same key must precede, and returns how many it dropped. Every relay runs
-    /// this after its claim, so for each key only the holder of its earliest
-    /// pending row publishes: per-key order holds across instances.
-    async fn fence(
-        &self,
-        client: &deadpool_postgres::Object,
-        events: &mut Vec<OutboxEvent>,
-        own: &[uuid::Uuid],
-    ) -> Result<usize, StoreError> {
-        let mut keys: Vec<&str> = events.iter().filter_map(|e| e.key.as_deref()).collect();
-        if keys.is_empty() {
-            return Ok(0);
+    async fn claim_once(&self, limit: usize, own: &[uuid::Uuid]) -> Result<(Option<Claimed>, Vec<Row>), StoreError> {
+        let started = Instant::now();
+        let client = self.client().await?;
+        let seq_oid = self.sequence_oid(&client).await;
+        let conn =
+            Arc::new(Conn { obj: Some(client), clean: AtomicBool::new(false), tls: self.tls.clone() });
+        let claimed = Claimed {
+            conn: Some(conn.clone()),
+            heartbeat: None,
+            sql: self.sql.clone(),
+            ctids: Vec::new(),
+            events: Vec::new(),
+            deferred: 0,
+            claimed_at: started,
+        };
+        let (floor, lockers_wanted) = {
+            let f = self.floor();
+            (f.get(), f.wants_lockers())
+        };
+        let oid: u32 = if lockers_wanted { seq_oid.unwrap_or(0) } else { 0 };
+        let blocked = self.blocked_keys();
+        let client = conn.client();
+        let claim_stmt = client.prepare_cached(&self.sql.claim).await?;
+        let probe_stmt = client.prepare_cached(&self.sql.probe).await?;
+        let limit = limit as i32;
+        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&floor, &limit, &own, &blocked];
+        let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&floor, &oid];
+        // One round trip: the three requests are pipelined on the connection.
+        let (begin, rows, probe) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.query(&claim_stmt, &claim_params),
+            client.query_one(&probe_stmt, &probe_params),
+        );
+        begin?;
+        let rows = rows?;
+        let probe = probe?;
+        crate::metrics::claim_duration(started.elapsed());
+        let head: Option<i64> = probe.try_get(0)?;
+        let lockers: Option<Vec<String>> = probe.try_get(1)?;
+        let mut parsed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let payload: Option<RawBytes> = row.try_get(5)?;
+            let headers: RawBytes = row.try_get(6)?;
+            parsed.push(Row {
+                ctid: row.try_get(0)?,
+                event: OutboxEvent {
+                    id: row.try_get(1)?,
+                    seq: row.try_get(2)?,
+                    topic: row.try_get(3)?,
+                    key: row.try_get(4)?,
+                    payload: payload.map(|p| p.0),
+                    headers: headers.0,
+                    attempts: row.try_get(7)?,
+                    created_at_us: row.try_get(8)?,
+                },
+                first_foreign: row.try_get(9)?,
+            });
         }
-        keys.sort_unstable();
-        keys.dedup();
-        let max_seq = events.iter().map(|e| e.seq).max().unwrap_or(i64::MAX);
-        let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.id).chain(own.iter().copied()).collect();
-        let stmt = client.prepare_cached(&self.sql.fence).await?;
-        let rows = client.query(&stmt, &[&max_seq, &keys, &ids]).await?;
-        if rows.is_empty() {
-            return Ok(0);
+        let claimed_max = parsed.iter().map(|r| r.event.seq).max();
+        self.observe_floor(floor, claimed_max, head, lockers);
+        if parsed.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            conn.clean.store(true, AtomicOrdering::Release);
+            return Ok((None, parsed));
         }
-        let foreign: std::collections::HashMap<String, i64> =
-            rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect();
-        let before = events.len();
-        events.retain(|e| match e.key.as_deref().and_then(|k| foreign.get(k)) {
-            Some(&first_foreign) => e.seq < first_foreign,
-            None => true,
-        });
-        Ok(before - events.len())
+        drop(conn);
+        Ok((Some(claimed), parsed))
     }
 }
 
@@ -235,6 +382,32 @@ pub struct Finished {
 }
 
 impl Claimed {
+    fn conn(&self) -> Result<&Conn, StoreError> {
+        self.conn.as_deref().ok_or_else(|| StoreError::config("batch already finished"))
+    }
+
+    fn start_heartbeat(&mut self, every: Option<Duration>) {
+        let (Some(every), Some(conn)) = (every, self.conn.as_ref()) else { return };
+        let weak: Weak<Conn> = Arc::downgrade(conn);
+        self.heartbeat = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(conn) = weak.upgrade() else { return };
+                if let Err(e) = conn.client().simple_query("SELECT 1").await {
+                    tracing::warn!(error = %StoreError::from(e), "lost the connection of an open batch");
+                    return;
+                }
+            }
+        }));
+    }
+
+    async fn stop_heartbeat(&mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+
     /// Records every outcome (`outcomes[i]` belongs to `events[i]`), commits, and
     /// hands the events back.
     pub async fn finish(
@@ -264,13 +437,18 @@ impl Claimed {
         max_attempts: u32,
         end: String,
     ) -> Result<(Finished, Vec<OutboxEvent>), StoreError> {
-        let client = self.client.as_ref().ok_or_else(|| StoreError::config("batch already finished"))?;
+        self.stop_heartbeat().await;
+        let conn = self.conn()?;
+        let client = conn.client();
         let mut done = Finished::default();
-        let mut delivered = Vec::with_capacity(self.events.len());
+        let (mut d_ctids, mut d_ids) = (Vec::with_capacity(self.events.len()), Vec::with_capacity(self.events.len()));
         let (mut f_ids, mut f_errors, mut f_park) = (Vec::new(), Vec::new(), Vec::new());
-        for (event, outcome) in self.events.iter().zip(outcomes) {
+        for ((event, ctid), outcome) in self.events.iter().zip(&self.ctids).zip(outcomes) {
             match outcome {
-                Outcome::Delivered => delivered.push(event.id),
+                Outcome::Delivered => {
+                    d_ctids.push(ctid.as_str());
+                    d_ids.push(event.id);
+                }
                 Outcome::Failed(f) => {
                     f_ids.push(event.id);
                     f_errors.push(f.error.as_str());
@@ -281,13 +459,13 @@ impl Claimed {
         }
         // Events without an outcome (a short slice) stay pending.
         done.retry += self.events.len().saturating_sub(outcomes.len());
-        if !delivered.is_empty() {
+        if !d_ids.is_empty() {
             let sql = match self.sql.on_publish {
                 OnPublish::Mark => &self.sql.mark,
                 OnPublish::Delete => &self.sql.delete,
             };
             let stmt = client.prepare_cached(sql).await?;
-            done.published = client.execute(&stmt, &[&delivered]).await? as usize;
+            done.published = client.execute(&stmt, &[&d_ctids, &d_ids]).await? as usize;
         }
         if !f_ids.is_empty() {
             let stmt = client.prepare_cached(&self.sql.fail).await?;
@@ -298,71 +476,51 @@ impl Claimed {
         client.batch_execute(&end).await?;
         // Committed (or prepared, which detaches the transaction from the
         // session): the connection is clean and can go back to the pool.
-        self.client.take();
+        conn.clean.store(true, AtomicOrdering::Release);
+        self.conn.take();
         Ok((done, std::mem::take(&mut self.events)))
+    }
+
+    /// Keeps the transaction from being ended as idle (see the type's docs) when
+    /// the caller waits without the heartbeat.
+    pub async fn keepalive(&self) -> Result<(), StoreError> {
+        self.conn()?.client().simple_query("SELECT 1").await?;
+        Ok(())
     }
 
     /// Gives every row back (pending, untouched) and returns the connection.
     pub async fn release(mut self) -> Result<(), StoreError> {
-        if let Some(client) = self.client.as_ref() {
-            client.batch_execute("ROLLBACK").await?;
-            self.client.take();
+        self.stop_heartbeat().await;
+        if let Some(conn) = self.conn.take() {
+            conn.client().batch_execute("ROLLBACK").await?;
+            conn.clean.store(true, AtomicOrdering::Release);
         }
         Ok(())
     }
 }
 
-/// A SQL string literal (PREPARE TRANSACTION takes no parameters).
-pub(super) fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// A transaction prepared by a relay in exactly-once mode, still unresolved.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    pub gid: String,
-    /// Seconds since `PREPARE TRANSACTION`.
-    pub age_s: f64,
-}
-
 impl Store {
-    /// Prepared transactions in this database whose id starts with `prefix`.
-    pub async fn prepared(&self, prefix: &str) -> Result<Vec<Prepared>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts
-                 WHERE database = current_database() AND left(gid, length($1)) = $1 ORDER BY prepared",
-                &[&prefix],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| Prepared { gid: r.get(0), age_s: r.get(1) }).collect())
-    }
-
-    /// `COMMIT PREPARED gid`; `Ok(false)` when no such transaction exists (any
-    /// more: someone resolved it).
-    pub async fn commit_prepared(&self, gid: &str) -> Result<bool, StoreError> {
-        self.end_prepared("COMMIT PREPARED", gid).await
-    }
-
-    /// `ROLLBACK PREPARED gid`; `Ok(false)` when no such transaction exists.
-    pub async fn rollback_prepared(&self, gid: &str) -> Result<bool, StoreError> {
-        self.end_prepared("ROLLBACK PREPARED", gid).await
-    }
-
-    async fn end_prepared(&self, verb: &str, gid: &str) -> Result<bool, StoreError> {
-        let client = self.client().await?;
-        match client.batch_execute(&format!("{verb} {}", quote_literal(gid))).await {
-            Ok(()) => Ok(true),
-            Err(e) if e.code().map(|c| c.code()) == Some("42704") => Ok(false), // undefined_object
-            Err(e) => Err(e.into()),
+    /// Leaves these keys out of this relay's claims for a moment.
+    fn block_keys(&self, keys: Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        let until = Instant::now() + BLOCKED_KEY_TTL;
+        let mut b = self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        b.retain(|_, t| *t > now);
+        for k in keys {
+            if b.len() >= BLOCKED_KEYS_MAX {
+                break;
+            }
+            b.insert(k, until);
         }
     }
 
-    /// Postgres's `max_prepared_transactions` (0 disables two-phase commit).
-    pub async fn max_prepared_transactions(&self) -> Result<i64, StoreError> {
-        let client = self.client().await?;
-        let row = client.query_one("SELECT current_setting('max_prepared_transactions')::int8", &[]).await?;
-        Ok(row.get(0))
+    fn blocked_keys(&self) -> Vec<String> {
+        let mut b = self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        b.retain(|_, t| *t > now);
+        b.keys().cloned().collect()
     }
 }

@@ -1,28 +1,28 @@
-//! The dedicated LISTEN connection. Pooled connections drop notifications, so
-//! this is one plain tokio-postgres connection whose messages are polled here;
-//! it reconnects by itself and wakes the relay after every (re)connect, since
-//! notifications sent while it was away are lost.
+//! The dedicated LISTEN connection. It hears operators, not the application:
+//! `outbox-relay replay` notifies the table's channel with the lowest `seq` it
+//! put back, below the relays' floors, and the relay lowers its floor there.
+//! (The application's inserts notify nothing: a NOTIFY in the application's
+//! transaction serialises its commits, see migration 0003.) Pooled connections
+//! drop notifications, so this is one plain tokio-postgres connection whose
+//! messages are polled here; it reconnects by itself, and after every
+//! (re)connect the next claim sweeps from the start, since notifications sent
+//! while it was away are lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::poll_fn;
-use postgres_native_tls::MakeTlsConnector;
 use tokio::sync::{watch, Notify};
 use tokio_postgres::AsyncMessage;
 
-use crate::config::TableName;
+use super::Store;
 
-/// Spawns the listener task. Each NOTIFY on the table's channel (and each
-/// reconnect) stores a wake-up permit in `wake`. Ends when `shutdown` flips.
-pub fn spawn_listener(
-    pg: tokio_postgres::Config,
-    tls: MakeTlsConnector,
-    table: &TableName,
-    wake: Arc<Notify>,
-    mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    let channel = table.channel();
+/// Spawns the listener task. Each notification on the table's channel lowers
+/// the floor where it says and stores a wake-up permit in `wake`. Ends when
+/// `shutdown` flips.
+pub fn spawn_listener(store: Store, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    let channel = store.table().channel();
+    let (pg, tls) = (store.pg_config().clone(), store.tls().clone());
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
@@ -33,10 +33,20 @@ pub fn spawn_listener(
                 Ok((client, mut conn)) => {
                     let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<String>();
                     let wake_conn = wake.clone();
+                    let store_conn = store.clone();
                     let driver = tokio::spawn(async move {
                         loop {
                             match poll_fn(|cx| conn.poll_message(cx)).await {
-                                Some(Ok(AsyncMessage::Notification(_))) => wake_conn.notify_one(),
+                                Some(Ok(AsyncMessage::Notification(n))) => {
+                                    // "replay <seq>"; anything else (an old trigger's
+                                    // empty payload) just wakes the relay.
+                                    if let Some(seq) =
+                                        n.payload().strip_prefix("replay ").and_then(|s| s.trim().parse::<i64>().ok())
+                                    {
+                                        store_conn.floor().lower(seq);
+                                    }
+                                    wake_conn.notify_one();
+                                }
                                 Some(Ok(_)) => {}
                                 Some(Err(e)) => {
                                     let _ = lost_tx.send(e.to_string());
@@ -53,6 +63,7 @@ pub fn spawn_listener(
                         Ok(()) => {
                             tracing::debug!(channel = %channel, "listening for outbox notifications");
                             backoff = Duration::from_millis(200);
+                            store.floor().lower(0);
                             wake.notify_one();
                             tokio::select! {
                                 reason = &mut lost_rx => {

@@ -1,27 +1,39 @@
-//! PostgreSQL side of the relay: the connection pool, schema migrations and
-//! verification, claiming batches, recording their outcome, and the dedicated
-//! LISTEN connection that wakes the relay.
+//! PostgreSQL side of the relay: the connection pool and the settings of its
+//! sessions, schema migrations and verification, claiming batches from the
+//! floor, recording their outcome, prepared (exactly-once) batches, the health
+//! of the database the relay is a guest on, and the LISTEN connection that
+//! hears operators' replays.
 
 mod backlog;
 mod batch;
 mod error;
+mod floor;
+mod health;
 mod listen;
 mod ops;
+mod prepared;
 mod schema;
 mod tls;
+mod txn_ids;
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use postgres_native_tls::MakeTlsConnector;
 
 pub use backlog::Backlog;
-pub use batch::{Claimed, EventFailure, Finished, Outcome, Prepared};
+pub use batch::{Claimed, EventFailure, Finished, Outcome};
 pub use error::StoreError;
+pub use floor::Floor;
+pub use health::{DbHealth, HorizonHolder};
 pub use listen::spawn_listener;
+pub use prepared::Prepared;
 pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus};
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
 pub use tls::{split_url as split_tls_options, TlsMode};
+pub use txn_ids::{database_id, TxnIds};
 
 use crate::config::{OnPublish, Ordering, Settings, TableName};
 
@@ -69,6 +81,40 @@ pub struct Store {
     tls: MakeTlsConnector,
     table: TableName,
     sql: batch::Statements,
+    shared: Arc<Shared>,
+}
+
+/// State every clone of a store shares: where claims start, which keys are
+/// left out for a moment, the identity sequence.
+struct Shared {
+    floor: Mutex<Floor>,
+    blocked: Mutex<HashMap<String, Instant>>,
+    /// `None`: not looked up yet; `Some(None)`: the table has no owned sequence.
+    seq_oid: Mutex<Option<Option<u32>>>,
+    /// Heartbeat period of an open batch (a third of the idle-in-transaction bound).
+    keepalive: Option<Duration>,
+    txn_ids: Mutex<Option<TxnIds>>,
+}
+
+/// Settings of every relay session. No JIT, parallel workers or custom plans:
+/// the relay runs the same small, indexed statements over and over, where JIT
+/// compilation alone took ~100 ms per statement on a table with many dead rows,
+/// a parallel plan starts processes, and a custom plan re-plans 1000-element
+/// arrays on every call. The time bounds keep a relay from holding locks, a
+/// snapshot or a query without limit (PostgreSQL ends them server-side, so they
+/// also bound a relay that froze or lost its network).
+fn session_settings(statement_timeout: Duration, idle_in_transaction: Duration) -> String {
+    let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
+    format!(
+        "SELECT set_config('jit', 'off', false), set_config('max_parallel_workers_per_gather', '0', false),
+                set_config('plan_cache_mode', 'force_generic_plan', false),
+                set_config('statement_timeout', '{}', false),
+                set_config('idle_in_transaction_session_timeout', '{}', false),
+                CASE WHEN current_setting('server_version_num')::int >= 140000
+                     THEN set_config('client_connection_check_interval', '10000', false) END",
+        ms(statement_timeout),
+        ms(idle_in_transaction)
+    )
 }
 
 impl Store {
@@ -77,8 +123,16 @@ impl Store {
         let (pg, tls) = pg_config(settings)?;
         let manager =
             Manager::from_config(pg.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let setup = session_settings(settings.postgres.statement_timeout, settings.postgres.idle_in_transaction_timeout);
         let pool = Pool::builder(manager)
             .max_size(settings.postgres.pool_size)
+            .post_create(Hook::async_fn(move |client, _| {
+                let setup = setup.clone();
+                Box::pin(async move {
+                    client.simple_query(&setup).await.map_err(HookError::Backend)?;
+                    Ok(())
+                })
+            }))
             .runtime(Runtime::Tokio1)
             .create_timeout(Some(settings.postgres.connect_timeout))
             .wait_timeout(Some(settings.postgres.connect_timeout + Duration::from_secs(5)))
@@ -91,7 +145,45 @@ impl Store {
             settings.relay.ordering,
             settings.relay.retry_backoff,
         );
-        Ok(Store { pool, pg, tls, table, sql })
+        let idle = settings.postgres.idle_in_transaction_timeout;
+        let shared = Arc::new(Shared {
+            floor: Mutex::new(Floor::default()),
+            blocked: Mutex::new(HashMap::new()),
+            seq_oid: Mutex::new(None),
+            keepalive: (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_millis(100))),
+            txn_ids: Mutex::new(None),
+        });
+        Ok(Store { pool, pg, tls, table, sql, shared })
+    }
+
+    /// Where this relay's claims start (see `floor.rs`).
+    pub fn floor(&self) -> MutexGuard<'_, Floor> {
+        self.shared.floor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn observe_floor(&self, started: i64, claimed_max: Option<i64>, head: Option<i64>, lockers: Option<Vec<String>>) {
+        self.floor().observe(started, claimed_max, head, lockers);
+    }
+
+    /// The outbox's identity sequence, looked up once. `None` when the table has
+    /// none: then the floor cannot rule out stragglers and stays at the start.
+    async fn sequence_oid(&self, client: &deadpool_postgres::Object) -> Option<u32> {
+        if let Some(known) = *self.shared.seq_oid.lock().unwrap_or_else(|p| p.into_inner()) {
+            return known;
+        }
+        let row = client
+            .query_one("SELECT pg_get_serial_sequence($1, 'seq')::regclass::oid", &[&self.table.quoted()])
+            .await
+            .ok()?;
+        let oid: Option<u32> = row.get(0);
+        if oid.is_none() {
+            tracing::warn!(
+                table = %self.table,
+                "the seq column has no owned sequence: claims cannot skip dead rows safely and scan from the start"
+            );
+        }
+        *self.shared.seq_oid.lock().unwrap_or_else(|p| p.into_inner()) = Some(oid);
+        oid
     }
 
     pub fn table(&self) -> &TableName {
@@ -133,7 +225,7 @@ impl Store {
     }
 
     /// Applies the bundled migrations that are not yet recorded. Returns the names
-    /// of those it applied.
+    /// of those it applied. (No statement timeout: an index build may be long.)
     pub async fn migrate(&self) -> Result<Vec<&'static str>, StoreError> {
         let mut client = self.client().await?;
         schema::migrate(&mut client, &self.table).await

@@ -38,9 +38,13 @@ pub struct Status {
     pub top_errors: Vec<ErrorCount>,
     pub topics: Vec<TopicStatus>,
     /// Exactly-once batches prepared in Postgres and not yet committed or rolled
-    /// back (normally 0, or 1 per relay for a few milliseconds).
+    /// back (normally 0, or 1 per relay for a few milliseconds), in any mode.
     pub prepared_batches: usize,
     pub oldest_prepared_age_s: Option<f64>,
+    /// Their gids, oldest first (at most 10).
+    pub prepared_gids: Vec<String>,
+    /// Dead tuples of the table and who holds the xmin horizon back.
+    pub health: super::DbHealth,
 }
 
 /// Which rows `replay` puts back in the queue. All given conditions must hold.
@@ -152,10 +156,14 @@ impl Store {
             .iter()
             .filter_map(|t| t.oldest_pending_age_s)
             .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
-        let prepared = self.prepared(&self.table().transactional_prefix()).await?;
+        drop(client);
+        let prepared = self.prepared_any(&self.transactional_prefixes().await).await?;
+        let health = self.db_health().await?;
         Ok(Status {
             prepared_batches: prepared.len(),
             oldest_prepared_age_s: prepared.iter().map(|p| p.age_s).reduce(f64::max),
+            prepared_gids: prepared.iter().take(10).map(|p| p.gid.clone()).collect(),
+            health,
             table: self.table().to_string(),
             pending: topics.iter().map(|t| t.pending).sum(),
             oldest_pending_age_s: oldest,
@@ -238,8 +246,10 @@ impl Store {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        if !seqs.is_empty() {
-            tx.execute("SELECT pg_notify($1, '')", &[&self.table().channel()]).await?;
+        if let Some(min) = seqs.iter().min() {
+            // Relays scan from their floor, above these old rows: tell them where
+            // to look (the operator's transaction; nothing on the app's path).
+            tx.execute("SELECT pg_notify($1, $2)", &[&self.table().channel(), &format!("replay {min}")]).await?;
         }
         tx.commit().await?;
         Ok((seqs.len() as u64, seqs.iter().max().copied()))
