@@ -280,7 +280,7 @@ fn kafka_ceiling(env: &Env, topics: &[String], n: i64) -> (f64, f64) {
     )
     .expect("settings");
     let mut cfg = ClientConfig::new();
-    for (k, v) in outbox_relay::sink::producer_config(&settings) {
+    for (k, v) in outbox_relay::sink::producer_config(&settings, None) {
         cfg.set(k, v);
     }
     for kv in &env.args.kafka_props {

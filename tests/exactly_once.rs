@@ -25,11 +25,14 @@ async fn insert(ob: &Outbox, topic: &str, n: i64, from: i64) {
         .unwrap();
 }
 
-/// Prepared transactions this test's relays left in Postgres.
+/// Prepared transactions this test's relays left in Postgres (gids are
+/// `outbox-relay/<database id>/<schema.table>/<relay.id>/<batch>`).
 async fn prepared(ob: &Outbox) -> Vec<String> {
-    let prefix = format!("outbox-relay/{}/", ob.qualified());
     pg().await
-        .query("SELECT gid FROM pg_prepared_xacts WHERE left(gid, length($1)) = $1", &[&prefix])
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'outbox-relay/%/' || $1 || '/%' OR gid LIKE 'outbox-relay/' || $1 || '/%'",
+            &[&ob.qualified()],
+        )
         .await
         .unwrap()
         .iter()
@@ -102,7 +105,7 @@ async fn zombie(point: &str, expect_committed: bool) {
     let b = ob.spawn_relay(&[EOS, BATCH, recovery, ("OUTBOX_RELAY__RELAY__ID", &id_b)]);
     ob.wait_drained(Duration::from_secs(60)).await;
     let log_b = b.log();
-    assert!(log_b.contains("resolving another relay's stale batch"), "B must take over A's batch: {log_b}");
+    assert!(log_b.contains("resolving a stale prepared batch"), "B must take over A's batch: {log_b}");
     assert!(
         log_b.contains(&format!("committed={expect_committed}")),
         "B must decide committed={expect_committed}: {log_b}"

@@ -327,7 +327,7 @@ impl Store {
         let client = conn.client();
         let claim_stmt = client.prepare_cached(&self.sql.claim).await?;
         let probe_stmt = client.prepare_cached(&self.sql.probe).await?;
-        let limit = limit as i32;
+        let limit = limit as i64;
         let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&floor, &limit, &own, &blocked];
         let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&floor, &oid];
         // One round trip: the three requests are pipelined on the connection.
