@@ -626,7 +626,10 @@ impl Settings {
         }
         let idle = self.postgres.idle_in_transaction_timeout;
         if !idle.is_zero() && idle < Duration::from_secs(3) {
-            return Err(ConfigError::key("postgres.idle_in_transaction_timeout", "must be at least 3s, or 0s to disable"));
+            return Err(ConfigError::key(
+                "postgres.idle_in_transaction_timeout",
+                "must be at least 3s, or 0s to disable",
+            ));
         }
         if self.relay.max_attempts == 0 {
             return Err(ConfigError::key("relay.max_attempts", "must be at least 1"));

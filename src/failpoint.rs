@@ -1,4 +1,5 @@
-//! Crash points for tests of the exactly-once mode.
+//! Crash points for tests (the exactly-once protocol's steps; `after-claim`
+//! also in at-least-once mode).
 //!
 //! Inactive unless `OUTBOX_RELAY_FAILPOINTS` is set, e.g.
 //! `OUTBOX_RELAY_FAILPOINTS=after-prepare=crash` or `after-kafka-commit=pause`.

@@ -76,13 +76,36 @@ fn describe() {
     describe_gauge!(PREPARED, Unit::Count, "Exactly-once batches prepared in Postgres and not yet resolved.");
     describe_gauge!(OLDEST_PREPARED_AGE, Unit::Seconds, "Age of the oldest unresolved prepared batch (0 when none).");
     describe_counter!(RECOVERED, "Exactly-once batches resolved by recovery, by decision (commit, rollback).");
-    describe_counter!(RECOVERY_FAILURES, "Attempts to resolve a prepared batch that failed (logged with the gid and fix).");
-    describe_histogram!(CLAIM_DURATION, Unit::Seconds, "The claim statement (row locks and the per-key fence), per batch.");
-    describe_gauge!(INFLIGHT_AGE, Unit::Seconds, "How long the oldest batch this relay holds has been open (0 when none).");
-    describe_gauge!(DEAD_TUPLES, Unit::Count, "Dead tuples of the outbox table (pg_stat_user_tables), waiting for vacuum.");
+    describe_counter!(
+        RECOVERY_FAILURES,
+        "Attempts to resolve a prepared batch that failed (logged with the gid and fix)."
+    );
+    describe_histogram!(
+        CLAIM_DURATION,
+        Unit::Seconds,
+        "The claim statement (row locks and the per-key fence), per batch."
+    );
+    describe_gauge!(
+        INFLIGHT_AGE,
+        Unit::Seconds,
+        "How long the oldest batch this relay holds has been open (0 when none)."
+    );
+    describe_gauge!(
+        DEAD_TUPLES,
+        Unit::Count,
+        "Dead tuples of the outbox table (pg_stat_user_tables), waiting for vacuum."
+    );
     describe_gauge!(LIVE_TUPLES, Unit::Count, "Live tuples of the outbox table (pg_stat_user_tables).");
-    describe_gauge!(HORIZON_AGE, Unit::Seconds, "Age of the oldest transaction or snapshot holding back vacuum in this database (0 when none).");
-    describe_gauge!(HORIZON_XIDS, Unit::Count, "How many transaction ids the oldest snapshot holding back vacuum is behind.");
+    describe_gauge!(
+        HORIZON_AGE,
+        Unit::Seconds,
+        "Age of the oldest transaction or snapshot holding back vacuum in this database (0 when none)."
+    );
+    describe_gauge!(
+        HORIZON_XIDS,
+        Unit::Count,
+        "How many transaction ids the oldest snapshot holding back vacuum is behind."
+    );
 }
 
 /// A batch was finished: count per topic, record latency from commit to ack.

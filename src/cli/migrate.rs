@@ -8,12 +8,12 @@ use crate::store::{render_migration, Store, MIGRATIONS};
 
 /// Prints every migration rendered for the configured table. Needs only
 /// `outbox.table`, so it works without database or broker settings.
-pub fn print(config: Option<&Path>) -> Result<(), CliError> {
+pub fn print(config: Option<&Path>, to: Option<i32>) -> Result<(), CliError> {
     let table = match Settings::load(config) {
         Ok(s) => s.table(),
         Err(_) => table_only(config)?,
     };
-    for m in MIGRATIONS {
+    for m in MIGRATIONS.iter().filter(|m| to.is_none_or(|t| m.version <= t)) {
         println!("-- {} (outbox-relay migration {})", m.name, m.version);
         println!("{}", render_migration(m.sql, &table).trim_end());
         println!();
@@ -38,9 +38,15 @@ fn table_only(config: Option<&Path>) -> Result<TableName, CliError> {
     TableName::parse(&name).map_err(|e| CliError::new(exit::USAGE, format!("config: `outbox.table` {e}")))
 }
 
-pub async fn apply(settings: Settings) -> Result<(), CliError> {
+pub async fn apply(settings: Settings, to: Option<i32>) -> Result<(), CliError> {
+    if let Some(t) = to.filter(|t| !MIGRATIONS.iter().any(|m| m.version == *t)) {
+        return Err(CliError::new(
+            exit::USAGE,
+            format!("--to {t}: no such migration; known versions 1..={}", MIGRATIONS.len()),
+        ));
+    }
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
-    let applied = store.migrate().await.map_err(|e| super::store_error(&store, e))?;
+    let applied = store.migrate(to).await.map_err(|e| super::store_error(&store, e))?;
     if applied.is_empty() {
         println!("{}: schema is up to date ({} migrations)", store.table(), MIGRATIONS.len());
     } else {

@@ -103,6 +103,9 @@ Examples:
         /// Write the SQL for the configured table to stdout instead of applying it.
         #[arg(long)]
         print: bool,
+        /// Apply (or print) migrations up to this version only, e.g. to stage an upgrade.
+        #[arg(long, value_name = "VERSION")]
+        to: Option<i32>,
     },
     /// Validate config, connect to Postgres and Kafka, verify the schema.
     #[command(after_help = "\
@@ -210,8 +213,8 @@ pub fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> Result<(), CliError> {
-    if let Command::Migrate { print: true } = cli.command {
-        return migrate::print(cli.config.as_deref());
+    if let Command::Migrate { print: true, to } = cli.command {
+        return migrate::print(cli.config.as_deref(), to);
     }
     let settings = Settings::load(cli.config.as_deref()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     crate::telemetry::init(&settings.log);
@@ -223,7 +226,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
     runtime.block_on(async move {
         match cli.command {
             Command::Run => run::run(settings).await,
-            Command::Migrate { .. } => migrate::apply(settings).await,
+            Command::Migrate { to, .. } => migrate::apply(settings, to).await,
             Command::Check => check::check(settings).await,
             Command::Status { json } => status::status(settings, json).await,
             Command::Replay(args) => replay::replay(settings, args).await,

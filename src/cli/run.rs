@@ -260,7 +260,9 @@ fn spawn_orphan_resolver(
         loop {
             match recovery.resolve_stale(&sink, None).await {
                 Ok(r) if r.committed + r.rolled_back > 0 => tracing::info!(
-                    committed = r.committed, rolled_back = r.rolled_back, failed = r.failed,
+                    committed = r.committed,
+                    rolled_back = r.rolled_back,
+                    failed = r.failed,
                     "resolved prepared batches left by exactly-once relays"
                 ),
                 Ok(_) => {}

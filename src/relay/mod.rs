@@ -212,6 +212,7 @@ impl<S: Sink> Relay<S> {
             claimed.release().await?;
             return Ok(Started::Deferred);
         }
+        crate::failpoint::hit("after-claim");
         let sent = self.sink.send(&claimed.events, hold).await;
         Ok(Started::Batch(Box::new(InFlight { claimed, results: sent.results, held_keys: sent.held_keys, started })))
     }

@@ -17,7 +17,8 @@ pub struct Backlog {
 impl Store {
     /// The backlog as this relay sees it: pending rows from its floor on, plus
     /// rows waiting for a retry (wherever they are). A relay that has not
-    /// claimed yet (floor 0) counts the whole pending index.
+    /// claimed yet (floor 0) counts the whole pending index. (`seq + 0`: below
+    /// the floor, read the retry index, never the pending index's dead head.)
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
         let floor = self.floor().get();
         let t = self.table().quoted();
@@ -28,13 +29,13 @@ impl Store {
                     "SELECT
                        (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1)
                          + (SELECT count(*) FROM {t} WHERE retry_at IS NOT NULL AND published_at IS NULL
-                              AND parked_at IS NULL AND seq < $1),
+                              AND parked_at IS NULL AND seq + 0 < $1),
                        (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM (
                           (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1
                            ORDER BY seq LIMIT 1)
                           UNION ALL
                           (SELECT created_at FROM {t} WHERE retry_at IS NOT NULL AND published_at IS NULL
-                             AND parked_at IS NULL AND seq < $1 ORDER BY seq LIMIT 1)) h),
+                             AND parked_at IS NULL AND seq + 0 < $1 ORDER BY seq + 0 LIMIT 1)) h),
                        (SELECT count(*) FROM {t} WHERE parked_at IS NOT NULL)"
                 ),
                 &[&floor],

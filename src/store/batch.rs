@@ -87,8 +87,10 @@ impl Statements {
             // $1 floor, $2 limit, $3 ids this relay holds in its other open batch,
             // $4 keys to leave out (another relay holds their head).
             //
-            // `due`: events whose retry time has come, found through the retry
-            // index wherever they are (the floor passes waiting events).
+            // `due`: events whose retry time has come, wherever they are (the
+            // floor passes waiting events). No condition on seq and no seq order
+            // here, so that the planner reads them through the small retry index
+            // and never walks the pending index below the floor.
             // `main`: the pending index from the floor, in seq order.
             // `fence`: per-key order with several relays. For each key of the
             // batch, the earliest pending row this relay does NOT hold (another
@@ -98,12 +100,11 @@ impl Statements {
             claim: format!(
                 "WITH due AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
-                   WHERE o.retry_at IS NOT NULL AND o.retry_at <= now() AND o.{pending} AND o.seq < $1{not_waiting}{strict}
-                   ORDER BY o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
+                   WHERE o.retry_at IS NOT NULL AND o.retry_at <= now() AND o.{pending}{not_waiting}{strict}
+                   ORDER BY o.retry_at, o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
                  main AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
-                   WHERE o.{pending} AND o.seq >= $1
-                     AND (o.retry_at IS NULL OR o.retry_at <= now())
+                   WHERE o.{pending} AND o.seq >= $1 AND o.retry_at IS NULL
                      AND (o.key IS NULL OR NOT (o.key = ANY($4))){not_waiting}{strict}
                    ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due) FOR UPDATE SKIP LOCKED),
                  claimed AS (SELECT * FROM due UNION ALL SELECT * FROM main),
@@ -113,7 +114,7 @@ impl Statements {
                          AND seq >= $1 AND seq < (SELECT max(seq) FROM claimed)
                        UNION ALL
                        SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND {pending}
-                         AND seq < $1 AND seq < (SELECT max(seq) FROM claimed)
+                         AND key IN (SELECT key FROM claimed)
                    ) p
                    WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
                      AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = p.id)
@@ -307,8 +308,7 @@ impl Store {
         let started = Instant::now();
         let client = self.client().await?;
         let seq_oid = self.sequence_oid(&client).await;
-        let conn =
-            Arc::new(Conn { obj: Some(client), clean: AtomicBool::new(false), tls: self.tls.clone() });
+        let conn = Arc::new(Conn { obj: Some(client), clean: AtomicBool::new(false), tls: self.tls.clone() });
         let claimed = Claimed {
             conn: Some(conn.clone()),
             heartbeat: None,
@@ -337,8 +337,20 @@ impl Store {
             client.query_one(&probe_stmt, &probe_params),
         );
         begin?;
-        let rows = rows?;
-        let probe = probe?;
+        let (rows, probe) = match (rows, probe) {
+            (Ok(r), Ok(p)) => (r, p),
+            (Err(e), _) | (_, Err(e)) => {
+                let e = StoreError::from(e);
+                if e.is_statement_timeout() {
+                    tracing::warn!(
+                        statement = "claim",
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "a relay query ran into postgres.statement_timeout and was cancelled; retrying"
+                    );
+                }
+                return Err(e);
+            }
+        };
         crate::metrics::claim_duration(started.elapsed());
         let head: Option<i64> = probe.try_get(0)?;
         let lockers: Option<Vec<String>> = probe.try_get(1)?;

@@ -41,11 +41,17 @@ impl StoreError {
                         || c.starts_with("58") // system error
                         || c == "55P03" // lock not available
                         || c == "25P03" // idle in transaction timeout
+                        || c == "57014" // statement timeout, cancel request
                 }
             },
             Kind::Pool(_, transient) => *transient,
             Kind::Config(_) | Kind::Schema(_) => false,
         }
+    }
+
+    /// Cancelled by `statement_timeout` (or a cancel request).
+    pub fn is_statement_timeout(&self) -> bool {
+        self.code() == Some("57014")
     }
 
     /// The SQLSTATE, if the server sent one.

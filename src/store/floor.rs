@@ -57,14 +57,7 @@ pub struct Floor {
 
 impl Default for Floor {
     fn default() -> Self {
-        Floor {
-            floor: 0,
-            visible: 0,
-            max_seen: 0,
-            epochs: Vec::new(),
-            swept: Instant::now(),
-            lowered_to: None,
-        }
+        Floor { floor: 0, visible: 0, max_seen: 0, epochs: Vec::new(), swept: Instant::now(), lowered_to: None }
     }
 }
 
@@ -91,13 +84,7 @@ impl Floor {
     /// and the probe scanned from; `claimed_max`: the highest `seq` claimed (if
     /// any); `head`: the lowest pending, non-retry `seq` at or above `started`
     /// (if any); `lockers`: when read, the transactions holding the sequence lock.
-    pub fn observe(
-        &mut self,
-        started: i64,
-        claimed_max: Option<i64>,
-        head: Option<i64>,
-        lockers: Option<Vec<String>>,
-    ) {
+    pub fn observe(&mut self, started: i64, claimed_max: Option<i64>, head: Option<i64>, lockers: Option<Vec<String>>) {
         if let Some(m) = claimed_max.into_iter().chain(head).max() {
             self.max_seen = self.max_seen.max(m);
         }

@@ -139,10 +139,7 @@ impl Store {
                 age_xids: r.get(1),
                 ..Default::default()
             });
-        health.horizon = [session, prepared, slot]
-            .into_iter()
-            .flatten()
-            .max_by_key(|h| h.age_xids.unwrap_or(0));
+        health.horizon = [session, prepared, slot].into_iter().flatten().max_by_key(|h| h.age_xids.unwrap_or(0));
         Ok(health)
     }
 }

@@ -20,7 +20,11 @@ use super::Store;
 /// Spawns the listener task. Each notification on the table's channel lowers
 /// the floor where it says and stores a wake-up permit in `wake`. Ends when
 /// `shutdown` flips.
-pub fn spawn_listener(store: Store, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_listener(
+    store: Store,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     let channel = store.table().channel();
     let (pg, tls) = (store.pg_config().clone(), store.tls().clone());
     tokio::spawn(async move {

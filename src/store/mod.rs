@@ -29,8 +29,8 @@ pub use error::StoreError;
 pub use floor::Floor;
 pub use health::{DbHealth, HorizonHolder};
 pub use listen::spawn_listener;
-pub use prepared::Prepared;
 pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus};
+pub use prepared::Prepared;
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
 pub use tls::{split_url as split_tls_options, TlsMode};
 pub use txn_ids::{database_id, TxnIds};
@@ -123,7 +123,8 @@ impl Store {
         let (pg, tls) = pg_config(settings)?;
         let manager =
             Manager::from_config(pg.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let setup = session_settings(settings.postgres.statement_timeout, settings.postgres.idle_in_transaction_timeout);
+        let setup =
+            session_settings(settings.postgres.statement_timeout, settings.postgres.idle_in_transaction_timeout);
         let pool = Pool::builder(manager)
             .max_size(settings.postgres.pool_size)
             .post_create(Hook::async_fn(move |client, _| {
@@ -226,8 +227,8 @@ impl Store {
 
     /// Applies the bundled migrations that are not yet recorded. Returns the names
     /// of those it applied. (No statement timeout: an index build may be long.)
-    pub async fn migrate(&self) -> Result<Vec<&'static str>, StoreError> {
+    pub async fn migrate(&self, to: Option<i32>) -> Result<Vec<&'static str>, StoreError> {
         let mut client = self.client().await?;
-        schema::migrate(&mut client, &self.table).await
+        schema::migrate(&mut client, &self.table, to).await
     }
 }

@@ -79,13 +79,39 @@ fn version_table(table: &TableName) -> String {
     format!("\"{}\".outbox_relay_migrations", table.schema)
 }
 
+/// Applies the missing migrations up to `to` (all by default) in one transaction.
+/// A migration that needs a table lock (0003 drops a trigger) waits at most
+/// 2 s for it, so it never queues the application's inserts behind a long
+/// transaction for long; it is retried up to 30 times.
 pub(super) async fn migrate(
     client: &mut deadpool_postgres::Object,
     table: &TableName,
+    to: Option<i32>,
+) -> Result<Vec<&'static str>, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match migrate_once(client, table, to).await {
+            Err(e) if e.code() == Some("55P03") && attempt < 30 => {
+                attempt += 1;
+                tracing::warn!(attempt, "migration waited 2 s for a lock on {table}; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(200 + fastrand::u64(0..800))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn migrate_once(
+    client: &mut deadpool_postgres::Object,
+    table: &TableName,
+    to: Option<i32>,
 ) -> Result<Vec<&'static str>, StoreError> {
     let tx = client.transaction().await?;
     // An index build on a large table may take long: no relay time bounds here.
-    tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0").await?;
+    tx.batch_execute(
+        "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL lock_timeout = '2s'",
+    )
+    .await?;
     // One migrator at a time per schema (several pods may start together, and
     // the tables of one schema share its version table: two concurrent
     // `CREATE … IF NOT EXISTS` of one object can both try to create it).
@@ -109,13 +135,18 @@ pub(super) async fn migrate(
         .map(|r| r.get(0))
         .collect();
     let mut applied = Vec::new();
-    for m in MIGRATIONS {
+    for m in MIGRATIONS.iter().filter(|m| to.is_none_or(|t| m.version <= t)) {
         if done.contains(&m.version) {
             continue;
         }
-        tx.batch_execute(&render_migration(m.sql, table))
-            .await
-            .map_err(|e| StoreError::schema(format!("migration {} failed: {}", m.name, StoreError::from(e))))?;
+        tx.batch_execute(&render_migration(m.sql, table)).await.map_err(|e| {
+            let e = StoreError::from(e);
+            if e.code() == Some("55P03") {
+                e // lock timeout: retried by the caller
+            } else {
+                StoreError::schema(format!("migration {} failed: {e}", m.name))
+            }
+        })?;
         tx.execute(
             &format!("INSERT INTO {} (table_name, version, name) VALUES ($1, $2, $3)", version_table(table)),
             &[&table.table, &m.version, &m.name],

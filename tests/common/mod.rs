@@ -58,9 +58,19 @@ pub struct Outbox {
 
 impl Outbox {
     pub async fn new(prefix: &str) -> Outbox {
+        Self::new_at(prefix, None).await
+    }
+
+    /// A table migrated only up to `to` (e.g. an installation of an older version).
+    pub async fn new_at(prefix: &str, to: Option<i32>) -> Outbox {
         require_kafka();
         let table = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let out = relay_cmd(&table, &[]).arg("migrate").output().expect("run outbox-relay migrate");
+        let mut cmd = relay_cmd(&table, &[]);
+        cmd.arg("migrate");
+        if let Some(to) = to {
+            cmd.arg("--to").arg(to.to_string());
+        }
+        let out = cmd.output().expect("run outbox-relay migrate");
         assert!(
             out.status.success(),
             "migrate failed: {}{}",

@@ -1,0 +1,404 @@
+//! A good guest on the application's database, on the real PostgreSQL and
+//! Kafka: nothing on the application's commit path, no per-batch cost from dead
+//! rows, no straggler ever skipped, upgrades while running, and every relay
+//! session bounded (statements, idle transactions, a vanished client).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::future::poll_fn;
+use outbox_relay::config::Settings;
+use outbox_relay::store::{Outcome, Store};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// Collects the notifications on `channel` that a separate session hears.
+async fn listen(channel: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, mut conn) = tokio_postgres::connect(&pg_url(), NoTls).await.expect("listener connection");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = poll_fn(|cx| conn.poll_message(cx)).await.map(Some).unwrap_or(None) {
+            if let AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN \"{channel}\"")).await.expect("LISTEN");
+    (client, rx)
+}
+
+async fn notifications_after_an_insert(ob: &Outbox) -> usize {
+    let (_listener, mut rx) = listen(&ob.qualified()).await;
+    pg().await
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO {} (topic, key, payload) VALUES ('t', 'k', '{{}}'); COMMIT",
+            ob.qualified()
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut n = 0;
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_application_s_commit_sends_no_notification() {
+    // Control: the schema of 0001/0002 notified on every commit (its trigger
+    // takes PostgreSQL's global notify lock in the application's commit).
+    let old = Outbox::new_at("notify_old", Some(2)).await;
+    assert_eq!(notifications_after_an_insert(&old).await, 1, "the old trigger notifies; the listener works");
+    let ob = Outbox::new("notify_new").await;
+    let triggers: i64 = pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::text::regclass AND NOT tgisinternal",
+            &[&ob.qualified()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0, "no trigger runs in the application's transaction");
+    assert_eq!(notifications_after_an_insert(&ob).await, 0, "the application's commit sent a notification");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_straggler_that_commits_after_thousands_of_later_events_is_published_in_key_order() {
+    let ob = Outbox::new("straggler").await;
+    let topic = ob.topic("events", 2).await;
+    // No periodic sweep from the start during the test: only the floor's own
+    // rule may keep the straggler in view.
+    let relay =
+        ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100"), ("OUTBOX_RELAY__RELAY__SWEEP_INTERVAL", "1h")]);
+
+    // The straggler takes its seq now and commits in 60 s.
+    let mut straggler_db = pg().await;
+    let straggler = straggler_db.transaction().await.unwrap();
+    let s_seq: i64 = straggler
+        .query_one(
+            &format!(
+                "INSERT INTO {} (topic, key, payload) VALUES ($1, 'slow-key', '{{\"n\": 0}}') RETURNING seq",
+                ob.qualified()
+            ),
+            &[&topic],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // Meanwhile the application writes thousands of later events (other keys).
+    let db = pg().await;
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut n: i64 = 0;
+    while Instant::now() < until {
+        db.execute(
+            &format!(
+                "INSERT INTO {} (topic, key, payload)
+                 SELECT $1, 'key-' || (($2::bigint + i) % 50), jsonb_build_object('n', $2::bigint + i)
+                 FROM generate_series(1, 20) i",
+                ob.qualified()
+            ),
+            &[&topic, &n],
+        )
+        .await
+        .unwrap();
+        n += 20;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let published_past_it = ob.count(&format!("published_at IS NOT NULL AND seq > {s_seq}")).await;
+    assert!(published_past_it >= 2000, "the relay kept publishing later events: {published_past_it}");
+    assert_eq!(ob.count(&format!("seq = {s_seq}")).await, 0, "still invisible to others");
+
+    straggler.commit().await.unwrap();
+    // The application serialises writes per key: later events of the
+    // straggler's key are written only now, after it committed.
+    for i in 1..=5 {
+        db.execute(
+            &format!(
+                "INSERT INTO {} (topic, key, payload) VALUES ($1, 'slow-key', jsonb_build_object('n', $2::int))",
+                ob.qualified()
+            ),
+            &[&topic, &i],
+        )
+        .await
+        .unwrap();
+    }
+    ob.wait_drained(Duration::from_secs(60)).await;
+    let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(2)).await;
+    assert!(d.lost.is_empty(), "lost {:?}", &d.lost[..d.lost.len().min(5)]);
+    assert_eq!(d.order_violations, 0, "the straggler's key kept its order");
+    assert_eq!(d.duplicates, 0, "no crash, no duplicate");
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}
+
+fn store_for(table: &str, mode: &str) -> Store {
+    let env = [
+        ("OUTBOX_RELAY__POSTGRES__URL", pg_url()),
+        ("OUTBOX_RELAY__KAFKA__BROKERS", brokers()),
+        ("OUTBOX_RELAY__OUTBOX__TABLE", table.to_string()),
+        ("OUTBOX_RELAY__RELAY__ON_PUBLISH", mode.to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    Store::new(&Settings::load_from(None, env).expect("settings")).expect("store")
+}
+
+/// Shared buffers (hit + read) of every statement on `table` so far, and their calls.
+async fn buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8, coalesce(sum(calls), 0)::int8
+             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%'",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("pg_stat_statements is needed (scripts/infra up loads it): {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// Claims and finishes batches of 100 until the outbox is empty; returns the
+/// shared buffers per batch of all per-batch statements, after the first three
+/// batches (start-up scans from the beginning of the index once).
+async fn buffers_per_batch(mode: &str, dead_in_front: bool) -> f64 {
+    let ob = Outbox::new("deadfront").await;
+    let db = pg().await;
+    // A snapshot older than the deletes: vacuum and index clean-up may not
+    // remove what it can still see, as with a long report on a real database.
+    let holder = pg().await;
+    holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class").await.unwrap();
+    let t = ob.qualified();
+    if dead_in_front {
+        db.batch_execute(&format!(
+            "INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || (i % 100), '{{}}' FROM generate_series(1, 100000) i"
+        ))
+        .await
+        .unwrap();
+        let gone =
+            if mode == "delete" { format!("DELETE FROM {t}") } else { format!("UPDATE {t} SET published_at = now()") };
+        db.batch_execute(&gone).await.unwrap();
+    }
+    db.batch_execute(&format!(
+        "INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || (i % 100), '{{}}' FROM generate_series(1, 3000) i"
+    ))
+    .await
+    .unwrap();
+    let store = store_for(&ob.table, mode);
+    let (mut before, mut batches) = ((0, 0), 0);
+    loop {
+        if batches == 3 {
+            before = buffers(&db, &ob.table).await;
+        }
+        let Some(c) = store.claim(100, &[]).await.expect("claim") else { break };
+        let outcomes = vec![Outcome::Delivered; c.events.len()];
+        c.finish(&outcomes, 10).await.expect("finish");
+        batches += 1;
+    }
+    let after = buffers(&db, &ob.table).await;
+    assert_eq!(batches, 30, "3000 rows in batches of 100");
+    drop(holder);
+    (after.0 - before.0) as f64 / (batches - 3) as f64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_batch_queries_touch_no_more_buffers_with_100k_dead_rows_in_front() {
+    for mode in ["delete", "mark"] {
+        let clean = buffers_per_batch(mode, false).await;
+        let dirty = buffers_per_batch(mode, true).await;
+        eprintln!(
+            "{mode}: shared buffers per batch of 100: {clean:.0} on a clean table, {dirty:.0} behind 100k dead rows"
+        );
+        // Walking the dead rows would cost ~1 buffer per dead entry, per batch.
+        assert!(
+            dirty <= clean * 1.5 + 50.0,
+            "{mode}: per-batch cost grows with dead rows in front: {dirty:.0} vs {clean:.0} buffers per batch"
+        );
+    }
+}
+
+fn spawn_writer(
+    ob: &Outbox,
+    topic: &str,
+    stop: Arc<AtomicBool>,
+    written: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    let (table, topic) = (ob.qualified(), topic.to_string());
+    tokio::spawn(async move {
+        let mut db = pg().await;
+        let mut n: i64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let tx = db.transaction().await.unwrap();
+            tx.execute(
+                &format!(
+                    "INSERT INTO {table} (topic, key, payload)
+                     SELECT $1, 'key-' || ((($2::bigint + i) * 7) % 20), jsonb_build_object('n', $2::bigint + i)
+                     FROM generate_series(0, 9) i"
+                ),
+                &[&topic, &n],
+            )
+            .await
+            .unwrap();
+            tx.commit().await.unwrap();
+            n += 10;
+            written.fetch_add(10, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upgrading_a_0002_table_to_0003_while_a_relay_runs_loses_and_reorders_nothing() {
+    let ob = Outbox::new_at("upgrade", Some(2)).await;
+    let topic = ob.topic("events", 3).await;
+    let check = relay_cmd(&ob.table, &[]).arg("check").output().expect("check");
+    let out = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(out.contains("NOTIFY trigger") && out.contains("0003"), "check names the trigger and the fix: {out}");
+
+    let relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50")]);
+    let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let writer = spawn_writer(&ob, &topic, stop.clone(), written.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let migrate = relay_cmd(&ob.table, &[]).arg("migrate").output().expect("migrate");
+    let out = String::from_utf8_lossy(&migrate.stdout).to_string();
+    assert!(migrate.status.success(), "migrate while running: {out}{}", String::from_utf8_lossy(&migrate.stderr));
+    assert!(out.contains("0003_no_notify_on_commit.sql"), "{out}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    ob.wait_drained(Duration::from_secs(60)).await;
+
+    let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(2)).await;
+    assert_eq!(d.seq_of.len() as u64, written.load(Ordering::Relaxed));
+    assert!(d.lost.is_empty(), "lost {:?}", &d.lost[..d.lost.len().min(5)]);
+    assert_eq!((d.order_violations, d.duplicates, d.unknown), (0, 0, 0), "order violations, duplicates, unknown");
+    let check = relay_cmd(&ob.table, &[]).arg("check").output().expect("check");
+    let out = String::from_utf8_lossy(&check.stdout).to_string();
+    assert!(!out.contains("NOTIFY trigger"), "the trigger is gone: {out}");
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_blocked_past_statement_timeout_is_cancelled_logged_and_the_relay_carries_on() {
+    let ob = Outbox::new("stmt_timeout").await;
+    let topic = ob.topic("t", 1).await;
+    let relay = ob.spawn_relay(&[("OUTBOX_RELAY__POSTGRES__STATEMENT_TIMEOUT", "1s")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.log().contains("outbox-relay started") {
+        assert!(Instant::now() < deadline, "relay did not start: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let db = pg().await;
+    db.execute(
+        &format!("INSERT INTO {} (topic, payload) SELECT $1, '{{}}' FROM generate_series(1, 10)", ob.qualified()),
+        &[&topic],
+    )
+    .await
+    .unwrap();
+    // Blocks the relay's next claim (an operator's ALTER TABLE, a VACUUM FULL...).
+    let locker = pg().await;
+    locker.batch_execute(&format!("BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", ob.qualified())).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    let msgs = consume(std::slice::from_ref(&topic), 10, Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(msgs.len(), 10);
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains("postgres.statement_timeout") && log.contains("took_ms="),
+        "the cancelled claim is logged with its duration: {log}"
+    );
+}
+
+/// Sessions with this application_name waiting on a lock.
+async fn waiting(db: &tokio_postgres::Client, app: &str) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        &[&app],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_relay_leaves_no_query_running_on_the_server() {
+    let ob = Outbox::new("vanished").await;
+    ob.topic("t", 1).await;
+    let db = pg().await;
+    db.batch_execute(&format!("INSERT INTO {} (topic, payload) VALUES ('t', '{{}}')", ob.qualified())).await.unwrap();
+    let locker = pg().await;
+    locker.batch_execute(&format!("BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", ob.qualified())).await.unwrap();
+    let app = format!("relay-{}", ob.table);
+    let url = format!("{}?application_name={app}", pg_url());
+    let relay = ob.spawn_relay(&[("OUTBOX_RELAY__POSTGRES__URL", &url)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while waiting(&db, &app).await == 0 {
+        assert!(Instant::now() < deadline, "the relay's claim never waited on the lock: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    relay.kill9();
+    // client_connection_check_interval (10 s) notices the vanished client.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while waiting(&db, &app).await > 0 {
+        assert!(Instant::now() < deadline, "the killed relay's query still runs on the server after 40 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    locker.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_relay_s_batch_goes_to_another_relay_within_the_idle_bound() {
+    let ob = Outbox::new("frozen").await;
+    let topic = ob.topic("events", 2).await;
+    pg().await
+        .execute(
+            &format!(
+                "INSERT INTO {} (topic, key, payload)
+                 SELECT $1, 'key-' || (i % 20), jsonb_build_object('n', i) FROM generate_series(1, 200) i",
+                ob.qualified()
+            ),
+            &[&topic],
+        )
+        .await
+        .unwrap();
+    let idle = ("OUTBOX_RELAY__POSTGRES__IDLE_IN_TRANSACTION_TIMEOUT", "3s");
+    let batch = ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50");
+    let id_a = format!("{}-a", ob.table);
+    // A claims 50 rows and freezes holding them (SIGSTOP: no heartbeat).
+    let mut a = ob.spawn_relay(&[
+        idle,
+        batch,
+        ("OUTBOX_RELAY__RELAY__ID", &id_a),
+        ("OUTBOX_RELAY_FAILPOINTS", "after-claim=pause@1"),
+    ]);
+    a.wait_stopped(Duration::from_secs(30));
+    let id_b = format!("{}-b", ob.table);
+    let b = ob.spawn_relay(&[idle, batch, ("OUTBOX_RELAY__RELAY__ID", &id_b)]);
+    // Postgres ends A's idle transaction after 3 s; B then publishes its rows too.
+    ob.wait_drained(Duration::from_secs(60)).await;
+    a.wait_stopped(Duration::from_secs(1));
+    let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(1)).await;
+    assert!(d.lost.is_empty() && d.order_violations == 0, "lost {} order {}", d.lost.len(), d.order_violations);
+    // A wakes up: its batch is gone; it carries on (its copies are duplicates,
+    // which at-least-once allows) and stops cleanly.
+    a.signal("-CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.assert_running();
+    let (code, log_a) = a.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log_a}");
+    let (code, log_b) = b.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log_b}");
+    let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(1)).await;
+    assert!(
+        d.lost.is_empty() && d.order_violations == 0,
+        "after A resumed: lost {} order {}",
+        d.lost.len(),
+        d.order_violations
+    );
+    assert!(d.duplicates <= 50, "only A's one batch may be duplicated: {}", d.duplicates);
+}
