@@ -151,7 +151,7 @@ impl ExactlyOnceRelay {
                     Ok(Step::Deferred { .. }) => Duration::from_millis(10 + fastrand::u64(0..20)),
                     Ok(Step::Idle) => {
                         backoff.reset();
-                        let wait = idle.next().min(self.cfg.recovery_timeout / 2);
+                        let wait = idle.wait().min(self.cfg.recovery_timeout / 2);
                         tokio::select! {
                             _ = self.wake.notified() => {}
                             _ = tokio::time::sleep(wait) => {}

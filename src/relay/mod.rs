@@ -74,7 +74,7 @@ impl IdleWait {
     }
 
     /// Nothing was found: how long to wait now.
-    pub fn next(&mut self) -> Duration {
+    pub fn wait(&mut self) -> Duration {
         let since = *self.since.get_or_insert_with(Instant::now);
         (since.elapsed() / 4).clamp(Duration::from_millis(1), self.max)
     }
@@ -167,7 +167,7 @@ impl<S: Sink> Relay<S> {
             } else {
                 backoff.reset();
                 if !stopping {
-                    let wait = idle.next();
+                    let wait = idle.wait();
                     self.wait_for_work(wait, &mut shutdown).await;
                 }
                 continue;
