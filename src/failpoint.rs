@@ -14,13 +14,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 pub const ENV: &str = "OUTBOX_RELAY_FAILPOINTS";
+/// The exactly-once protocol's steps (chaos arms one of these at random).
 pub const POINTS: &[&str] =
     &["after-claim", "after-kafka-send", "after-prepare", "after-kafka-commit", "after-commit-prepared"];
+/// Every point: the protocol's, and `after-send` (at-least-once: a batch was
+/// handed to the producer).
+pub const ALL_POINTS: &[&str] =
+    &["after-claim", "after-send", "after-kafka-send", "after-prepare", "after-kafka-commit", "after-commit-prepared"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Action {
+pub enum Action {
+    /// SIGKILL the process.
     Crash,
+    /// SIGSTOP the calling thread (and so the process).
     Pause,
+    /// Make the Kafka producer fail fatally (librdkafka's test hook).
+    Fatal,
+    /// Sleep this many milliseconds per event of the batch, on every hit from the
+    /// N-th on (a slow batch).
+    DelayPerEvent(u64),
 }
 
 #[derive(Debug)]
@@ -45,17 +57,25 @@ fn parse(spec: &str) -> Result<HashMap<String, Point>, String> {
     let mut out = HashMap::new();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, rest) = item.split_once('=').ok_or_else(|| format!("{item:?}: expected point=action"))?;
-        if !POINTS.contains(&name) {
-            return Err(format!("unknown failpoint {name:?}; known: {}", POINTS.join(", ")));
+        if !ALL_POINTS.contains(&name) {
+            return Err(format!("unknown failpoint {name:?}; known: {}", ALL_POINTS.join(", ")));
         }
         let (action, nth) = match rest.split_once('@') {
             Some((a, n)) => (a, n.parse::<u64>().map_err(|_| format!("{item:?}: @N must be a number"))?),
             None => (rest, 1),
         };
-        let action = match action {
-            "crash" => Action::Crash,
-            "pause" => Action::Pause,
-            other => return Err(format!("{item:?}: unknown action {other:?}; use crash or pause")),
+        let action = match action.split_once(':') {
+            None if action == "crash" => Action::Crash,
+            None if action == "pause" => Action::Pause,
+            None if action == "fatal" => Action::Fatal,
+            Some(("delay-per-event", ms)) => {
+                Action::DelayPerEvent(ms.parse().map_err(|_| format!("{item:?}: delay-per-event:<ms>"))?)
+            }
+            _ => {
+                return Err(format!(
+                    "{item:?}: unknown action {action:?}; use crash, pause, fatal or delay-per-event:<ms>"
+                ))
+            }
         };
         out.insert(name.to_string(), Point { action, nth: nth.max(1), hits: AtomicU64::new(0) });
     }
@@ -73,12 +93,22 @@ pub fn validate_env() -> Result<(), String> {
 
 /// Marks a crash point; does nothing unless the environment arms it.
 pub fn hit(name: &str) {
-    let Some(point) = points().get(name) else {
-        return;
-    };
+    hit_batch(name, 0);
+}
+
+/// Like [`hit`] for a point in a batch of `events` events. Returns `Some(Fatal)`
+/// when the caller must make its producer fail (it owns the producer).
+pub fn hit_batch(name: &str, events: usize) -> Option<Action> {
+    let point = points().get(name)?;
     let n = point.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Action::DelayPerEvent(ms) = point.action {
+        if n >= point.nth {
+            std::thread::sleep(std::time::Duration::from_millis(ms * events as u64));
+        }
+        return None;
+    }
     if n != point.nth {
-        return;
+        return None;
     }
     eprintln!("failpoint {name}: {:?} (hit {n})", point.action);
     match point.action {
@@ -103,7 +133,10 @@ pub fn hit(name: &str) {
                 libc::raise(libc::SIGSTOP)
             };
         }
+        Action::Fatal => return Some(Action::Fatal),
+        Action::DelayPerEvent(_) => {}
     }
+    None
 }
 
 #[cfg(test)]
@@ -118,6 +151,11 @@ mod tests {
         assert_eq!(p["after-prepare"].nth, 3);
         assert!(parse("before-claim=crash").unwrap_err().contains("unknown failpoint"));
         assert!(parse("after-claim=explode").unwrap_err().contains("unknown action"));
+        assert_eq!(parse("after-send=fatal@3").unwrap()["after-send"].action, Action::Fatal);
+        assert_eq!(
+            parse("after-kafka-send=delay-per-event:20").unwrap()["after-kafka-send"].action,
+            Action::DelayPerEvent(20)
+        );
         assert!(parse("after-claim").unwrap_err().contains("point=action"));
     }
 }

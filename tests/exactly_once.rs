@@ -164,20 +164,53 @@ async fn check_reports_the_exactly_once_prerequisites() {
     assert!(text.contains("two-phase commit enabled (max_prepared_transactions = "), "{text}");
     assert!(text.contains("kafka transactions available"), "{text}");
 
-    // A decisions topic with more than one partition cannot order the decisions.
-    let bad = ob.topic("decisions", 2).await;
-    let out = relay_cmd(&ob.table, &[EOS, ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", &bad)]).arg("check").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{text}");
-    assert!(text.contains(&format!("PROBLEM decisions topic {bad} has 2 partitions")), "{text}");
-    // The relay refuses to start on it too.
-    let out = relay_cmd(
-        &ob.table,
-        &[EOS, ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", &bad), ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "2s")],
-    )
-    .arg("run")
-    .output()
-    .unwrap();
+    // A decisions topic with more than one partition cannot order the
+    // decisions, and one with cleanup.policy=delete expires them: check names
+    // both, and the relay refuses to start at once (exit 64) on either.
+    for (bad, partitions, why) in [
+        (ob.topic("decisions2", 2).await, 2, "2 partitions (must be 1)"),
+        (ob.topic("decisions_delete", 1).await, 1, "cleanup.policy=delete"),
+    ] {
+        let topic = ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", bad.as_str());
+        let out = relay_cmd(&ob.table, &[EOS, topic]).arg("check").output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{partitions}: {text}");
+        assert!(text.contains(&format!("PROBLEM the decisions topic {bad} cannot be trusted")), "{text}");
+        assert!(text.contains(why), "{text}");
+        let started = std::time::Instant::now();
+        let out = relay_cmd(&ob.table, &[EOS, topic]).arg("run").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(err.contains("cannot be trusted") && err.contains(why), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(15), "refused at once, no retry loop: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_decisions_topic_is_created_compacted_and_is_never_recreated_under_prepared_batches() {
+    let ob = Outbox::new("eos_decisions").await;
+    let topic = ob.topic("events", 1).await;
+    let decisions = format!("{}.commits", ob.table);
+    let d = ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", decisions.as_str());
+    insert(&ob, &topic, 20, 0).await;
+    // A relay creates the topic itself: 1 partition, compacted, min.insync.replicas set.
+    let mut relay = ob.spawn_relay(&[EOS, BATCH, d, ("OUTBOX_RELAY_FAILPOINTS", "after-prepare=crash@1")]);
+    relay.wait_exit(Duration::from_secs(60));
+    let cfg = kafka_topic_config(&decisions).await;
+    assert_eq!(cfg.get("cleanup.policy").map(String::as_str), Some("compact"), "{cfg:?}");
+    assert!(cfg.contains_key("min.insync.replicas"), "{cfg:?}");
+    assert_eq!(prepared(&ob).await.len(), 1, "the crash left one batch prepared");
+    // The decisions topic disappears while a batch is prepared (deleted by
+    // mistake, or relay.commits_topic changed): its decision may be lost, so the
+    // relay must not start over with a new, empty topic.
+    delete_topic(&decisions).await;
+    let out = relay_cmd(&ob.table, &[EOS, BATCH, d]).arg("run").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("must have exactly 1"), "{err}");
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("does not exist, but prepared exactly-once batches of this table do"), "{err}");
+    assert_eq!(prepared(&ob).await.len(), 1, "nothing was resolved without its decision");
+    // Clean up: the batch never committed in Kafka (it crashed before).
+    for gid in prepared(&ob).await {
+        pg().await.batch_execute(&format!("ROLLBACK PREPARED '{gid}'")).await.unwrap();
+    }
 }

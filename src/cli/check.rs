@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::{exit, CliError};
 use crate::config::{Delivery, Settings};
-use crate::sink::{Decisions, KafkaSink, Sink};
+use crate::sink::{Decisions, DecisionsTopic, KafkaSink, Sink};
 use crate::store::{describe, Store};
 
 pub async fn check(settings: Settings) -> Result<(), CliError> {
@@ -179,16 +179,20 @@ async fn check_transactions(settings: &Settings, store: &Store, sink: &KafkaSink
         }
     }
     let topic = &settings.relay.commits_topic;
+    let prepared = !store.prepared_any(&store.transactional_prefixes().await).await.unwrap_or_default().is_empty();
     match Decisions::new(settings) {
-        Ok(d) => match d.partitions(Duration::from_secs(10)).await {
-            Ok(0) => println!(
-                "ok      decisions topic {topic} does not exist yet; the relay creates it at start-up \
-                 (1 partition, compacted; needs permission to create topics, or create it yourself)"
+        Ok(d) => match d.inspect(prepared).await {
+            Ok(DecisionsTopic::Trusted) => {
+                println!("ok      decisions topic {topic}: 1 partition, compacted, replicated like the brokers allow")
+            }
+            Ok(DecisionsTopic::Missing { replication_factor, min_insync_replicas }) => println!(
+                "ok      decisions topic {topic} does not exist yet; the relay creates it at start-up (1 partition, \
+                 compacted, replication factor {replication_factor}, min.insync.replicas {min_insync_replicas}; \
+                 needs permission to create topics, or create it yourself)"
             ),
-            Ok(1) => println!("ok      decisions topic {topic} has 1 partition"),
-            Ok(n) => {
+            Ok(DecisionsTopic::Untrusted(why)) => {
                 problems += 1;
-                println!("PROBLEM decisions topic {topic} has {n} partitions; it must have exactly 1");
+                println!("PROBLEM {why}");
             }
             Err(e) => {
                 problems += 1;

@@ -115,16 +115,27 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot reach Postgres at {pg}: {e}")))?
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+        // Unreachable dependencies are retried; a prerequisite no retry can fix
+        // (an untrustworthy decisions topic) stops the start-up at once.
+        let start = || async {
+            match relay.start().await {
+                Err(EosError::Prerequisite(p)) => Ok(Err(p)),
+                Err(e) => Err(e),
+                Ok(()) => Ok(Ok(())),
+            }
+        };
         let started = tokio::select! {
-            r = retry_until(deadline, "exactly-once recovery", || relay.start()) => r,
+            r = retry_until(deadline, "exactly-once recovery", start) => r,
             s = signals.recv() => {
                 tracing::info!(signal = s, "stopped during start-up");
                 return Ok(());
             }
         };
-        started.map_err(|e| {
-            CliError::new(exit::UNAVAILABLE, format!("exactly-once start-up failed: {e} (try `outbox-relay check`)"))
-        })?;
+        started
+            .map_err(|e| {
+                CliError::new(exit::UNAVAILABLE, format!("exactly-once start-up failed: {e} (try `outbox-relay check`)"))
+            })?
+            .map_err(|p| CliError::new(exit::USAGE, format!("exactly-once cannot start: {p}")))?;
         let relay = Arc::new(relay);
         let counters = relay.counters.clone();
         let stop = stop_rx.clone();

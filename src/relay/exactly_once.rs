@@ -20,6 +20,7 @@
 //! has the argument.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,10 @@ pub struct ExactlyOnceRelay {
     recovery: Recovery,
     cfg: RelayConfig,
     wake: Arc<Notify>,
+    /// Rows per claim: `relay.batch_size`, halved while batches take too long
+    /// for `transaction.timeout.ms` (see `adapt_batch`).
+    batch: AtomicUsize,
+    txn_timeout: Duration,
     /// This relay's Kafka transactional id.
     txn_id: String,
     /// `<txn_id>/`: the prefix of its batches' prepared-transaction ids.
@@ -79,7 +84,14 @@ impl ExactlyOnceRelay {
             settings.relay.recovery_timeout,
         );
         let txn_id = txn_ids.transactional_id(&settings.relay_id());
+        let txn_timeout = crate::sink::producer_config(settings, None)
+            .get("transaction.timeout.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(Duration::from_secs(60));
         Ok(ExactlyOnceRelay {
+            batch: AtomicUsize::new(settings.relay.batch_size),
+            txn_timeout,
             store,
             sink,
             decisions,
@@ -107,7 +119,9 @@ impl ExactlyOnceRelay {
     /// Start-up: the decisions topic, a registered producer (fencing any zombie
     /// of this relay), and this relay's own unresolved batches.
     pub async fn start(&self) -> Result<(), EosError> {
-        self.decisions.ensure_topic().await.map_err(|e| EosError::Kafka(e.0))?;
+        let prepared = self.store.prepared_any(&self.recovery.txn_ids().prefixes()).await?;
+        self.decisions.ensure_topic(!prepared.is_empty()).await.map_err(|e| EosError::Prerequisite(e.0))?;
+        tracing::info!(transactional_id = %self.txn_id, decisions = %self.decisions.topic(), "exactly-once ready");
         self.recover_own().await
     }
 
@@ -141,7 +155,10 @@ impl ExactlyOnceRelay {
                         tracing::warn!(error = %e, "could not resolve another relay's stale batch; will try again");
                     }
                 }
-                match self.step().await {
+                let step_started = Instant::now();
+                let step = self.step().await;
+                self.adapt_batch(&step, step_started.elapsed());
+                match step {
                     Ok(Step::Batch { finished, .. }) if finished.retry == 0 => {
                         backoff.reset();
                         idle.busy();
@@ -179,7 +196,7 @@ impl ExactlyOnceRelay {
     /// batch's prepared transaction behind; `recover_own` resolves it.
     pub async fn step(&self) -> Result<Step, EosError> {
         let started = Instant::now();
-        let Some(claimed) = self.store.claim(self.cfg.batch_size, &[]).await? else {
+        let Some(claimed) = self.store.claim(self.batch.load(AtomicOrdering::Relaxed), &[]).await? else {
             return Ok(Step::Idle);
         };
         if claimed.events.is_empty() {
@@ -198,7 +215,7 @@ impl ExactlyOnceRelay {
         let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, &gid);
         let results = sent.results.await;
         let decision = decision.await;
-        failpoint::hit("after-kafka-send");
+        failpoint::hit_batch("after-kafka-send", claimed.events.len());
 
         let all_in = decision == SendResult::Delivered
             && results
@@ -274,6 +291,34 @@ impl ExactlyOnceRelay {
             "batch committed"
         );
         Ok(Step::Batch { claimed: n, finished })
+    }
+
+    /// A batch must fit in `transaction.timeout.ms` (send, acks, PREPARE and the
+    /// commit), or the coordinator aborts it and the same batch comes back
+    /// forever. So a batch that failed after most of that time, or succeeded
+    /// after half of it, halves the next batches (down to 1); quick ones grow
+    /// them back to `relay.batch_size`.
+    fn adapt_batch(&self, step: &Result<Step, EosError>, took: Duration) {
+        let size = self.batch.load(AtomicOrdering::Relaxed);
+        let failed = match step {
+            Err(_) => true,
+            Ok(Step::Batch { finished, .. }) => finished.retry > 0,
+            Ok(_) => return,
+        };
+        let next = if (failed && took >= self.txn_timeout.mul_f32(0.8)) || took >= self.txn_timeout / 2 {
+            (size / 2).max(1)
+        } else if !failed && took < self.txn_timeout / 8 {
+            (size * 2).min(self.cfg.batch_size)
+        } else {
+            size
+        };
+        if next < size {
+            tracing::warn!(
+                batch = size, took_ms = took.as_millis() as u64, txn_timeout_ms = self.txn_timeout.as_millis() as u64,
+                next, "a batch took too long for transaction.timeout.ms; claiming smaller batches"
+            );
+        }
+        self.batch.store(next, AtomicOrdering::Relaxed);
     }
 
     /// Registers a fresh producer (fencing older instances of this relay and

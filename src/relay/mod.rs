@@ -115,9 +115,12 @@ impl<S: Sink> Relay<S> {
                 Some(f) => (f.claimed.events.iter().map(|e| e.id).collect(), f.held_keys.clone()),
                 None => (Vec::new(), HashSet::new()),
             };
+            // A batch that found the producer broken went back untouched: finish
+            // the one in flight before claiming more (see `Sent::stalled`).
+            let draining = inflight.as_ref().is_some_and(|f| f.stalled);
             let prev = inflight.take();
             let claim = async {
-                if stopping {
+                if stopping || draining {
                     None
                 } else {
                     Some(self.start_batch(&own, &hold).await)
@@ -214,12 +217,23 @@ impl<S: Sink> Relay<S> {
         }
         crate::failpoint::hit("after-claim");
         let sent = self.sink.send(&claimed.events, hold).await;
-        Ok(Started::Batch(Box::new(InFlight { claimed, results: sent.results, held_keys: sent.held_keys, started })))
+        if crate::failpoint::hit_batch("after-send", claimed.events.len()) == Some(crate::failpoint::Action::Fatal) {
+            self.sink.inject_fatal_error();
+        }
+        Ok(Started::Batch(Box::new(InFlight {
+            claimed,
+            results: sent.results,
+            held_keys: sent.held_keys,
+            ticket: sent.ticket,
+            stalled: sent.stalled,
+            started,
+        })))
     }
 
     /// Waits for every result of the batch, records the outcomes and commits.
     async fn finish_batch(&self, f: Box<InFlight>) -> Result<Finished, StoreError> {
-        let InFlight { claimed, results, started, .. } = *f;
+        // `_ticket` lives until the batch is finished (or this fails).
+        let InFlight { claimed, results, started, ticket: _ticket, .. } = *f;
         let results = results.await;
         let n = claimed.events.len();
         let outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
@@ -270,6 +284,9 @@ struct InFlight {
     claimed: Claimed,
     results: futures_util::future::BoxFuture<'static, Vec<SendResult>>,
     held_keys: HashSet<String>,
+    /// Dropped once the batch is finished (see `Sent::ticket`).
+    ticket: crate::sink::Ticket,
+    stalled: bool,
     started: Instant,
 }
 

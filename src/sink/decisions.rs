@@ -11,12 +11,24 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use super::SinkError;
 use crate::config::Settings;
+
+/// What [`Decisions::inspect`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecisionsTopic {
+    /// Exists with the settings the protocol needs.
+    Trusted,
+    /// Does not exist (and no batch is prepared): create it like this.
+    Missing { replication_factor: usize, min_insync_replicas: usize },
+    /// Must not be used; the message says why and how to fix it.
+    Untrusted(String),
+}
 
 pub struct Decisions {
     topic: String,
@@ -42,13 +54,84 @@ impl Decisions {
         &self.topic
     }
 
-    /// Creates the decisions topic (one partition, compacted) unless it exists,
-    /// and checks an existing one has exactly one partition.
-    pub async fn ensure_topic(&self) -> Result<(), SinkError> {
+    /// Makes sure the decisions topic can be trusted, or says why not.
+    ///
+    /// A decision that is lost turns a crash in the commit window into a
+    /// duplicate, so the topic must hold every decision for as long as a batch
+    /// may stay prepared: one partition, `cleanup.policy=compact` (not
+    /// `delete`, which expires decisions, nor `compact,delete`), replicated
+    /// like the event topics (replication factor min(3, brokers),
+    /// `min.insync.replicas` min(2, replication factor)).
+    ///
+    /// A missing topic is created with those settings, unless `prepared_exist`:
+    /// then decisions of those batches could be missing (the topic was deleted),
+    /// and the relay must not silently start over with an empty one.
+    pub async fn ensure_topic(&self, prepared_exist: bool) -> Result<(), SinkError> {
+        match self.inspect(prepared_exist).await? {
+            DecisionsTopic::Trusted => Ok(()),
+            DecisionsTopic::Missing { replication_factor, min_insync_replicas } => {
+                self.create(replication_factor, min_insync_replicas).await?;
+                // Another relay may have created it a moment ago: check what exists.
+                match self.inspect(prepared_exist).await? {
+                    DecisionsTopic::Untrusted(why) => Err(SinkError(why)),
+                    _ => Ok(()),
+                }
+            }
+            DecisionsTopic::Untrusted(why) => Err(SinkError(why)),
+        }
+    }
+
+    /// Whether the decisions topic can be trusted (see [`Decisions::ensure_topic`]).
+    pub async fn inspect(&self, prepared_exist: bool) -> Result<DecisionsTopic, SinkError> {
+        let timeout = Duration::from_secs(10);
+        let (brokers, info) = super::topics::describe(&self.base, &self.topic, timeout).await?;
+        let want_rf = brokers.clamp(1, 3);
+        let want_isr = want_rf.min(2);
+        let Some(info) = info else {
+            if prepared_exist {
+                return Ok(DecisionsTopic::Untrusted(format!(
+                    "the decisions topic {} does not exist, but prepared exactly-once batches of this table do: \
+                     their decisions may be lost (was the topic deleted, or relay.commits_topic changed?). \
+                     Restore the topic or set relay.commits_topic back; see docs/exactly-once.md, \"Assumptions\"",
+                    self.topic
+                )));
+            }
+            return Ok(DecisionsTopic::Missing { replication_factor: want_rf, min_insync_replicas: want_isr });
+        };
+        let mut wrong = Vec::new();
+        if info.partitions != 1 {
+            wrong.push(format!("{} partitions (must be 1)", info.partitions));
+        }
+        if info.cleanup_policy != "compact" {
+            wrong.push(format!("cleanup.policy={} (must be compact: other policies expire decisions)", info.cleanup_policy));
+        }
+        if info.replication_factor < want_rf {
+            wrong.push(format!("replication factor {} (must be {want_rf} on {brokers} brokers)", info.replication_factor));
+        }
+        if info.min_insync_replicas < want_isr {
+            wrong.push(format!("min.insync.replicas={} (must be at least {want_isr})", info.min_insync_replicas));
+        }
+        if wrong.is_empty() {
+            return Ok(DecisionsTopic::Trusted);
+        }
+        Ok(DecisionsTopic::Untrusted(format!(
+            "the decisions topic {} cannot be trusted: {}. Fix it (kafka-configs --alter --entity-type topics \
+             --entity-name {} --add-config cleanup.policy=compact,min.insync.replicas={want_isr}; partitions and \
+             replication need a new topic: stop the relays, let no batch stay prepared, create it with 1 partition, \
+             replication factor {want_rf}), or point relay.commits_topic at a correct one while no batch is prepared",
+            self.topic,
+            wrong.join(", "),
+            self.topic
+        )))
+    }
+
+    async fn create(&self, rf: usize, isr: usize) -> Result<(), SinkError> {
         let admin: AdminClient<DefaultClientContext> =
             self.base.create().map_err(|e| SinkError(format!("cannot create the admin client: {e}")))?;
-        let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(-1))
+        let isr = isr.to_string();
+        let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(rf as i32))
             .set("cleanup.policy", "compact")
+            .set("min.insync.replicas", &isr)
             .set("segment.ms", "600000")
             .set("min.cleanable.dirty.ratio", "0.1");
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -58,36 +141,25 @@ impl Decisions {
             .map_err(|e| SinkError(format!("cannot create topic {}: {e}", self.topic)))?;
         for r in results {
             match r {
-                Ok(_) => tracing::info!(topic = %self.topic, "created the exactly-once decisions topic"),
+                Ok(_) => tracing::info!(topic = %self.topic, replication_factor = rf, min_insync_replicas = %isr,
+                    "created the exactly-once decisions topic"),
+                // Another relay created it a moment ago: validate what it made.
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((t, code)) => {
                     return Err(SinkError(format!(
-                        "cannot create topic {t}: {code} — create it yourself: 1 partition, cleanup.policy=compact"
+                        "cannot create topic {t}: {code} — create it yourself: 1 partition, replication factor {rf}, \
+                         cleanup.policy=compact, min.insync.replicas={isr}"
                     )))
                 }
             }
-        }
-        let partitions = self.partitions(Duration::from_secs(10)).await?;
-        if partitions != 1 {
-            return Err(SinkError(format!(
-                "topic {} has {partitions} partitions; the decisions topic must have exactly 1",
-                self.topic
-            )));
         }
         Ok(())
     }
 
     /// How many partitions the decisions topic has (0: it does not exist).
     pub async fn partitions(&self, timeout: Duration) -> Result<usize, SinkError> {
-        let cfg = self.base.clone();
-        let topic = self.topic.clone();
-        tokio::task::spawn_blocking(move || {
-            let c: BaseConsumer = cfg.create().map_err(|e| SinkError(format!("kafka consumer: {e}")))?;
-            let md = c.fetch_metadata(Some(&topic), timeout).map_err(|e| SinkError(format!("metadata: {e}")))?;
-            Ok(md.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len()))
-        })
-        .await
-        .map_err(|e| SinkError(format!("metadata task failed: {e}")))?
+        let (_, info) = super::topics::describe(&self.base, &self.topic, timeout).await?;
+        Ok(info.map_or(0, |i| i.partitions))
     }
 
     /// Did the Kafka transaction of batch `gid` (relay `transactional_id`)
@@ -100,6 +172,14 @@ impl Decisions {
     /// transaction with records before it has ended, and the decision record
     /// (if any) precedes the probe, because fencing waited for the transaction.
     pub async fn was_committed(&self, transactional_id: &str, gid: &str, timeout: Duration) -> Result<bool, SinkError> {
+        // Never let the probe create the topic: an empty new topic would answer
+        // "not committed" for every batch.
+        if self.partitions(Duration::from_secs(10)).await? != 1 {
+            return Err(SinkError(format!(
+                "the decisions topic {} is missing or not a single partition: cannot read the decision of {gid}",
+                self.topic
+            )));
+        }
         let probe_key = format!("probe/{}", uuid::Uuid::new_v4());
         let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic).partition(0).key(&probe_key);
         let delivery = self

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use futures_util::FutureExt;
 
-use super::{classify, FailureClass, SendResult, Sent, Sink, SinkError};
+use super::{classify, FailureClass, SendResult, Sent, Sink, SinkError, Ticket};
 use crate::config::{Delivery, Settings};
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 
@@ -180,22 +180,7 @@ struct Current {
     outstanding: Arc<AtomicUsize>,
 }
 
-/// Counts a batch as outstanding on its producer until its results are in (or
-/// the batch is dropped).
-struct Outstanding(Arc<AtomicUsize>);
 
-impl Outstanding {
-    fn new(count: &Arc<AtomicUsize>) -> Outstanding {
-        count.fetch_add(1, AtomicOrdering::AcqRel);
-        Outstanding(count.clone())
-    }
-}
-
-impl Drop for Outstanding {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, AtomicOrdering::AcqRel);
-    }
-}
 
 impl KafkaSink {
     /// An idempotent producer (at-least-once mode; also what `check` pings with).
@@ -358,23 +343,28 @@ impl Sink for KafkaSink {
         // A transactional producer is rebuilt (and registered) by the exactly-once loop.
         if let Some((code, reason)) = current.producer.client().fatal_error().filter(|_| !self.is_transactional()) {
             if current.outstanding.load(AtomicOrdering::Acquire) > 0 {
-                // An earlier batch is still out on the broken producer. Sending this
-                // one on a new producer could overtake it (its events would be
-                // retried after ours). End the earlier batch's wait instead; this
-                // one goes back untouched, and the next claim sends both in order.
-                current.producer.purge(PurgeConfig::default().queue().inflight());
+                // An earlier batch sent on the broken producer is unfinished: its
+                // failed events are retried later. Sending this one on a new
+                // producer now could put its events ahead of theirs. This batch
+                // goes back untouched; once the earlier one is finished, the next
+                // claim sends both, in order, on a new producer.
                 let acks = Arc::new(BatchAcks::new(events.len()));
                 for i in 0..events.len() {
                     acks.set(i, SendResult::Skipped);
                 }
                 let held_keys = events.iter().filter_map(|e| e.key.clone()).collect();
-                return Sent { results: async move { acks.take() }.boxed(), held_keys };
+                return Sent {
+                    results: async move { acks.take() }.boxed(),
+                    held_keys,
+                    ticket: Ticket::none(),
+                    stalled: true,
+                };
             }
             self.rebuild(&format!("{code:?}: {reason}"));
             current = self.current();
         }
         let producer = current.producer;
-        let outstanding = Outstanding::new(&current.outstanding);
+        let ticket = Ticket::new(&current.outstanding);
         let acks = Arc::new(BatchAcks::new(events.len()));
         // Keys whose event failed before reaching Kafka: their later events wait.
         let mut failed_keys: HashSet<&str> = hold.iter().map(String::as_str).collect();
@@ -425,11 +415,10 @@ impl Sink for KafkaSink {
         let results = async move {
             let results = acks.wait_all().await;
             drop(producer); // kept alive until the last report arrived
-            drop(outstanding);
             results
         }
         .boxed();
-        Sent { results, held_keys }
+        Sent { results, held_keys, ticket, stalled: false }
     }
 
     fn purge(&self) {
@@ -438,6 +427,22 @@ impl Sink for KafkaSink {
 
     fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
         self.producer().flush(timeout).map_err(|e| SinkError(format!("flush: {e}")))
+    }
+
+    fn inject_fatal_error(&self) {
+        let producer = self.producer();
+        let ptr = producer.client().native_ptr();
+        let reason = std::ffi::CString::new("failpoint: injected fatal error").unwrap_or_default();
+        #[allow(unsafe_code)]
+        // SAFETY: `ptr` is the live handle of `producer`, which is kept alive for
+        // the call; librdkafka's test hook only records a fatal error on it.
+        unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                ptr,
+                rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            );
+        }
     }
 
     async fn ping(&self, timeout: Duration) -> Result<(), SinkError> {

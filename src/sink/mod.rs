@@ -5,6 +5,7 @@
 mod decisions;
 mod error;
 mod kafka;
+pub mod topics;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-pub use decisions::Decisions;
+pub use decisions::{Decisions, DecisionsTopic};
 pub use error::{classify, classify_code, FailureClass};
 pub use kafka::{producer_config, KafkaSink};
 
@@ -45,6 +46,36 @@ pub struct Sent {
     /// Keys with an event that failed (or was skipped) before reaching Kafka:
     /// the next batch must not send later events of them either.
     pub held_keys: HashSet<String>,
+    /// Keep until the batch is finished (its rows committed or given back): while
+    /// a batch sent on a producer is unfinished, that producer is not replaced.
+    pub ticket: Ticket,
+    /// Nothing was sent: the producer failed fatally while an earlier batch is
+    /// unfinished. Finish what is in flight before sending more (the events of
+    /// that batch come first again, on the new producer).
+    pub stalled: bool,
+}
+
+/// Marks a batch as unfinished on the producer it was sent on (see [`Sent::ticket`]).
+pub struct Ticket(Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>);
+
+impl Ticket {
+    /// A ticket that counts nothing (a sink without producer generations).
+    pub fn none() -> Ticket {
+        Ticket(None)
+    }
+
+    pub(crate) fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Ticket {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ticket(Some(count.clone()))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 /// Where batches go.
@@ -69,4 +100,7 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Can we reach the cluster? (metadata round trip, blocking up to `timeout`)
     fn ping(&self, timeout: Duration) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Tests only (failpoint `fatal`): make the producer fail fatally now.
+    fn inject_fatal_error(&self) {}
 }

@@ -264,6 +264,38 @@ impl Drop for RelayProcess {
     }
 }
 
+/// A topic's configuration as the broker describes it.
+pub async fn kafka_topic_config(name: &str) -> HashMap<String, String> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let res = admin
+        .describe_configs([&rdkafka::admin::ResourceSpecifier::Topic(name)], &AdminOptions::new())
+        .await
+        .expect("describe configs");
+    let r = res.into_iter().next().expect("one resource").expect("topic described");
+    r.entries.iter().filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v))).collect()
+}
+
+pub async fn delete_topic(name: &str) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    admin
+        .delete_topics(&[name], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))))
+        .await
+        .expect("delete topic");
+    // Wait until the broker no longer lists it.
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("consumer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = c.fetch_metadata(Some(name), Duration::from_secs(5)).expect("metadata");
+        if md.topics().first().is_none_or(|t| t.error().is_some() || t.partitions().is_empty()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "topic {name} still listed after deletion");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub async fn create_topic(name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");

@@ -1,0 +1,102 @@
+//! What the cluster says about a topic: partitions, replication, and the topic
+//! settings the guarantees depend on (`cleanup.policy`, `min.insync.replicas`).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientConfig;
+
+use super::SinkError;
+
+/// One topic as the cluster describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicInfo {
+    pub partitions: usize,
+    /// The smallest replica count over its partitions.
+    pub replication_factor: usize,
+    pub cleanup_policy: String,
+    pub min_insync_replicas: usize,
+}
+
+/// The brokers in the cluster, and `topic` if it exists.
+pub async fn describe(
+    base: &ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<(usize, Option<TopicInfo>), SinkError> {
+    let cfg = base.clone();
+    let name = topic.to_string();
+    let (brokers, layout) = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = cfg.create().map_err(|e| SinkError(format!("kafka client: {e}")))?;
+        let md = c.fetch_metadata(Some(&name), timeout).map_err(|e| SinkError(format!("metadata: {e}")))?;
+        let layout = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()).map(|t| {
+            (t.partitions().len(), t.partitions().iter().map(|p| p.replicas().len()).min().unwrap_or(0))
+        });
+        Ok::<_, SinkError>((md.brokers().len(), layout))
+    })
+    .await
+    .map_err(|e| SinkError(format!("metadata task failed: {e}")))??;
+    let Some((partitions, replication_factor)) = layout else { return Ok((brokers, None)) };
+    let admin: AdminClient<DefaultClientContext> =
+        base.create().map_err(|e| SinkError(format!("cannot create the admin client: {e}")))?;
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(|e| SinkError(format!("cannot describe topic {topic}: {e}")))?;
+    let resource = described
+        .into_iter()
+        .next()
+        .ok_or_else(|| SinkError(format!("no description of topic {topic}")))?
+        .map_err(|e| SinkError(format!("cannot describe topic {topic}: {e}")))?;
+    let value = |k: &str| resource.get(k).and_then(|e| e.value.clone()).unwrap_or_default();
+    Ok((
+        brokers,
+        Some(TopicInfo {
+            partitions,
+            replication_factor,
+            cleanup_policy: value("cleanup.policy"),
+            min_insync_replicas: value("min.insync.replicas").parse().unwrap_or(1),
+        }),
+    ))
+}
+
+/// What a production event topic should have on a cluster of `brokers`:
+/// returns one warning per setting below that.
+pub fn event_topic_warnings(topic: &str, info: &TopicInfo, brokers: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let want_rf = brokers.min(3);
+    if info.replication_factor < want_rf {
+        out.push(format!(
+            "topic {topic} has replication factor {} on a cluster of {brokers} brokers: a broker failure can \
+             lose acknowledged events; use 3",
+            info.replication_factor
+        ));
+    }
+    if info.replication_factor >= 3 && info.min_insync_replicas < 2 {
+        out.push(format!(
+            "topic {topic} has min.insync.replicas = {}: acks=all then waits for one replica only; set it to 2 \
+             (kafka-configs --alter --entity-type topics --entity-name {topic} --add-config min.insync.replicas=2)",
+            info.min_insync_replicas
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_topics_below_rf3_or_min_isr2_are_named() {
+        let ok = TopicInfo { partitions: 6, replication_factor: 3, cleanup_policy: "delete".into(), min_insync_replicas: 2 };
+        assert!(event_topic_warnings("orders", &ok, 3).is_empty());
+        let rf1 = TopicInfo { replication_factor: 1, ..ok.clone() };
+        assert!(event_topic_warnings("orders", &rf1, 3)[0].contains("replication factor 1"));
+        assert!(event_topic_warnings("orders", &rf1, 1).is_empty(), "a one-broker cluster cannot do better");
+        let isr1 = TopicInfo { min_insync_replicas: 1, ..ok };
+        assert!(event_topic_warnings("orders", &isr1, 3)[0].contains("min.insync.replicas = 1"));
+    }
+}
