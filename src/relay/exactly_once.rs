@@ -211,7 +211,7 @@ impl ExactlyOnceRelay {
             claimed.release().await?;
             return Err(kafka("begin transaction")(e));
         }
-        let sent = self.sink.send(&claimed.events, &HashSet::new()).await;
+        let sent = self.sink.send(&claimed.events, &HashSet::new(), true).await;
         let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, &gid);
         let results = sent.results.await;
         let decision = decision.await;

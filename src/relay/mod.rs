@@ -119,11 +119,12 @@ impl<S: Sink> Relay<S> {
             // the one in flight before claiming more (see `Sent::stalled`).
             let draining = inflight.as_ref().is_some_and(|f| f.stalled);
             let prev = inflight.take();
+            let alone = prev.is_none();
             let claim = async {
                 if stopping || draining {
                     None
                 } else {
-                    Some(self.start_batch(&own, &hold).await)
+                    Some(self.start_batch(&own, &hold, alone).await)
                 }
             };
             let finish = async {
@@ -192,7 +193,7 @@ impl<S: Sink> Relay<S> {
 
     /// One batch, start to end: claim, publish, record, commit.
     pub async fn step(&self) -> Result<Step, StoreError> {
-        match self.start_batch(&[], &HashSet::new()).await? {
+        match self.start_batch(&[], &HashSet::new(), true).await? {
             Started::Idle => Ok(Step::Idle),
             Started::Deferred => Ok(Step::Deferred { rows: 0 }),
             Started::Batch(f) => {
@@ -205,7 +206,7 @@ impl<S: Sink> Relay<S> {
 
     /// Claims a batch and hands it to the producer. `own`: rows of this relay's
     /// batch still in flight; `hold`: keys the next batch must not send.
-    async fn start_batch(&self, own: &[uuid::Uuid], hold: &HashSet<String>) -> Result<Started, StoreError> {
+    async fn start_batch(&self, own: &[uuid::Uuid], hold: &HashSet<String>, alone: bool) -> Result<Started, StoreError> {
         let started = Instant::now();
         let Some(claimed) = self.store.claim(self.cfg.batch_size, own).await? else {
             return Ok(Started::Idle);
@@ -216,7 +217,7 @@ impl<S: Sink> Relay<S> {
             return Ok(Started::Deferred);
         }
         crate::failpoint::hit("after-claim");
-        let sent = self.sink.send(&claimed.events, hold).await;
+        let sent = self.sink.send(&claimed.events, hold, alone).await;
         if crate::failpoint::hit_batch("after-send", claimed.events.len()) == Some(crate::failpoint::Action::Fatal) {
             self.sink.inject_fatal_error();
         }
@@ -224,7 +225,6 @@ impl<S: Sink> Relay<S> {
             claimed,
             results: sent.results,
             held_keys: sent.held_keys,
-            ticket: sent.ticket,
             stalled: sent.stalled,
             started,
         })))
@@ -232,8 +232,7 @@ impl<S: Sink> Relay<S> {
 
     /// Waits for every result of the batch, records the outcomes and commits.
     async fn finish_batch(&self, f: Box<InFlight>) -> Result<Finished, StoreError> {
-        // `_ticket` lives until the batch is finished (or this fails).
-        let InFlight { claimed, results, started, ticket: _ticket, .. } = *f;
+        let InFlight { claimed, results, started, .. } = *f;
         let results = results.await;
         let n = claimed.events.len();
         let outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
@@ -284,8 +283,6 @@ struct InFlight {
     claimed: Claimed,
     results: futures_util::future::BoxFuture<'static, Vec<SendResult>>,
     held_keys: HashSet<String>,
-    /// Dropped once the batch is finished (see `Sent::ticket`).
-    ticket: crate::sink::Ticket,
     stalled: bool,
     started: Instant,
 }

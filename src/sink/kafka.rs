@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 
 use futures_util::FutureExt;
 
-use super::{classify, FailureClass, SendResult, Sent, Sink, SinkError, Ticket};
+use super::{classify, FailureClass, SendResult, Sent, Sink, SinkError};
 use crate::config::{Delivery, Settings};
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 
@@ -169,16 +169,10 @@ type RelayProducer = ThreadedProducer<RelayContext>;
 /// rebuilt after a fatal error.
 pub struct KafkaSink {
     config: ClientConfig,
-    producer: RwLock<Current>,
+    producer: RwLock<RelayProducer>,
     rebuilds: std::sync::atomic::AtomicU64,
 }
 
-/// The producer in use and how many batches handed to it still wait for results.
-#[derive(Clone)]
-struct Current {
-    producer: RelayProducer,
-    outstanding: Arc<AtomicUsize>,
-}
 
 
 
@@ -201,7 +195,7 @@ impl KafkaSink {
         let producer = build(&config)?;
         Ok(KafkaSink {
             config,
-            producer: RwLock::new(Current { producer, outstanding: Arc::default() }),
+            producer: RwLock::new(producer),
             rebuilds: Default::default(),
         })
     }
@@ -211,15 +205,11 @@ impl KafkaSink {
         self.rebuilds.load(AtomicOrdering::Relaxed)
     }
 
-    fn current(&self) -> Current {
+    fn producer(&self) -> RelayProducer {
         match self.producer.read() {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
-    }
-
-    fn producer(&self) -> RelayProducer {
-        self.current().producer
     }
 
     /// Puts `fresh` in place of the current producer and drops what the old one
@@ -229,9 +219,9 @@ impl KafkaSink {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let old = std::mem::replace(&mut *guard, Current { producer: fresh, outstanding: Arc::default() });
+        let old = std::mem::replace(&mut *guard, fresh);
         drop(guard);
-        old.producer.purge(PurgeConfig::default().queue().inflight());
+        old.purge(PurgeConfig::default().queue().inflight());
     }
 
     /// Replaces a producer that reported a fatal error.
@@ -338,33 +328,25 @@ fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
 }
 
 impl Sink for KafkaSink {
-    async fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>) -> Sent {
-        let mut current = self.current();
+    async fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>, alone: bool) -> Sent {
+        let mut producer = self.producer();
         // A transactional producer is rebuilt (and registered) by the exactly-once loop.
-        if let Some((code, reason)) = current.producer.client().fatal_error().filter(|_| !self.is_transactional()) {
-            if current.outstanding.load(AtomicOrdering::Acquire) > 0 {
-                // An earlier batch sent on the broken producer is unfinished: its
-                // failed events are retried later. Sending this one on a new
-                // producer now could put its events ahead of theirs. This batch
-                // goes back untouched; once the earlier one is finished, the next
-                // claim sends both, in order, on a new producer.
+        if let Some((code, reason)) = producer.client().fatal_error().filter(|_| !self.is_transactional()) {
+            if !alone {
+                // An earlier batch went to the broken producer and is unfinished:
+                // its failed events are retried later. This batch, claimed
+                // meanwhile, may hold later events of the same keys; on a new
+                // producer they could go out first. It goes back untouched.
                 let acks = Arc::new(BatchAcks::new(events.len()));
                 for i in 0..events.len() {
                     acks.set(i, SendResult::Skipped);
                 }
                 let held_keys = events.iter().filter_map(|e| e.key.clone()).collect();
-                return Sent {
-                    results: async move { acks.take() }.boxed(),
-                    held_keys,
-                    ticket: Ticket::none(),
-                    stalled: true,
-                };
+                return Sent { results: async move { acks.take() }.boxed(), held_keys, stalled: true };
             }
             self.rebuild(&format!("{code:?}: {reason}"));
-            current = self.current();
+            producer = self.producer();
         }
-        let producer = current.producer;
-        let ticket = Ticket::new(&current.outstanding);
         let acks = Arc::new(BatchAcks::new(events.len()));
         // Keys whose event failed before reaching Kafka: their later events wait.
         let mut failed_keys: HashSet<&str> = hold.iter().map(String::as_str).collect();
@@ -418,7 +400,7 @@ impl Sink for KafkaSink {
             results
         }
         .boxed();
-        Sent { results, held_keys, ticket, stalled: false }
+        Sent { results, held_keys, stalled: false }
     }
 
     fn purge(&self) {

@@ -46,36 +46,10 @@ pub struct Sent {
     /// Keys with an event that failed (or was skipped) before reaching Kafka:
     /// the next batch must not send later events of them either.
     pub held_keys: HashSet<String>,
-    /// Keep until the batch is finished (its rows committed or given back): while
-    /// a batch sent on a producer is unfinished, that producer is not replaced.
-    pub ticket: Ticket,
     /// Nothing was sent: the producer failed fatally while an earlier batch is
-    /// unfinished. Finish what is in flight before sending more (the events of
-    /// that batch come first again, on the new producer).
+    /// unfinished. Finish what is in flight, then send again with `alone` (the
+    /// earlier batch's events come first again, on a new producer).
     pub stalled: bool,
-}
-
-/// Marks a batch as unfinished on the producer it was sent on (see [`Sent::ticket`]).
-pub struct Ticket(Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>);
-
-impl Ticket {
-    /// A ticket that counts nothing (a sink without producer generations).
-    pub fn none() -> Ticket {
-        Ticket(None)
-    }
-
-    pub(crate) fn new(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Ticket {
-        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Ticket(Some(count.clone()))
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            c.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        }
-    }
 }
 
 /// Where batches go.
@@ -84,11 +58,16 @@ pub trait Sink: Send + Sync + 'static {
     /// with the pending results. An event whose key is in `hold`, or whose key had
     /// an earlier event fail before reaching Kafka, is [`SendResult::Skipped`]:
     /// sending it would overtake that event.
-    fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>) -> impl Future<Output = Sent> + Send;
+    ///
+    /// `alone`: no earlier batch of this relay was unfinished when this one was
+    /// claimed. Only then may a broken producer be replaced for it; otherwise
+    /// the batch comes back [`Sent::stalled`], because a new producer could put
+    /// its events ahead of the earlier batch's failed ones.
+    fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>, alone: bool) -> impl Future<Output = Sent> + Send;
 
     /// `send` and wait for every result.
     fn publish(&self, events: &[OutboxEvent]) -> impl Future<Output = Vec<SendResult>> + Send {
-        async move { self.send(events, &HashSet::new()).await.results.await }
+        async move { self.send(events, &HashSet::new(), true).await.results.await }
     }
 
     /// Drops whatever is queued or in flight (shutdown past its deadline); the
