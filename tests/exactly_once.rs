@@ -214,3 +214,197 @@ async fn the_decisions_topic_is_created_compacted_and_is_never_recreated_under_p
         pg().await.batch_execute(&format!("ROLLBACK PREPARED '{gid}'")).await.unwrap();
     }
 }
+
+/// The database id part of this test database's transactional ids.
+async fn database_id() -> String {
+    let row = pg()
+        .await
+        .query_one("SELECT system_identifier::int8, current_database()::text FROM pg_control_system()", &[])
+        .await
+        .unwrap();
+    outbox_relay::store::database_id(row.get(0), row.get::<_, &str>(1))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_another_role_prepared_is_reported_with_its_fix_and_the_others_are_still_resolved() {
+    let ob = Outbox::new("eos_role").await;
+    let topic = ob.topic("events", 1).await;
+    let decisions = ob.topic("commits", 1).await;
+    let (t, relay_role, other_role) = (ob.qualified(), format!("{}_relay", ob.table), format!("{}_other", ob.table));
+    let db = pg().await;
+    db.batch_execute(&format!(
+        "CREATE ROLE {relay_role} LOGIN PASSWORD 'pw'; CREATE ROLE {other_role};
+         GRANT USAGE ON SCHEMA public TO {relay_role}, {other_role};
+         GRANT SELECT, UPDATE, DELETE ON {t} TO {relay_role};
+         GRANT SELECT, UPDATE ON {t} TO {other_role};
+         INSERT INTO {t} (topic, key, payload) SELECT '{topic}', 'k' || i, '{{}}' FROM generate_series(1, 50) i"
+    ))
+    .await
+    .unwrap();
+    let owner = format!("outbox-relay/{}/{t}/gone-relay", database_id().await);
+    let gid_other = format!("{owner}/{:032x}", 1);
+    let gid_own = format!("{owner}/{:032x}", 2);
+    // Batches of a relay that is gone: one prepared under another role (before a
+    // password rotation, say), one under the relay's own role.
+    let as_other = pg().await;
+    as_other
+        .batch_execute(&format!(
+            "SET ROLE {other_role}; BEGIN; UPDATE {t} SET attempts = attempts WHERE key = 'k1';
+             PREPARE TRANSACTION '{gid_other}'; RESET ROLE"
+        ))
+        .await
+        .unwrap();
+    let relay_url = pg_url().replace("outbox:outbox@", &format!("{relay_role}:pw@"));
+    let (as_relay, conn) = tokio_postgres::connect(&relay_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    as_relay
+        .batch_execute(&format!(
+            "BEGIN; UPDATE {t} SET attempts = attempts WHERE key = 'k2'; PREPARE TRANSACTION '{gid_own}'"
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let settings = [
+        ("OUTBOX_RELAY__POSTGRES__URL", relay_url.as_str()),
+        ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "1s"),
+        ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", decisions.as_str()),
+    ];
+    let relay = ob.spawn_relay(&settings);
+    // Everything but the row the foreign batch locks is published.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ob.count("published_at IS NULL").await > 1 || prepared(&ob).await.contains(&gid_own) {
+        assert!(std::time::Instant::now() < deadline, "not resolved/published: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = prepared(&ob).await;
+    assert_eq!(left, vec![gid_other.clone()], "the relay's own-role batch was resolved despite the failing one");
+    let log = relay.log();
+    assert!(
+        log.contains(&gid_other) && log.contains(&other_role) && log.contains("ROLLBACK PREPARED"),
+        "the failing batch is logged with its gid, its owner and the statement to run: {log}"
+    );
+    let out = relay_cmd(&ob.table, &settings).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("PROBLEM") && text.contains(&other_role), "check names the role: {text}");
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "the relay kept running: {log}");
+    db.batch_execute(&format!("ROLLBACK PREPARED '{gid_other}'")).await.unwrap();
+    db.batch_execute(&format!(
+        "REVOKE ALL ON {t} FROM {relay_role}, {other_role};
+         REVOKE ALL ON SCHEMA public FROM {relay_role}, {other_role}; DROP ROLE {relay_role}; DROP ROLE {other_role}"
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_switched_to_at_least_once_resolves_the_batch_an_exactly_once_relay_left() {
+    let ob = Outbox::new("eos_switch").await;
+    let topic = ob.topic("events", 3).await;
+    insert(&ob, &topic, 200, 0).await;
+    // The exactly-once relay commits a batch in Kafka and dies before Postgres follows.
+    let mut eos = ob.spawn_relay(&[EOS, BATCH, ("OUTBOX_RELAY_FAILPOINTS", "after-kafka-commit=crash@2")]);
+    eos.wait_exit(Duration::from_secs(60));
+    assert_eq!(prepared(&ob).await.len(), 1, "{}", eos.log());
+    // The table now runs at-least-once: that relay must finish the batch the
+    // way Kafka decided (commit: its events are in Kafka), not leave it holding
+    // rows and the xmin horizon forever, nor publish it again.
+    let alo = ob.spawn_relay(&[BATCH, ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "2s")]);
+    ob.wait_drained(Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !prepared(&ob).await.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "still prepared: {}", alo.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = alo.log();
+    assert!(log.contains("committed=true"), "resolved as committed: {log}");
+    assert_exactly_once(&ob, &topic).await;
+    let (code, log) = alo.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relays_of_two_databases_with_the_same_relay_id_do_not_fence_each_other() {
+    let ob = Outbox::new("eos_twodb").await;
+    // The same table name and relay.id in a second database, as two services
+    // with their own databases (and StatefulSets named alike) on one Kafka.
+    let db = pg().await;
+    let exists: bool = db
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'outbox_second')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if !exists {
+        let _ = db.batch_execute("CREATE DATABASE outbox_second").await; // a parallel run may create it too
+    }
+    let url = pg_url();
+    let url2 = format!("{}/outbox_second", url.rsplit_once('/').expect("database in the URL").0);
+    let url2_env = ("OUTBOX_RELAY__POSTGRES__URL", url2.as_str());
+    let out = relay_cmd(&ob.table, &[url2_env]).arg("migrate").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (topic1, topic2) = (ob.topic("db1", 2).await, ob.topic("db2", 2).await);
+    insert(&ob, &topic1, 300, 0).await;
+    let (db2, conn) = tokio_postgres::connect(&url2, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    db2.execute(
+        &format!(
+            "INSERT INTO {} (topic, key, payload) SELECT $1, 'key-' || (i % 10), jsonb_build_object('n', i) FROM generate_series(0, 299) i",
+            ob.qualified()
+        ),
+        &[&topic2],
+    )
+    .await
+    .unwrap();
+    let id = ("OUTBOX_RELAY__RELAY__ID", "outbox-relay-0");
+    let r1 = ob.spawn_relay(&[EOS, BATCH, id]);
+    let r2 = ob.spawn_relay(&[EOS, BATCH, id, url2_env]);
+    ob.wait_drained(Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left: i64 = db2
+            .query_one(&format!("SELECT count(*) FROM {} WHERE published_at IS NULL", ob.qualified()), &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "db2: {left} pending: {}", r2.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let msgs = consume(std::slice::from_ref(&topic2), 300, Duration::from_secs(60), Duration::from_secs(2));
+    assert_eq!(msgs.len(), 300, "db2's events exactly once");
+    assert_exactly_once(&ob, &topic1).await;
+    let (c1, log1) = r1.terminate(Duration::from_secs(30));
+    let (c2, log2) = r2.terminate(Duration::from_secs(30));
+    let txn_id = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("exactly-once ready"))
+            .and_then(|l| l.split("transactional_id=").nth(1))
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+    };
+    let (id1, id2) = (txn_id(&log1), txn_id(&log2));
+    assert!(id1.is_some() && id1 != id2, "transactional ids differ by database: {id1:?} {id2:?}");
+    for log in [&log1, &log2] {
+        assert!(!log.to_lowercase().contains("fenced"), "no relay was fenced: {log}");
+    }
+    assert_eq!((c1, c2), (Some(0), Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_longer_than_the_transaction_timeout_is_split_until_it_fits() {
+    let ob = Outbox::new("eos_slow").await;
+    let topic = ob.topic("events", 2).await;
+    insert(&ob, &topic, 200, 0).await;
+    // 60 ms per event after the acks: a batch of 50 takes 3 s, the transaction
+    // may take 2 s; the coordinator aborts it. The relay must make progress.
+    let relay = ob.spawn_relay_with(
+        &[EOS, BATCH, ("OUTBOX_RELAY_FAILPOINTS", "after-kafka-send=delay-per-event:60")],
+        Some("[kafka.properties]\n\"transaction.timeout.ms\" = \"2000\"\n"),
+    );
+    assert_exactly_once(&ob, &topic).await;
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert!(log.contains("claiming smaller batches"), "{log}");
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -360,7 +360,8 @@ async fn a_producer_failing_fatally_with_two_batches_in_flight_keeps_key_order()
     // fatally (librdkafka's test hook): the 3rd batch's queued events fail,
     // while the pipeline already claims the 4th, with later events of the same
     // keys. The 4th must not go out on a new producer ahead of the 3rd's retry.
-    let relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100"), ("OUTBOX_RELAY_FAILPOINTS", "after-send=fatal@3")]);
+    let relay = ob
+        .spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100"), ("OUTBOX_RELAY_FAILPOINTS", "after-send=fatal@3")]);
     ob.wait_drained(Duration::from_secs(60)).await;
     let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(2)).await;
     let (code, log) = relay.terminate(Duration::from_secs(30));

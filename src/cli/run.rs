@@ -133,7 +133,10 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         };
         started
             .map_err(|e| {
-                CliError::new(exit::UNAVAILABLE, format!("exactly-once start-up failed: {e} (try `outbox-relay check`)"))
+                CliError::new(
+                    exit::UNAVAILABLE,
+                    format!("exactly-once start-up failed: {e} (try `outbox-relay check`)"),
+                )
             })?
             .map_err(|p| CliError::new(exit::USAGE, format!("exactly-once cannot start: {p}")))?;
         let relay = Arc::new(relay);

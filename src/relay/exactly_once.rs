@@ -314,8 +314,11 @@ impl ExactlyOnceRelay {
         };
         if next < size {
             tracing::warn!(
-                batch = size, took_ms = took.as_millis() as u64, txn_timeout_ms = self.txn_timeout.as_millis() as u64,
-                next, "a batch took too long for transaction.timeout.ms; claiming smaller batches"
+                batch = size,
+                took_ms = took.as_millis() as u64,
+                txn_timeout_ms = self.txn_timeout.as_millis() as u64,
+                next,
+                "a batch took too long for transaction.timeout.ms; claiming smaller batches"
             );
         }
         self.batch.store(next, AtomicOrdering::Relaxed);

@@ -206,7 +206,12 @@ impl<S: Sink> Relay<S> {
 
     /// Claims a batch and hands it to the producer. `own`: rows of this relay's
     /// batch still in flight; `hold`: keys the next batch must not send.
-    async fn start_batch(&self, own: &[uuid::Uuid], hold: &HashSet<String>, alone: bool) -> Result<Started, StoreError> {
+    async fn start_batch(
+        &self,
+        own: &[uuid::Uuid],
+        hold: &HashSet<String>,
+        alone: bool,
+    ) -> Result<Started, StoreError> {
         let started = Instant::now();
         let Some(claimed) = self.store.claim(self.cfg.batch_size, own).await? else {
             return Ok(Started::Idle);

@@ -103,10 +103,16 @@ impl Decisions {
             wrong.push(format!("{} partitions (must be 1)", info.partitions));
         }
         if info.cleanup_policy != "compact" {
-            wrong.push(format!("cleanup.policy={} (must be compact: other policies expire decisions)", info.cleanup_policy));
+            wrong.push(format!(
+                "cleanup.policy={} (must be compact: other policies expire decisions)",
+                info.cleanup_policy
+            ));
         }
         if info.replication_factor < want_rf {
-            wrong.push(format!("replication factor {} (must be {want_rf} on {brokers} brokers)", info.replication_factor));
+            wrong.push(format!(
+                "replication factor {} (must be {want_rf} on {brokers} brokers)",
+                info.replication_factor
+            ));
         }
         if info.min_insync_replicas < want_isr {
             wrong.push(format!("min.insync.replicas={} (must be at least {want_isr})", info.min_insync_replicas));

@@ -173,9 +173,6 @@ pub struct KafkaSink {
     rebuilds: std::sync::atomic::AtomicU64,
 }
 
-
-
-
 impl KafkaSink {
     /// An idempotent producer (at-least-once mode; also what `check` pings with).
     pub fn new(settings: &Settings) -> Result<KafkaSink, SinkError> {
@@ -193,11 +190,7 @@ impl KafkaSink {
             config.set(k, v);
         }
         let producer = build(&config)?;
-        Ok(KafkaSink {
-            config,
-            producer: RwLock::new(producer),
-            rebuilds: Default::default(),
-        })
+        Ok(KafkaSink { config, producer: RwLock::new(producer), rebuilds: Default::default() })
     }
 
     /// How often the producer was rebuilt after a fatal error.

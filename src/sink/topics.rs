@@ -31,9 +31,11 @@ pub async fn describe(
     let (brokers, layout) = tokio::task::spawn_blocking(move || {
         let c: BaseConsumer = cfg.create().map_err(|e| SinkError(format!("kafka client: {e}")))?;
         let md = c.fetch_metadata(Some(&name), timeout).map_err(|e| SinkError(format!("metadata: {e}")))?;
-        let layout = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty()).map(|t| {
-            (t.partitions().len(), t.partitions().iter().map(|p| p.replicas().len()).min().unwrap_or(0))
-        });
+        let layout = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| (t.partitions().len(), t.partitions().iter().map(|p| p.replicas().len()).min().unwrap_or(0)));
         Ok::<_, SinkError>((md.brokers().len(), layout))
     })
     .await
@@ -91,7 +93,8 @@ mod tests {
 
     #[test]
     fn event_topics_below_rf3_or_min_isr2_are_named() {
-        let ok = TopicInfo { partitions: 6, replication_factor: 3, cleanup_policy: "delete".into(), min_insync_replicas: 2 };
+        let ok =
+            TopicInfo { partitions: 6, replication_factor: 3, cleanup_policy: "delete".into(), min_insync_replicas: 2 };
         assert!(event_topic_warnings("orders", &ok, 3).is_empty());
         let rf1 = TopicInfo { replication_factor: 1, ..ok.clone() };
         assert!(event_topic_warnings("orders", &rf1, 3)[0].contains("replication factor 1"));

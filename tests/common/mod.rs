@@ -64,6 +64,7 @@ impl Outbox {
     /// A table migrated only up to `to` (e.g. an installation of an older version).
     pub async fn new_at(prefix: &str, to: Option<i32>) -> Outbox {
         require_kafka();
+        roll_back_abandoned_prepared().await;
         let table = format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let mut cmd = relay_cmd(&table, &[]);
         cmd.arg("migrate");
@@ -145,6 +146,24 @@ impl Outbox {
             });
         }
         RelayProcess { child: Some(child), log }
+    }
+}
+
+/// Prepared transactions older than 10 minutes in the test database belong to
+/// an interrupted earlier run (each test resolves its own): roll them back so
+/// they hold no locks or xmin horizon into this run.
+pub async fn roll_back_abandoned_prepared() {
+    let db = pg().await;
+    let gids = db
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND prepared < now() - interval '10 minutes'",
+            &[],
+        )
+        .await
+        .expect("pg_prepared_xacts");
+    for r in gids {
+        let gid: String = r.get(0);
+        let _ = db.batch_execute(&format!("ROLLBACK PREPARED '{}'", gid.replace('\'', "''"))).await;
     }
 }
 
