@@ -168,11 +168,22 @@ impl ExactlyOnceRelay {
                     Ok(Step::Deferred { .. }) => Duration::from_millis(10 + fastrand::u64(0..20)),
                     Ok(Step::Idle) => {
                         backoff.reset();
-                        let wait = idle.wait().min(self.cfg.recovery_timeout / 2);
-                        tokio::select! {
-                            _ = self.wake.notified() => {}
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = shutdown.changed() => {}
+                        // Until something may be claimable (one cheap look per wait),
+                        // but back to the loop for the stale-batch scan on time.
+                        loop {
+                            let wait = idle.wait().min(self.cfg.recovery_timeout / 2);
+                            tokio::select! {
+                                _ = self.wake.notified() => break,
+                                _ = tokio::time::sleep(wait) => {}
+                                _ = shutdown.changed() => break,
+                            }
+                            if *shutdown.borrow()
+                                || last_scan.elapsed() >= self.cfg.recovery_timeout / 2
+                                || self.store.floor().sweep_if_due(self.cfg.sweep_interval)
+                                || !matches!(self.store.anything_pending().await, Ok(false))
+                            {
+                                break;
+                            }
                         }
                         continue;
                     }

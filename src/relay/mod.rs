@@ -171,8 +171,7 @@ impl<S: Sink> Relay<S> {
             } else {
                 backoff.reset();
                 if !stopping {
-                    let wait = idle.wait();
-                    self.wait_for_work(wait, &mut shutdown).await;
+                    self.wait_for_work(&mut idle, &mut shutdown).await;
                 }
                 continue;
             };
@@ -183,11 +182,22 @@ impl<S: Sink> Relay<S> {
         }
     }
 
-    async fn wait_for_work(&self, wait: Duration, shutdown: &mut watch::Receiver<bool>) {
-        tokio::select! {
-            _ = self.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => {}
+    /// Waits until something may be claimable: sleeps as `idle` says, then
+    /// looks (one cheap statement) and sleeps again while nothing is pending.
+    async fn wait_for_work(&self, idle: &mut IdleWait, shutdown: &mut watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => return,
+                _ = tokio::time::sleep(idle.wait()) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() || self.store.floor().sweep_if_due(self.cfg.sweep_interval) {
+                return;
+            }
+            match self.store.anything_pending().await {
+                Ok(false) => continue,
+                Ok(true) | Err(_) => return,
+            }
         }
     }
 

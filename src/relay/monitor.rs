@@ -20,16 +20,33 @@ pub fn spawn_monitor<S: Sink>(
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // The schema rarely changes and its check reads information_schema:
+        // every minute (and after any failure). Reachability every round.
+        let mut last_schema: Option<(std::time::Instant, Vec<String>)> = None;
+        let mut last_health: Option<std::time::Instant> = None;
         loop {
             let mut problems = Vec::new();
             let (mut pg_ok, mut schema_ok) = (false, false);
-            match store.verify_schema().await {
-                Ok(found) => {
-                    pg_ok = true;
-                    schema_ok = !found.iter().any(|p| p.fatal);
-                    problems.extend(found.into_iter().filter(|p| p.fatal).map(|p| p.message));
+            let fresh = last_schema.as_ref().filter(|(t, p)| t.elapsed() < Duration::from_secs(60) && p.is_empty());
+            if fresh.is_some() {
+                match store.ping().await {
+                    Ok(()) => (pg_ok, schema_ok) = (true, true),
+                    Err(e) => {
+                        problems.push(format!("postgres: {e}"));
+                        last_schema = None;
+                    }
                 }
-                Err(e) => problems.push(format!("postgres: {e}")),
+            } else {
+                match store.verify_schema().await {
+                    Ok(found) => {
+                        pg_ok = true;
+                        schema_ok = !found.iter().any(|p| p.fatal);
+                        let fatal: Vec<String> = found.into_iter().filter(|p| p.fatal).map(|p| p.message).collect();
+                        problems.extend(fatal.iter().cloned());
+                        last_schema = Some((std::time::Instant::now(), fatal));
+                    }
+                    Err(e) => problems.push(format!("postgres: {e}")),
+                }
             }
             let kafka_ok = match sink.ping(Duration::from_secs(5)).await {
                 Ok(()) => true,
@@ -43,9 +60,12 @@ pub fn spawn_monitor<S: Sink>(
                     Ok(b) => crate::metrics::backlog(&b),
                     Err(e) => tracing::debug!(error = %e, "backlog query failed"),
                 }
-                match store.db_health().await {
-                    Ok(h) => crate::metrics::db_health(&h),
-                    Err(e) => tracing::debug!(error = %e, "table statistics query failed"),
+                if last_health.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    last_health = Some(std::time::Instant::now());
+                    match store.db_health().await {
+                        Ok(h) => crate::metrics::db_health(&h),
+                        Err(e) => tracing::debug!(error = %e, "table statistics query failed"),
+                    }
                 }
             }
             let was_ready = health.is_ready();

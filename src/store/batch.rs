@@ -49,6 +49,7 @@ const BLOCKED_KEYS_MAX: usize = 10_000;
 pub(super) struct Statements {
     pub(super) claim: String,
     pub(super) probe: String,
+    pending: String,
     mark: String,
     delete: String,
     fail: String,
@@ -123,6 +124,12 @@ impl Statements {
                         (extract(epoch FROM c.created_at) * 1000000)::int8, f.first
                  FROM claimed c LEFT JOIN fence f ON f.key = c.key
                  ORDER BY c.seq"
+            ),
+            // An idle relay's look at the outbox between claims: one statement, no
+            // transaction, two index probes (from the floor; the retry index).
+            pending: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1)
+                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at IS NOT NULL AND retry_at <= now() AND {pending})"
             ),
             // Run right after the claim, in its transaction: the head (lowest
             // pending seq at or above the floor, held by anyone, not waiting for a
@@ -512,6 +519,16 @@ impl Claimed {
 }
 
 impl Store {
+    /// Is anything claimable, perhaps? (Pending rows from the floor on, or a
+    /// retry that is due; some may be held by other relays.) What an idle relay
+    /// asks between claims: much cheaper than a claim that finds nothing.
+    pub async fn anything_pending(&self) -> Result<bool, StoreError> {
+        let floor = self.floor().get();
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.pending).await?;
+        Ok(client.query_one(&stmt, &[&floor]).await?.get(0))
+    }
+
     /// Leaves these keys out of this relay's claims for a moment.
     fn block_keys(&self, keys: Vec<String>) {
         if keys.is_empty() {
