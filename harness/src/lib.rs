@@ -470,7 +470,9 @@ impl LatencyConsumer {
                 ready.store(true, Ordering::Relaxed);
                 let mut batch = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(Ok(m)) = c.poll(Duration::from_millis(20)) {
+                    let polled = c.poll(Duration::from_millis(20));
+                    let idle = polled.is_none();
+                    if let Some(Ok(m)) = polled {
                         let recv_us = now_us();
                         let insert_us = m
                             .payload()
@@ -484,7 +486,7 @@ impl LatencyConsumer {
                             batch.push(Seen { recv_us, append_us, insert_us, hot: m.key() == Some(b"hot-key") });
                         }
                     }
-                    if batch.len() >= 100 || (!batch.is_empty() && c.poll(Duration::ZERO).is_none()) {
+                    if batch.len() >= 100 || (idle && !batch.is_empty()) {
                         seen.lock().expect("seen").append(&mut batch);
                     }
                 }

@@ -75,38 +75,37 @@ impl Statements {
                 " AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.parked_at IS NOT NULL AND p.key = o.key AND p.seq < o.seq)"
             ),
         };
-        // A key waits while an earlier event of it waits for its retry_at (the
-        // retry index holds only such rows, so this is a probe of a tiny index).
-        let not_waiting = format!(
-            " AND (o.key IS NULL OR NOT EXISTS (SELECT 1 FROM {t} w WHERE w.key = o.key AND w.seq < o.seq
-                  AND w.retry_at > now() AND w.{p1} AND w.{p2}))",
-            p1 = "published_at IS NULL",
-            p2 = "parked_at IS NULL"
-        );
-        let cols = "ctid, id, seq, topic, key, payload, headers, attempts, created_at";
+        // The CTEs carry only what the fence needs; payloads (≈1 KB) are read once,
+        // at the end, through the rows' ctids (locked: they cannot move).
+        let cols = "ctid, id, seq, key";
         Statements {
             // $1 floor, $2 limit, $3 ids this relay holds in its other open batch,
             // $4 keys to leave out (another relay holds their head).
             //
             // `due`: events whose retry time has come, wherever they are (the
-            // floor passes waiting events). No condition on seq and no seq order
-            // here, so that the planner reads them through the small retry index
-            // and never walks the pending index below the floor.
+            // floor passes events that wait), read through the retry-due index
+            // by `retry_at`: never the pending index below the floor.
             // `main`: the pending index from the floor, in seq order.
-            // `fence`: per-key order with several relays. For each key of the
-            // batch, the earliest pending row this relay does NOT hold (another
-            // relay has it, or gave it back); our later rows of that key are
+            // `fence`: per-key order with several relays, and behind events that
+            // wait for a retry. For each key of the batch, the earliest pending
+            // row this relay does NOT hold (another relay has it, gave it back,
+            // or it waits for its retry); our later rows of that key are
             // deferred. It reads the pending index from the floor to the batch's
-            // last seq, plus waiting events through the retry index.
+            // last seq, and the waiting events of the batch's keys through the
+            // retry index (by key).
+            //
+            // No statement here lets the planner choose the pending index for a
+            // lookup that is not a range from the floor: with real statistics
+            // (retry_at almost always NULL) it otherwise did, once per row.
             claim: format!(
                 "WITH due AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
-                   WHERE o.retry_at IS NOT NULL AND o.retry_at <= now() AND o.{pending}{not_waiting}{strict}
+                   WHERE o.retry_at <= now() AND o.{pending}{strict}
                    ORDER BY o.retry_at, o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
                  main AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
                    WHERE o.{pending} AND o.seq >= $1 AND o.retry_at IS NULL
-                     AND (o.key IS NULL OR NOT (o.key = ANY($4))){not_waiting}{strict}
+                     AND (o.key IS NULL OR NOT (o.key = ANY($4))){strict}
                    ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due) FOR UPDATE SKIP LOCKED),
                  claimed AS (SELECT * FROM due UNION ALL SELECT * FROM main),
                  fence AS (
@@ -118,18 +117,18 @@ impl Statements {
                          AND key IN (SELECT key FROM claimed)
                    ) p
                    WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
-                     AND NOT EXISTS (SELECT 1 FROM claimed c WHERE c.id = p.id)
+                     AND p.id NOT IN (SELECT id FROM claimed)
                    GROUP BY p.key)
-                 SELECT c.ctid::text, c.id, c.seq, c.topic, c.key, c.payload, c.headers, c.attempts,
-                        (extract(epoch FROM c.created_at) * 1000000)::int8, f.first
-                 FROM claimed c LEFT JOIN fence f ON f.key = c.key
+                 SELECT c.ctid::text, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
+                        (extract(epoch FROM o.created_at) * 1000000)::int8, f.first
+                 FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
                  ORDER BY c.seq"
             ),
             // An idle relay's look at the outbox between claims: one statement, no
             // transaction, two index probes (from the floor; the retry index).
             pending: format!(
                 "SELECT EXISTS (SELECT 1 FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1)
-                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at IS NOT NULL AND retry_at <= now() AND {pending})"
+                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at <= now() AND {pending})"
             ),
             // Run right after the claim, in its transaction: the head (lowest
             // pending seq at or above the floor, held by anyone, not waiting for a

@@ -228,7 +228,12 @@ impl Store {
     /// Applies the bundled migrations that are not yet recorded. Returns the names
     /// of those it applied. (No statement timeout: an index build may be long.)
     pub async fn migrate(&self, to: Option<i32>) -> Result<Vec<&'static str>, StoreError> {
-        let mut client = self.client().await?;
-        schema::migrate(&mut client, &self.table, to).await
+        // Its own connection: the session settings it needs are not the pool's.
+        let (mut client, conn) = self.pg.connect(self.tls.clone()).await?;
+        let driver = tokio::spawn(conn);
+        let result = schema::migrate(&mut client, &self.table, to).await;
+        drop(client);
+        let _ = driver.await;
+        result
     }
 }

@@ -79,83 +79,166 @@ fn version_table(table: &TableName) -> String {
     format!("\"{}\".outbox_relay_migrations", table.schema)
 }
 
-/// Applies the missing migrations up to `to` (all by default) in one transaction.
-/// A migration that needs a table lock (0003 drops a trigger) waits at most
-/// 2 s for it, so it never queues the application's inserts behind a long
-/// transaction for long; it is retried up to 30 times.
+/// Applies the missing migrations up to `to` (all by default), each in its own
+/// transaction, or without one when its file says `-- outbox-relay:
+/// no-transaction` (it builds an index CONCURRENTLY, which never blocks the
+/// application's inserts). A statement that needs a table lock waits at most
+/// 2 s for it, so a migration never queues the application's inserts behind a
+/// long transaction for long; it is retried up to 30 times.
 pub(super) async fn migrate(
-    client: &mut deadpool_postgres::Object,
+    client: &mut tokio_postgres::Client,
     table: &TableName,
     to: Option<i32>,
 ) -> Result<Vec<&'static str>, StoreError> {
-    let mut attempt = 0;
-    loop {
-        match migrate_once(client, table, to).await {
-            Err(e) if e.code() == Some("55P03") && attempt < 30 => {
-                attempt += 1;
-                tracing::warn!(attempt, "migration waited 2 s for a lock on {table}; trying again");
-                tokio::time::sleep(std::time::Duration::from_millis(200 + fastrand::u64(0..800))).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-async fn migrate_once(
-    client: &mut deadpool_postgres::Object,
-    table: &TableName,
-    to: Option<i32>,
-) -> Result<Vec<&'static str>, StoreError> {
-    let tx = client.transaction().await?;
     // An index build on a large table may take long: no relay time bounds here.
-    tx.batch_execute(
-        "SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL lock_timeout = '2s'",
-    )
-    .await?;
-    // One migrator at a time per schema (several pods may start together, and
-    // the tables of one schema share its version table: two concurrent
-    // `CREATE … IF NOT EXISTS` of one object can both try to create it).
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("outbox-relay migrate {}", table.schema)])
+    client
+        .batch_execute("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET lock_timeout = '2s'")
         .await?;
-    tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema)).await?;
-    tx.batch_execute(&format!(
-        "CREATE TABLE IF NOT EXISTS {} (
-            table_name text NOT NULL,
-            version integer NOT NULL,
-            name text NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (table_name, version))",
-        version_table(table)
-    ))
-    .await?;
-    let done: Vec<i32> = tx
-        .query(&format!("SELECT version FROM {} WHERE table_name = $1", version_table(table)), &[&table.table])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| to.is_none_or(|t| m.version <= t)) {
-        if done.contains(&m.version) {
-            continue;
-        }
-        tx.batch_execute(&render_migration(m.sql, table)).await.map_err(|e| {
-            let e = StoreError::from(e);
-            if e.code() == Some("55P03") {
-                e // lock timeout: retried by the caller
+        let mut attempt = 0;
+        loop {
+            let result = if m.sql.starts_with(NO_TRANSACTION) {
+                apply_outside_transaction(client, table, m).await
             } else {
-                StoreError::schema(format!("migration {} failed: {e}", m.name))
+                apply_in_transaction(client, table, m).await
+            };
+            match result {
+                Err(e) if e.code() == Some("55P03") && attempt < 30 => {
+                    attempt += 1;
+                    tracing::warn!(attempt, migration = m.name, "waited 2 s for a lock on {table}; trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 + fastrand::u64(0..800))).await;
+                }
+                Err(e) if e.code() == Some("55P03") => return Err(e),
+                Err(e) => {
+                    return Err(StoreError::schema(format!("migration {} failed: {e}", m.name)));
+                }
+                Ok(true) => {
+                    applied.push(m.name);
+                    break;
+                }
+                Ok(false) => break,
             }
-        })?;
-        tx.execute(
+        }
+    }
+    Ok(applied)
+}
+
+/// First line of a migration that must run outside a transaction.
+const NO_TRANSACTION: &str = "-- outbox-relay: no-transaction";
+
+/// One migrator at a time per schema: several pods may start together, and the
+/// tables of one schema share its version table (two concurrent `CREATE … IF
+/// NOT EXISTS` of one object can both try to create it).
+fn lock_key(table: &TableName) -> String {
+    format!("outbox-relay migrate {}", table.schema)
+}
+
+async fn prepare_version_table(client: &impl tokio_postgres::GenericClient, table: &TableName) -> Result<(), StoreError> {
+    client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema)).await?;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                table_name text NOT NULL,
+                version integer NOT NULL,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (table_name, version))",
+            version_table(table)
+        ))
+        .await?;
+    Ok(())
+}
+
+async fn is_applied(client: &impl tokio_postgres::GenericClient, table: &TableName, m: &Migration) -> Result<bool, StoreError> {
+    Ok(client
+        .query_opt(
+            &format!("SELECT 1 FROM {} WHERE table_name = $1 AND version = $2", version_table(table)),
+            &[&table.table, &m.version],
+        )
+        .await?
+        .is_some())
+}
+
+async fn record(client: &impl tokio_postgres::GenericClient, table: &TableName, m: &Migration) -> Result<(), StoreError> {
+    client
+        .execute(
             &format!("INSERT INTO {} (table_name, version, name) VALUES ($1, $2, $3)", version_table(table)),
             &[&table.table, &m.version, &m.name],
         )
         .await?;
-        applied.push(m.name);
+    Ok(())
+}
+
+/// Returns whether it applied `m` (false: already recorded).
+async fn apply_in_transaction(client: &mut tokio_postgres::Client, table: &TableName, m: &Migration) -> Result<bool, StoreError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key(table)]).await?;
+    prepare_version_table(&tx, table).await?;
+    if is_applied(&tx, table, m).await? {
+        return Ok(false);
     }
+    tx.batch_execute(&render_migration(m.sql, table)).await?;
+    record(&tx, table, m).await?;
     tx.commit().await?;
-    Ok(applied)
+    Ok(true)
+}
+
+/// Each statement on its own (CREATE INDEX CONCURRENTLY cannot run in a
+/// transaction), under a session-level lock. Statements are idempotent, so an
+/// interrupted run is simply run again; an index a failed concurrent build left
+/// invalid is dropped first.
+async fn apply_outside_transaction(client: &mut tokio_postgres::Client, table: &TableName, m: &Migration) -> Result<bool, StoreError> {
+    client.execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key(table)]).await?;
+    let result = async {
+        prepare_version_table(&*client, table).await?;
+        if is_applied(&*client, table, m).await? {
+            return Ok(false);
+        }
+        let invalid: Vec<String> = client
+            .query(
+                "SELECT i.indexrelid::regclass::text FROM pg_index i
+                 WHERE i.indrelid = to_regclass($1) AND NOT i.indisvalid",
+                &[&table.quoted()],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for index in invalid {
+            client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}")).await?;
+        }
+        for statement in statements(&render_migration(m.sql, table)) {
+            client.batch_execute(&statement).await?;
+        }
+        record(&*client, table, m).await?;
+        Ok(true)
+    }
+    .await;
+    let _ = client.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key(table)]).await;
+    result
+}
+
+/// The statements of a migration file without `$$` bodies: split at `;` at the
+/// end of a line, comments dropped.
+fn statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in sql.lines() {
+        let code = line.split("--").next().unwrap_or("");
+        if code.trim().is_empty() {
+            continue;
+        }
+        current.push_str(code);
+        current.push('\n');
+        if code.trim_end().ends_with(';') {
+            out.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.trim().is_empty() {
+        out.push(current);
+    }
+    out
 }
 
 /// Something the relay needs that the live schema lacks, with the fix.
@@ -276,6 +359,38 @@ pub(super) async fn verify(
             fatal: false,
         });
     }
+    let has_due = indexes.iter().any(|r| {
+        let def: String = r.get(0);
+        def.contains("(retry_at)") && def.contains("published_at IS NULL")
+    });
+    if !has_due {
+        problems.push(SchemaProblem {
+            message: format!(
+                "table {table} lacks the retry-due index (…_retry_due_idx ON (retry_at)): claims may read the pending \
+                 index to find events due for a retry; migration 0003_no_notify_on_commit.sql adds it; {fix}"
+            ),
+            fatal: false,
+        });
+    }
+    let invalid: Vec<String> = client
+        .query(
+            "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = $1::text::regclass AND NOT indisvalid",
+            &[&table.quoted()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !invalid.is_empty() {
+        problems.push(SchemaProblem {
+            message: format!(
+                "index(es) {} of {table} are invalid (an interrupted CREATE INDEX CONCURRENTLY): DROP INDEX \
+                 CONCURRENTLY them, then run `outbox-relay migrate` again",
+                invalid.join(", ")
+            ),
+            fatal: false,
+        });
+    }
     // Migration 0001's NOTIFY trigger serialises the application's commits.
     let has_trigger: bool = client
         .query_one(
@@ -331,6 +446,16 @@ pub(super) async fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_no_transaction_migration_splits_into_its_statements() {
+        let t = TableName::parse("billing.events").unwrap();
+        let sql = render_migration(MIGRATIONS[2].sql, &t);
+        assert!(MIGRATIONS[2].sql.starts_with(NO_TRANSACTION));
+        let st = statements(&sql);
+        assert_eq!(st.len(), 3, "{st:?}");
+        assert!(st[2].contains("CREATE INDEX CONCURRENTLY IF NOT EXISTS \"events_retry_due_idx\""), "{st:?}");
+    }
 
     #[test]
     fn default_table_renders_the_file_unchanged() {
