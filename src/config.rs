@@ -188,8 +188,8 @@ pub struct RelayConfig {
     #[serde(default = "defaults::batch_size")]
     pub batch_size: usize,
     /// Longest wait between two looks at the outbox while it is empty. The wait
-    /// starts at 1 ms when the outbox runs dry and grows with the idle time (a
-    /// quarter of it) up to this; a busy relay never waits.
+    /// starts at 1 ms when the outbox runs dry and grows with the idle time (an
+    /// eighth of it) up to this; a busy relay never waits.
     #[serde(default = "defaults::poll_interval", with = "duration")]
     pub poll_interval: Duration,
     /// How often a claim scans the pending index from its start instead of from

@@ -166,7 +166,7 @@ async fn an_idle_relay_finds_a_new_event_long_before_the_poll_interval_without_n
     let topic = ob.topic("t", 1).await;
     let mut relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__POLL_INTERVAL", "10s")]);
     // Let it start and find nothing for a while: its wait grows with the idle
-    // time (a quarter of it), so after 3 s it looks about every 0.75 s.
+    // time (an eighth of it), so after 3 s it looks about every 0.4 s.
     tokio::time::sleep(Duration::from_secs(3)).await;
     relay.assert_running();
     let db = pg().await;

@@ -51,7 +51,7 @@ pub struct Relay<S: Sink> {
     pub counters: Arc<Counters>,
 }
 
-/// How long an idle relay waits before it looks at the outbox again: a quarter
+/// How long an idle relay waits before it looks at the outbox again: an eighth
 /// of how long the outbox has been empty, at least 1 ms, at most
 /// `relay.poll_interval`. Right after a batch the relay looks again within a
 /// millisecond or two (an event rarely waits), and an outbox empty for minutes
@@ -76,7 +76,7 @@ impl IdleWait {
     /// Nothing was found: how long to wait now.
     pub fn wait(&mut self) -> Duration {
         let since = *self.since.get_or_insert_with(Instant::now);
-        (since.elapsed() / 4).clamp(Duration::from_millis(1), self.max)
+        (since.elapsed() / 8).clamp(Duration::from_millis(1), self.max)
     }
 }
 
@@ -182,21 +182,23 @@ impl<S: Sink> Relay<S> {
         }
     }
 
-    /// Waits until something may be claimable: sleeps as `idle` says, then
-    /// looks (one cheap statement) and sleeps again while nothing is pending.
+    /// Waits until something may be claimable: looks (one cheap statement),
+    /// and while nothing is pending sleeps as `idle` says and looks again. The
+    /// first look is at once: events that arrived while the last batch was
+    /// being recorded go out without a wait.
     async fn wait_for_work(&self, idle: &mut IdleWait, shutdown: &mut watch::Receiver<bool>) {
         loop {
-            tokio::select! {
-                _ = self.wake.notified() => return,
-                _ = tokio::time::sleep(idle.wait()) => {}
-                _ = shutdown.changed() => return,
-            }
             if *shutdown.borrow() || self.store.floor().sweep_if_due(self.cfg.sweep_interval) {
                 return;
             }
             match self.store.anything_pending().await {
-                Ok(false) => continue,
+                Ok(false) => {}
                 Ok(true) | Err(_) => return,
+            }
+            tokio::select! {
+                _ = self.wake.notified() => return,
+                _ = tokio::time::sleep(idle.wait()) => {}
+                _ = shutdown.changed() => return,
             }
         }
     }
@@ -248,7 +250,9 @@ impl<S: Sink> Relay<S> {
     /// Waits for every result of the batch, records the outcomes and commits.
     async fn finish_batch(&self, f: Box<InFlight>) -> Result<Finished, StoreError> {
         let InFlight { claimed, results, started, .. } = *f;
+        let claim_ms = claimed.claimed_at.saturating_duration_since(started).as_millis() as u64;
         let results = results.await;
+        let acked_ms = started.elapsed().as_millis() as u64;
         let n = claimed.events.len();
         let outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
         log_rejections(&claimed.events, &outcomes, self.cfg.max_attempts);
@@ -263,6 +267,8 @@ impl<S: Sink> Relay<S> {
             published = finished.published,
             failed = finished.failed,
             retry = finished.retry,
+            claim_ms,
+            acked_ms,
             ms = started.elapsed().as_millis() as u64,
             "batch done"
         );

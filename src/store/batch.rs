@@ -315,7 +315,7 @@ impl Store {
         let client = self.client().await?;
         let seq_oid = self.sequence_oid(&client).await;
         let conn = Arc::new(Conn { obj: Some(client), clean: AtomicBool::new(false), tls: self.tls.clone() });
-        let claimed = Claimed {
+        let mut claimed = Claimed {
             conn: Some(conn.clone()),
             heartbeat: None,
             sql: self.sql.clone(),
@@ -358,6 +358,7 @@ impl Store {
             }
         };
         crate::metrics::claim_duration(started.elapsed());
+        claimed.claimed_at = Instant::now();
         let head: Option<i64> = probe.try_get(0)?;
         let lockers: Option<Vec<String>> = probe.try_get(1)?;
         let mut parsed = Vec::with_capacity(rows.len());
@@ -419,10 +420,12 @@ impl Claimed {
         }));
     }
 
-    async fn stop_heartbeat(&mut self) {
+    /// Stops the heartbeat without waiting for it: if it is in the middle of its
+    /// `SELECT 1`, that runs before (or harmlessly after) what we send next, and
+    /// it only holds a weak reference to the connection.
+    fn stop_heartbeat(&mut self) {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
-            let _ = h.await;
         }
     }
 
@@ -455,7 +458,7 @@ impl Claimed {
         max_attempts: u32,
         end: String,
     ) -> Result<(Finished, Vec<OutboxEvent>), StoreError> {
-        self.stop_heartbeat().await;
+        self.stop_heartbeat();
         let conn = self.conn()?;
         let client = conn.client();
         let mut done = Finished::default();
@@ -508,7 +511,7 @@ impl Claimed {
 
     /// Gives every row back (pending, untouched) and returns the connection.
     pub async fn release(mut self) -> Result<(), StoreError> {
-        self.stop_heartbeat().await;
+        self.stop_heartbeat();
         if let Some(conn) = self.conn.take() {
             conn.client().batch_execute("ROLLBACK").await?;
             conn.clean.store(true, AtomicOrdering::Release);

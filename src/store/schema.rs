@@ -92,7 +92,9 @@ pub(super) async fn migrate(
 ) -> Result<Vec<&'static str>, StoreError> {
     // An index build on a large table may take long: no relay time bounds here.
     client
-        .batch_execute("SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET lock_timeout = '2s'")
+        .batch_execute(
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET lock_timeout = '2s'",
+        )
         .await?;
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| to.is_none_or(|t| m.version <= t)) {
@@ -134,7 +136,10 @@ fn lock_key(table: &TableName) -> String {
     format!("outbox-relay migrate {}", table.schema)
 }
 
-async fn prepare_version_table(client: &impl tokio_postgres::GenericClient, table: &TableName) -> Result<(), StoreError> {
+async fn prepare_version_table(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableName,
+) -> Result<(), StoreError> {
     client.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", table.schema)).await?;
     client
         .batch_execute(&format!(
@@ -150,7 +155,11 @@ async fn prepare_version_table(client: &impl tokio_postgres::GenericClient, tabl
     Ok(())
 }
 
-async fn is_applied(client: &impl tokio_postgres::GenericClient, table: &TableName, m: &Migration) -> Result<bool, StoreError> {
+async fn is_applied(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableName,
+    m: &Migration,
+) -> Result<bool, StoreError> {
     Ok(client
         .query_opt(
             &format!("SELECT 1 FROM {} WHERE table_name = $1 AND version = $2", version_table(table)),
@@ -160,7 +169,11 @@ async fn is_applied(client: &impl tokio_postgres::GenericClient, table: &TableNa
         .is_some())
 }
 
-async fn record(client: &impl tokio_postgres::GenericClient, table: &TableName, m: &Migration) -> Result<(), StoreError> {
+async fn record(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableName,
+    m: &Migration,
+) -> Result<(), StoreError> {
     client
         .execute(
             &format!("INSERT INTO {} (table_name, version, name) VALUES ($1, $2, $3)", version_table(table)),
@@ -171,7 +184,11 @@ async fn record(client: &impl tokio_postgres::GenericClient, table: &TableName, 
 }
 
 /// Returns whether it applied `m` (false: already recorded).
-async fn apply_in_transaction(client: &mut tokio_postgres::Client, table: &TableName, m: &Migration) -> Result<bool, StoreError> {
+async fn apply_in_transaction(
+    client: &mut tokio_postgres::Client,
+    table: &TableName,
+    m: &Migration,
+) -> Result<bool, StoreError> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key(table)]).await?;
     prepare_version_table(&tx, table).await?;
@@ -188,7 +205,11 @@ async fn apply_in_transaction(client: &mut tokio_postgres::Client, table: &Table
 /// transaction), under a session-level lock. Statements are idempotent, so an
 /// interrupted run is simply run again; an index a failed concurrent build left
 /// invalid is dropped first.
-async fn apply_outside_transaction(client: &mut tokio_postgres::Client, table: &TableName, m: &Migration) -> Result<bool, StoreError> {
+async fn apply_outside_transaction(
+    client: &mut tokio_postgres::Client,
+    table: &TableName,
+    m: &Migration,
+) -> Result<bool, StoreError> {
     client.execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key(table)]).await?;
     let result = async {
         prepare_version_table(&*client, table).await?;
