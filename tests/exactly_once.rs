@@ -408,3 +408,28 @@ async fn a_batch_longer_than_the_transaction_timeout_is_split_until_it_fits() {
     assert!(log.contains("claiming smaller batches"), "{log}");
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_exactly_once_relay_with_the_same_relay_id_is_refused() {
+    let ob = Outbox::new("eos_twin").await;
+    let topic = ob.topic("events", 1).await;
+    insert(&ob, &topic, 20, 0).await;
+    let id = ("OUTBOX_RELAY__RELAY__ID", "twin");
+    let a = ob.spawn_relay(&[EOS, BATCH, id]);
+    ob.wait_drained(Duration::from_secs(60)).await;
+    // Two relays with one transactional id would fence each other's producers
+    // and finish each other's prepared batches.
+    let out = relay_cmd(&ob.table, &[EOS, id, ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "3s")]).arg("run").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("another live relay") && err.contains("relay.id"), "{err}");
+    let (code, log) = a.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "the first relay was not disturbed: {log}");
+    assert!(!log.to_lowercase().contains("fenced"), "{log}");
+    // Once it stopped, the id is free again.
+    let b = ob.spawn_relay(&[EOS, BATCH, id]);
+    insert(&ob, &topic, 10, 20).await;
+    assert_exactly_once(&ob, &topic).await;
+    let (code, log) = b.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}

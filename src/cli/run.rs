@@ -104,6 +104,35 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     let (counters, mut relay_task) = if exactly_once {
         let relay = ExactlyOnceRelay::new(&settings, store.clone(), sink.clone(), wake, &txn_ids)
             .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+        // One live relay per transactional id: a second one with the same
+        // relay.id waits (its twin may be a process that is just stopping).
+        let txn_id = txn_ids.transactional_id(&relay_id);
+        let deadline = Instant::now() + settings.relay.startup_timeout;
+        let lease = loop {
+            match store.lease_transactional_id(&txn_id).await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) if Instant::now() < deadline => {
+                    tracing::warn!(relay = %relay_id, transactional_id = %txn_id,
+                        "another live relay uses this relay.id; waiting for it to stop (each exactly-once relay needs its own relay.id)");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Ok(None) => {
+                    return Err(CliError::new(
+                        exit::USAGE,
+                        format!(
+                            "another live relay of {} uses relay.id {relay_id:?}: in exactly-once mode every relay \
+                             needs its own, stable relay.id (set OUTBOX_RELAY__RELAY__ID)",
+                            store.table()
+                        ),
+                    ))
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "postgres not reachable yet");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(CliError::new(exit::UNAVAILABLE, format!("cannot reach Postgres at {pg}: {e}"))),
+            }
+        };
         // Resolve what an earlier run of this relay left prepared before claiming.
         let deadline = Instant::now() + settings.relay.startup_timeout;
         retry_until(deadline, "postgres", || async {
@@ -142,7 +171,13 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
         let relay = Arc::new(relay);
         let counters = relay.counters.clone();
         let stop = stop_rx.clone();
-        (counters, tokio::spawn(async move { relay.run(stop).await }))
+        (
+            counters,
+            tokio::spawn(async move {
+                relay.run(stop).await;
+                drop(lease);
+            }),
+        )
     } else {
         let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
         let counters = relay.counters.clone();

@@ -33,7 +33,7 @@ pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus
 pub use prepared::Prepared;
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
 pub use tls::{split_url as split_tls_options, TlsMode};
-pub use txn_ids::{database_id, TxnIds};
+pub use txn_ids::{database_id, IdLease, TxnIds};
 
 use crate::config::{OnPublish, Ordering, Settings, TableName};
 

@@ -183,22 +183,46 @@ async fn record(
     Ok(())
 }
 
+/// Takes the schema's migration lock without waiting inside a statement: a
+/// session that waits in `pg_advisory_lock` has a snapshot, and CREATE INDEX
+/// CONCURRENTLY in the session that holds the lock waits for every older
+/// snapshot: a deadlock. So it polls `pg_try_advisory_lock`.
+async fn lock_schema(client: &tokio_postgres::Client, table: &TableName) -> Result<(), StoreError> {
+    loop {
+        let got: bool =
+            client.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&lock_key(table)]).await?.get(0);
+        if got {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50 + fastrand::u64(0..150))).await;
+    }
+}
+
+async fn unlock_schema(client: &tokio_postgres::Client, table: &TableName) {
+    let _ = client.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key(table)]).await;
+}
+
 /// Returns whether it applied `m` (false: already recorded).
 async fn apply_in_transaction(
     client: &mut tokio_postgres::Client,
     table: &TableName,
     m: &Migration,
 ) -> Result<bool, StoreError> {
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key(table)]).await?;
-    prepare_version_table(&tx, table).await?;
-    if is_applied(&tx, table, m).await? {
-        return Ok(false);
+    lock_schema(client, table).await?;
+    let result = async {
+        let tx = client.transaction().await?;
+        prepare_version_table(&tx, table).await?;
+        if is_applied(&tx, table, m).await? {
+            return Ok(false);
+        }
+        tx.batch_execute(&render_migration(m.sql, table)).await?;
+        record(&tx, table, m).await?;
+        tx.commit().await?;
+        Ok(true)
     }
-    tx.batch_execute(&render_migration(m.sql, table)).await?;
-    record(&tx, table, m).await?;
-    tx.commit().await?;
-    Ok(true)
+    .await;
+    unlock_schema(client, table).await;
+    result
 }
 
 /// Each statement on its own (CREATE INDEX CONCURRENTLY cannot run in a
@@ -229,14 +253,32 @@ async fn apply_outside_transaction(
         for index in invalid {
             client.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}")).await?;
         }
+        // On a small table (a new one, or one in delete mode) the index builds in
+        // milliseconds: build it plainly. On a large one, CONCURRENTLY: it never
+        // blocks inserts, but waits for every transaction older than itself
+        // (without the 2 s lock bound, which would only make it start over).
+        let pages: i64 = client
+            .query_one("SELECT coalesce((SELECT relpages::int8 FROM pg_class WHERE oid = to_regclass($1)), 0)", &[&table.quoted()])
+            .await?
+            .get(0);
         for statement in statements(&render_migration(m.sql, table)) {
-            client.batch_execute(&statement).await?;
+            if !statement.contains(" CONCURRENTLY ") {
+                client.batch_execute(&statement).await?;
+            } else if pages < 10_000 {
+                client.batch_execute(&statement.replace(" CONCURRENTLY ", " ")).await?;
+            } else {
+                tracing::info!(migration = m.name, pages, "building an index CONCURRENTLY; it waits for older transactions");
+                client.batch_execute("SET lock_timeout = 0").await?;
+                let built = client.batch_execute(&statement).await;
+                client.batch_execute("SET lock_timeout = '2s'").await?;
+                built?;
+            }
         }
         record(&*client, table, m).await?;
         Ok(true)
     }
     .await;
-    let _ = client.execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key(table)]).await;
+    unlock_schema(client, table).await;
     result
 }
 
