@@ -419,7 +419,8 @@ async fn a_second_exactly_once_relay_with_the_same_relay_id_is_refused() {
     ob.wait_drained(Duration::from_secs(60)).await;
     // Two relays with one transactional id would fence each other's producers
     // and finish each other's prepared batches.
-    let out = relay_cmd(&ob.table, &[EOS, id, ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "3s")]).arg("run").output().unwrap();
+    let out =
+        relay_cmd(&ob.table, &[EOS, id, ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "3s")]).arg("run").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains("another live relay") && err.contains("relay.id"), "{err}");

@@ -258,7 +258,10 @@ async fn apply_outside_transaction(
         // blocks inserts, but waits for every transaction older than itself
         // (without the 2 s lock bound, which would only make it start over).
         let pages: i64 = client
-            .query_one("SELECT coalesce((SELECT relpages::int8 FROM pg_class WHERE oid = to_regclass($1)), 0)", &[&table.quoted()])
+            .query_one(
+                "SELECT coalesce((SELECT relpages::int8 FROM pg_class WHERE oid = to_regclass($1)), 0)",
+                &[&table.quoted()],
+            )
             .await?
             .get(0);
         for statement in statements(&render_migration(m.sql, table)) {
@@ -267,7 +270,11 @@ async fn apply_outside_transaction(
             } else if pages < 10_000 {
                 client.batch_execute(&statement.replace(" CONCURRENTLY ", " ")).await?;
             } else {
-                tracing::info!(migration = m.name, pages, "building an index CONCURRENTLY; it waits for older transactions");
+                tracing::info!(
+                    migration = m.name,
+                    pages,
+                    "building an index CONCURRENTLY; it waits for older transactions"
+                );
                 client.batch_execute("SET lock_timeout = 0").await?;
                 let built = client.batch_execute(&statement).await;
                 client.batch_execute("SET lock_timeout = '2s'").await?;

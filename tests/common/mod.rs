@@ -351,8 +351,19 @@ impl Received {
 /// arrived, then keeps reading for `settle` to catch duplicates. Panics (with
 /// what it got) after `timeout`.
 pub fn consume(topics: &[String], expected: usize, timeout: Duration, settle: Duration) -> Vec<Received> {
+    consume_from(&brokers(), topics, expected, timeout, settle)
+}
+
+/// Like [`consume`], from the cluster at `bootstrap`.
+pub fn consume_from(
+    bootstrap: &str,
+    topics: &[String],
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -446,9 +457,14 @@ pub struct Delivery {
 
 /// Reads `topics` back (read_committed) and compares with every row of the table.
 pub async fn delivery(ob: &Outbox, topics: &[String], settle: Duration) -> Delivery {
+    delivery_from(&brokers(), ob, topics, settle).await
+}
+
+/// Like [`delivery`], reading the cluster at `bootstrap`.
+pub async fn delivery_from(bootstrap: &str, ob: &Outbox, topics: &[String], settle: Duration) -> Delivery {
     let rows = pg().await.query(&format!("SELECT id::text, seq FROM {}", ob.qualified()), &[]).await.unwrap();
     let seq_of: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let msgs = consume(topics, seq_of.len(), Duration::from_secs(120), settle);
+    let msgs = consume_from(bootstrap, topics, seq_of.len(), Duration::from_secs(120), settle);
     let mut count: HashMap<String, usize> = HashMap::new();
     for m in &msgs {
         *count.entry(m.event_id()).or_default() += 1;
