@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -157,7 +157,7 @@ pub fn read_topics(
     timeout: Duration,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Seen>, String> {
-    let mut cfg = client_config(brokers, properties);
+    let mut cfg = crate::sink::client_config(brokers, properties);
     cfg.set("group.id", format!("outbox-relay-verify-{}", Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -228,55 +228,12 @@ pub fn read_topics(
     }
 }
 
-/// A Kafka client config (consumer, admin, plain producer) with the relay's
-/// brokers and the connection/security parts of its `kafka.properties`.
-pub(crate) fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
-    let mut cfg = ClientConfig::new();
-    for (k, v) in properties {
-        if is_consumer_safe(k) {
-            cfg.set(k, v);
-        }
-    }
-    cfg.set("bootstrap.servers", brokers);
-    cfg
-}
-
-/// Producer-only properties make librdkafka warn in a consumer; leave them out.
-fn is_consumer_safe(name: &str) -> bool {
-    !matches!(
-        name,
-        "acks"
-            | "request.required.acks"
-            | "enable.idempotence"
-            | "linger.ms"
-            | "queue.buffering.max.ms"
-            | "compression.type"
-            | "compression.codec"
-            | "batch.num.messages"
-            | "batch.size"
-            | "message.timeout.ms"
-            | "delivery.timeout.ms"
-            | "queue.buffering.max.messages"
-            | "queue.buffering.max.kbytes"
-            | "max.in.flight.requests.per.connection"
-            | "max.in.flight"
-            | "retries"
-            | "message.send.max.retries"
-            | "retry.backoff.ms"
-            | "partitioner"
-            | "transactional.id"
-            | "enable.gapless.guarantee"
-            | "sticky.partitioning.linger.ms"
-            | "transaction.timeout.ms"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn row(seq: i64, key: &str) -> PublishedRow {
-        PublishedRow { id: Uuid::new_v4(), seq, topic: "t".into(), key: Some(key.into()) }
+        PublishedRow { id: Uuid::new_v4(), seq, topic: "t".into(), key: Some(key.into()), created_at_ms: 0 }
     }
 
     fn seen(r: &PublishedRow, offset: i64) -> Seen {

@@ -143,6 +143,11 @@ impl Proc {
         Proc { child: Some(cmd.spawn().expect("spawn")) }
     }
 
+    /// Nothing (while a slot's process is being replaced).
+    pub fn placeholder() -> Proc {
+        Proc { child: None }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

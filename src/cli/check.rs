@@ -50,6 +50,7 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
         Ok(sink) => match sink.ping(Duration::from_secs(10)).await {
             Ok(()) => {
                 println!("ok      kafka reachable ({})", settings.kafka_brokers());
+                check_event_topics(&settings, &store).await;
                 if exactly_once {
                     problems += check_transactions(&settings, &store, &sink).await;
                 }
@@ -154,6 +155,40 @@ async fn check_db_health(store: &Store) -> usize {
             println!("warning cannot read table statistics: {e}");
             0
         }
+    }
+}
+
+/// The event topics this outbox writes to (those of pending rows and of the
+/// last hour's published ones): warns when one is replicated less than a
+/// production cluster allows (replication factor < 3, min.insync.replicas < 2).
+async fn check_event_topics(settings: &Settings, store: &Store) {
+    let topics = match store.recent_topics(50).await {
+        Ok(t) => t,
+        Err(e) => {
+            println!("warning cannot list the outbox's topics: {e}");
+            return;
+        }
+    };
+    if topics.is_empty() {
+        println!("ok      no pending or recently published events: no event topic to check yet");
+        return;
+    }
+    let base = crate::sink::client_config(settings.kafka_brokers(), &settings.kafka.properties);
+    let mut warned = 0;
+    for topic in &topics {
+        match crate::sink::topics::describe(&base, topic, Duration::from_secs(10)).await {
+            Ok((brokers, Some(info))) => {
+                for w in crate::sink::topics::event_topic_warnings(topic, &info, brokers) {
+                    warned += 1;
+                    println!("warning {w}");
+                }
+            }
+            Ok((_, None)) => println!("warning topic {topic} does not exist (events for it are retried, then parked)"),
+            Err(e) => println!("warning cannot describe topic {topic}: {e}"),
+        }
+    }
+    if warned == 0 {
+        println!("ok      event topics replicated as the cluster allows ({})", topics.join(", "));
     }
 }
 

@@ -38,7 +38,7 @@ pub struct Decisions {
 
 impl Decisions {
     pub fn new(settings: &Settings) -> Result<Decisions, SinkError> {
-        let base = crate::verify::client_config(settings.kafka_brokers(), &settings.kafka.properties);
+        let base = super::client_config(settings.kafka_brokers(), &settings.kafka.properties);
         let probe = base
             .clone()
             .set("client.id", "outbox-relay-decisions")

@@ -18,6 +18,8 @@ pub use error::{classify, classify_code, FailureClass};
 pub use kafka::{producer_config, KafkaSink};
 
 use crate::event::OutboxEvent;
+use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
 
 /// The final answer for one event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,4 +84,47 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Tests only (failpoint `fatal`): make the producer fail fatally now.
     fn inject_fatal_error(&self) {}
+}
+
+/// A Kafka client config (consumer, admin, plain producer) with the relay's
+/// brokers and the connection/security parts of its `kafka.properties`.
+pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    for (k, v) in properties {
+        if is_consumer_safe(k) {
+            cfg.set(k, v);
+        }
+    }
+    cfg.set("bootstrap.servers", brokers);
+    cfg
+}
+
+/// Producer-only properties make librdkafka warn in a consumer; leave them out.
+fn is_consumer_safe(name: &str) -> bool {
+    !matches!(
+        name,
+        "acks"
+            | "request.required.acks"
+            | "enable.idempotence"
+            | "linger.ms"
+            | "queue.buffering.max.ms"
+            | "compression.type"
+            | "compression.codec"
+            | "batch.num.messages"
+            | "batch.size"
+            | "message.timeout.ms"
+            | "delivery.timeout.ms"
+            | "queue.buffering.max.messages"
+            | "queue.buffering.max.kbytes"
+            | "max.in.flight.requests.per.connection"
+            | "max.in.flight"
+            | "retries"
+            | "message.send.max.retries"
+            | "retry.backoff.ms"
+            | "partitioner"
+            | "transactional.id"
+            | "enable.gapless.guarantee"
+            | "sticky.partitioning.linger.ms"
+            | "transaction.timeout.ms"
+    )
 }

@@ -32,7 +32,7 @@ pub use listen::spawn_listener;
 pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus};
 pub use prepared::Prepared;
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
-pub use tls::{split_url as split_tls_options, TlsMode};
+
 pub use txn_ids::{database_id, IdLease, TxnIds};
 
 use crate::config::{OnPublish, Ordering, Settings, TableName};
@@ -40,7 +40,7 @@ use crate::config::{OnPublish, Ordering, Settings, TableName};
 /// Builds the tokio-postgres config and TLS connector from settings (URL, TLS
 /// options, optional password file).
 pub fn pg_config(settings: &Settings) -> Result<(tokio_postgres::Config, MakeTlsConnector), StoreError> {
-    let (url, url_mode, url_root) = tls::split_url(settings.postgres_url());
+    let (url, url_mode, url_root) = crate::config::split_url(settings.postgres_url());
     let mut cfg: tokio_postgres::Config =
         url.parse().map_err(|e| StoreError::config(format!("postgres.url is not a valid connection string: {e}")))?;
     let (tls, ssl_mode) = tls::connector(settings, url_mode, url_root)?;

@@ -78,6 +78,8 @@ pub struct PublishedRow {
     pub seq: i64,
     pub topic: String,
     pub key: Option<String>,
+    /// `created_at`, ms since the epoch (latency reports).
+    pub created_at_ms: i64,
 }
 
 const SELECTOR: &str = "(published_at IS NOT NULL OR parked_at IS NOT NULL)
@@ -174,6 +176,26 @@ impl Store {
             top_errors,
             topics,
         })
+    }
+
+    /// Topics of pending rows and of rows published in the last hour (at most
+    /// `limit`, each read through its partial index, at most 10k rows each).
+    pub async fn recent_topics(&self, limit: i64) -> Result<Vec<String>, StoreError> {
+        let t = self.table().quoted();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT DISTINCT topic FROM (
+                       (SELECT topic FROM {t} WHERE published_at IS NULL AND parked_at IS NULL ORDER BY seq LIMIT 10000)
+                       UNION ALL
+                       (SELECT topic FROM {t} WHERE published_at > now() - interval '1 hour' LIMIT 10000)) x
+                     ORDER BY topic LIMIT $1"
+                ),
+                &[&limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     /// Checks a time bound the way the SQL will read it; returns it normalised.
@@ -282,7 +304,7 @@ impl Store {
         let rows = client
             .query(
                 &format!(
-                    "SELECT id, seq, topic, key FROM {t}
+                    "SELECT id, seq, topic, key, (extract(epoch FROM created_at) * 1000)::int8 FROM {t}
                      WHERE published_at IS NOT NULL
                        AND ($1::text IS NULL OR created_at >= $1::text::timestamptz)
                        AND ($2::text IS NULL OR created_at < $2::text::timestamptz)
@@ -291,6 +313,15 @@ impl Store {
                 &[&since, &until, &topic],
             )
             .await?;
-        Ok(rows.iter().map(|r| PublishedRow { id: r.get(0), seq: r.get(1), topic: r.get(2), key: r.get(3) }).collect())
+        Ok(rows
+            .iter()
+            .map(|r| PublishedRow {
+                id: r.get(0),
+                seq: r.get(1),
+                topic: r.get(2),
+                key: r.get(3),
+                created_at_ms: r.get(4),
+            })
+            .collect())
     }
 }

@@ -88,36 +88,6 @@ impl Store {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_differ_between_databases_and_stay_stable() {
-        let t = TableName::parse("public.outbox").unwrap();
-        let a = TxnIds::new(&database_id(7712336889926938944, "orders"), &t);
-        let b = TxnIds::new(&database_id(7712336889926938944, "billing"), &t);
-        let c = TxnIds::new(&database_id(7712336889926938945, "orders"), &t);
-        assert_ne!(a.transactional_id("outbox-relay-0"), b.transactional_id("outbox-relay-0"));
-        assert_ne!(a.transactional_id("outbox-relay-0"), c.transactional_id("outbox-relay-0"));
-        // Pinned: ids live in Kafka and Postgres; changing the hash would orphan them.
-        assert_eq!(database_id(7712336889926938944, "orders"), database_id(7712336889926938944, "orders"));
-        assert_eq!(database_id(1, "db"), "4baf4cf11c35");
-        assert!(a.prefix.starts_with("outbox-relay/") && a.prefix.ends_with("/public.outbox/"));
-    }
-
-    #[test]
-    fn the_owner_of_a_gid_is_found_under_both_prefixes() {
-        let t = TableName::parse("public.outbox").unwrap();
-        let ids = TxnIds::new("0123456789ab", &t);
-        let gid = format!("{}/{}", ids.transactional_id("r1"), "f".repeat(32));
-        assert_eq!(ids.owner_of(&gid), Some("outbox-relay/0123456789ab/public.outbox/r1"));
-        let legacy = format!("outbox-relay/public.outbox/r1/{}", "e".repeat(32));
-        assert_eq!(ids.owner_of(&legacy), Some("outbox-relay/public.outbox/r1"));
-        assert_eq!(ids.owner_of("outbox-relay/public.other/r1/x"), None);
-    }
-}
-
 /// Proof that this process is the only live relay with its transactional id:
 /// a session-level advisory lock held on a connection of its own for as long
 /// as the relay runs. Two exactly-once relays with one `relay.id` would fence
@@ -150,5 +120,35 @@ impl Store {
             return Ok(None);
         }
         Ok(Some(IdLease { _client: client, driver }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_differ_between_databases_and_stay_stable() {
+        let t = TableName::parse("public.outbox").unwrap();
+        let a = TxnIds::new(&database_id(7712336889926938944, "orders"), &t);
+        let b = TxnIds::new(&database_id(7712336889926938944, "billing"), &t);
+        let c = TxnIds::new(&database_id(7712336889926938945, "orders"), &t);
+        assert_ne!(a.transactional_id("outbox-relay-0"), b.transactional_id("outbox-relay-0"));
+        assert_ne!(a.transactional_id("outbox-relay-0"), c.transactional_id("outbox-relay-0"));
+        // Pinned: ids live in Kafka and Postgres; changing the hash would orphan them.
+        assert_eq!(database_id(7712336889926938944, "orders"), database_id(7712336889926938944, "orders"));
+        assert_eq!(database_id(1, "db"), "4baf4cf11c35");
+        assert!(a.prefix.starts_with("outbox-relay/") && a.prefix.ends_with("/public.outbox/"));
+    }
+
+    #[test]
+    fn the_owner_of_a_gid_is_found_under_both_prefixes() {
+        let t = TableName::parse("public.outbox").unwrap();
+        let ids = TxnIds::new("0123456789ab", &t);
+        let gid = format!("{}/{}", ids.transactional_id("r1"), "f".repeat(32));
+        assert_eq!(ids.owner_of(&gid), Some("outbox-relay/0123456789ab/public.outbox/r1"));
+        let legacy = format!("outbox-relay/public.outbox/r1/{}", "e".repeat(32));
+        assert_eq!(ids.owner_of(&legacy), Some("outbox-relay/public.outbox/r1"));
+        assert_eq!(ids.owner_of("outbox-relay/public.other/r1/x"), None);
     }
 }

@@ -1,17 +1,31 @@
 //! The chaos run behind `scripts/chaos`: on the real local Postgres and Kafka, an
-//! application writes continuously while several relays run; relays are
-//! SIGKILLed at random moments and restarted, the Kafka broker is stopped for a
-//! minute, Postgres is restarted, and every poison class is injected. Then
-//! everything is read back (read_committed) and compared with the table.
+//! application writes continuously while several relays run, and everything a
+//! production database and Kafka cluster do to a relay happens to them:
 //!
-//! Fails unless lost = 0, per-key order violations = 0, and every poison row is
-//! parked with the right reason (and nothing else is parked).
+//! * relays SIGKILLed at random moments and restarted (≥ 50 times);
+//! * one long-lived relay that is never restarted and is slow (every batch
+//!   takes longer), living through every other disruption;
+//! * a REPEATABLE READ transaction holding the xmin horizon for a minute;
+//! * a relay frozen (SIGSTOP) for 30 s while holding a batch;
+//! * a rolling switch of the other relays to the other delivery mode and back,
+//!   so both modes share the table for a while;
+//! * one broker: Kafka stopped for a minute. `--cluster` (3 brokers, RF 3,
+//!   min.insync.replicas 2) instead: the leader of the busiest partition
+//!   SIGKILLed three times, a rolling restart of all brokers, the transaction
+//!   coordinator SIGKILLed (exactly-once), and two brokers down at once;
+//! * PostgreSQL restarted;
+//! * every poison class.
+//!
+//! Then everything is read back (read_committed) and compared with the table.
+//! Fails unless lost = 0, per-key order violations = 0, every poison row is
+//! parked with the right reason and nothing else is parked, and, in
+//! exactly-once mode, there is no duplicate.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,28 +33,37 @@ use clap::Parser;
 use outbox_relay::config::Settings;
 use outbox_relay::store::Store;
 use outbox_relay::verify::{compare, duplicates_by_disruption, read_topics};
+use outbox_relay_harness::{quantiles, Proc, Quantiles};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 #[derive(Parser, Debug)]
+#[command(about = "outbox-relay chaos run (see the module docs)")]
 struct Args {
     /// Events the application writes.
     #[arg(long, default_value_t = 200_000)]
     events: u64,
-    /// Seconds over which they are written.
-    #[arg(long, default_value_t = 150)]
-    duration: u64,
-    /// Relay instances running at once.
+    /// Seconds over which they are written (default 250; 370 with --cluster).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Relay instances running at once (relay 0 is the long-lived, slow one).
     #[arg(long, default_value_t = 3)]
     relays: usize,
     /// Minimum number of SIGKILLs.
     #[arg(long, default_value_t = 50)]
     kills: usize,
-    /// Seconds the Kafka broker stays down.
+    /// Seconds the Kafka broker stays down (one broker).
     #[arg(long, default_value_t = 60)]
     kafka_outage: u64,
+    /// Seconds a REPEATABLE READ transaction holds the xmin horizon.
+    #[arg(long, default_value_t = 60)]
+    hold: u64,
+    /// Seconds relay 1 stays frozen (SIGSTOP).
+    #[arg(long, default_value_t = 30)]
+    freeze: u64,
     /// Rows per relay batch.
     #[arg(long, default_value_t = 200)]
     batch_size: usize,
@@ -54,11 +77,16 @@ struct Args {
     /// fails on any duplicate.
     #[arg(long)]
     exactly_once: bool,
+    /// Against the 3-broker cluster (`scripts/infra up --brokers 3`), with its
+    /// broker failures instead of the single broker's outage.
+    #[arg(long)]
+    cluster: bool,
 }
 
 const KEYS: usize = 1000;
 const WRITERS: usize = 4;
 const TOPICS: [&str; 4] = ["orders", "payments", "stock", "shipping"];
+const PARTITIONS: i32 = 6;
 
 /// Something done to the system at a moment: the duplicates an at-least-once
 /// relay may produce are blamed on these (see `duplicates_by_disruption`).
@@ -70,6 +98,12 @@ enum Disruption {
     KafkaStop,
     KafkaStart,
     PostgresRestart,
+    Freeze,
+    ModeSwitch,
+    LeaderKill,
+    BrokerRestart,
+    CoordinatorKill,
+    TwoBrokersDown,
 }
 
 fn now_ms() -> i64 {
@@ -81,30 +115,38 @@ struct Relays {
     env: Vec<(String, String)>,
     config: PathBuf,
     logs: PathBuf,
-    children: Vec<Child>,
+    children: Vec<Proc>,
+    /// The delivery mode each relay runs now (a rolling switch changes it).
+    modes: Vec<bool>,
+    base_exactly_once: bool,
     kills: usize,
-    /// Exactly-once: half the starts arm a random crash point of the batch
-    /// protocol (a SIGKILL exactly between two of its steps).
-    failpoints: bool,
     armed: Vec<bool>,
     failpoint_kills: usize,
-    /// When each disruption happened (ms since the epoch), in order.
+    frozen: Option<usize>,
     disruptions: Vec<(i64, Disruption)>,
 }
 
 impl Relays {
-    fn spawn(&mut self, i: usize) -> Child {
+    fn spawn(&mut self, i: usize) -> Proc {
         let mut cmd = Command::new(&self.bin);
-        let armed = self.failpoints && fastrand::bool();
+        let exactly_once = self.modes[i];
+        // Relay 0 lives through the whole run and is slow: every batch takes 1 ms
+        // longer per event (a relay stalled behind a slow database or host).
+        let mut failpoints = Vec::new();
+        if i == 0 {
+            let point = if exactly_once { "after-kafka-send" } else { "after-send" };
+            failpoints.push(format!("{point}=delay-per-event:1"));
+        }
+        // Exactly-once: half the other starts arm a crash point of the protocol.
+        let armed = i > 0 && exactly_once && fastrand::bool();
         if armed {
-            let point = outbox_relay::failpoint::POINTS[fastrand::usize(0..outbox_relay::failpoint::POINTS.len())];
-            cmd.env(outbox_relay::failpoint::ENV, format!("{point}=crash@{}", fastrand::u32(1..=4)));
+            let points = outbox_relay::failpoint::POINTS;
+            failpoints.push(format!("{}=crash@{}", points[fastrand::usize(0..points.len())], fastrand::u32(1..=4)));
         }
-        if i < self.armed.len() {
-            self.armed[i] = armed;
-        } else {
-            self.armed.push(armed);
+        if !failpoints.is_empty() {
+            cmd.env(outbox_relay::failpoint::ENV, failpoints.join(","));
         }
+        self.armed[i] = armed;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -112,20 +154,40 @@ impl Relays {
             .expect("log file");
         cmd.envs(self.env.iter().cloned())
             .env("OUTBOX_RELAY__RELAY__ID", format!("chaos-{i}"))
+            .env("OUTBOX_RELAY__RELAY__DELIVERY", if exactly_once { "exactly-once" } else { "at-least-once" })
             .arg("--config")
             .arg(&self.config)
             .arg("run")
             .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn relay")
+            .stderr(Stdio::from(log));
+        Proc::spawn(cmd)
+    }
+
+    /// Relays that may be SIGKILLed now: not relay 0 (long-lived), not the
+    /// frozen one, and in an exactly-once run not those switched to
+    /// at-least-once (their duplicates would be that mode's, not a failure).
+    fn killable(&self) -> Vec<usize> {
+        (1..self.children.len())
+            .filter(|&i| Some(i) != self.frozen && (!self.base_exactly_once || self.modes[i]))
+            .collect()
     }
 
     fn kill_and_restart(&mut self, i: usize) {
         self.disruptions.push((now_ms(), Disruption::Kill));
-        let _ = self.children[i].kill(); // SIGKILL
-        let _ = self.children[i].wait();
+        let old = std::mem::replace(&mut self.children[i], Proc::placeholder());
+        old.kill();
         self.kills += 1;
+        self.children[i] = self.spawn(i);
+    }
+
+    /// Graceful restart in `exactly_once` mode (a rolling deploy).
+    fn switch(&mut self, i: usize, exactly_once: bool) {
+        self.disruptions.push((now_ms(), Disruption::ModeSwitch));
+        let old = std::mem::replace(&mut self.children[i], Proc::placeholder());
+        if !old.stop(Duration::from_secs(60)) {
+            eprintln!("chaos: relay {i} did not stop cleanly on SIGTERM during the mode switch");
+        }
+        self.modes[i] = exactly_once;
         self.children[i] = self.spawn(i);
     }
 
@@ -133,7 +195,7 @@ impl Relays {
     fn revive(&mut self) -> usize {
         let mut revived = 0;
         for i in 0..self.children.len() {
-            if let Ok(Some(status)) = self.children[i].try_wait() {
+            if let Some(status) = self.children[i].exited() {
                 if self.armed[i] && status.code().is_none() {
                     // killed itself at its crash point, as armed
                     self.failpoint_kills += 1;
@@ -151,13 +213,70 @@ impl Relays {
     }
 }
 
-fn infra(cmd: &str) {
-    let ok = Command::new("scripts/infra").arg(cmd).status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok, "scripts/infra {cmd} failed");
+fn infra(args: &[&str]) {
+    let ok = Command::new("scripts/infra").args(args).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "scripts/infra {} failed", args.join(" "));
 }
 
 fn log(started: Instant, msg: impl AsRef<str>) {
     eprintln!("[{:>6.1}s] {}", started.elapsed().as_secs_f64(), msg.as_ref());
+}
+
+/// The broker leading partition 0 of the first topic (the writers spread
+/// evenly, so every partition is as busy as the others).
+fn busiest_leader(brokers: &str, topics: &[String]) -> i32 {
+    let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("consumer");
+    let md = c.fetch_metadata(Some(&topics[0]), Duration::from_secs(10)).expect("metadata");
+    md.topics()[0].partitions().iter().find(|p| p.id() == 0).map(|p| p.leader()).unwrap_or(1)
+}
+
+/// The broker coordinating `transactional_id`: the leader of its partition of
+/// `__transaction_state` (Java's String.hashCode, as the broker computes it).
+fn coordinator(brokers: &str, transactional_id: &str) -> Option<i32> {
+    let h = transactional_id.encode_utf16().fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32));
+    let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("consumer");
+    let md = c.fetch_metadata(Some("__transaction_state"), Duration::from_secs(10)).ok()?;
+    let parts = md.topics().first()?.partitions();
+    let p = (h & 0x7fff_ffff) % parts.len().max(1) as i32;
+    parts.iter().find(|x| x.id() == p).map(|x| x.leader())
+}
+
+/// Waits until every partition of `topics` has `n` in-sync replicas.
+async fn wait_isr(brokers: &str, topics: &[String], n: usize, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let c: BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("consumer");
+        let ok = topics.iter().all(|t| {
+            c.fetch_metadata(Some(t), Duration::from_secs(5))
+                .map(|md| md.topics()[0].partitions().iter().all(|p| p.isr().len() >= n && p.leader() >= 0))
+                .unwrap_or(false)
+        });
+        if ok {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
+}
+
+/// One step of the plan: when, and what.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    HoldStart,
+    HoldEnd,
+    Freeze,
+    Thaw,
+    KafkaStop,
+    KafkaStart,
+    LeaderKill,
+    RollingRestart,
+    CoordinatorKill,
+    TwoBrokersDown,
+    PostgresRestart,
+    SwitchModes,
+    SwitchBack,
+    Poison,
 }
 
 #[tokio::main]
@@ -165,19 +284,27 @@ async fn main() {
     let args = Args::parse();
     let pg_url =
         std::env::var("OUTBOX_RELAY__POSTGRES__URL").expect("OUTBOX_RELAY__POSTGRES__URL (run via scripts/chaos)");
-    let brokers = std::env::var("OUTBOX_RELAY__KAFKA__BROKERS").expect("OUTBOX_RELAY__KAFKA__BROKERS");
+    let brokers = if args.cluster {
+        std::env::var("OUTBOX_RELAY_TEST_CLUSTER").expect("OUTBOX_RELAY_TEST_CLUSTER (scripts/infra env)")
+    } else {
+        std::env::var("OUTBOX_RELAY__KAFKA__BROKERS").expect("OUTBOX_RELAY__KAFKA__BROKERS")
+    };
+    let duration = args.duration.unwrap_or(if args.cluster { 370 } else { 250 });
     let run = format!("chaos_{}", &Uuid::new_v4().simple().to_string()[..8]);
     std::fs::create_dir_all(&args.run_dir).expect("run dir");
     let started = Instant::now();
+    let mode = if args.exactly_once { "exactly-once" } else { "at-least-once" };
     log(
         started,
         format!(
-            "run {run}: {} events over {} s, {} relays, ≥{} kills, Kafka down {} s",
-            args.events, args.duration, args.relays, args.kills, args.kafka_outage
+            "run {run}: {} events over {duration} s, {} relays ({mode}), ≥{} kills, {}",
+            args.events,
+            args.relays,
+            args.kills,
+            if args.cluster { "3-broker cluster".to_string() } else { format!("Kafka down {} s", args.kafka_outage) }
         ),
     );
 
-    // Table, topics (auto-creation is off for the relays: unknown topics are poison).
     let env: Vec<(String, String)> = vec![
         ("OUTBOX_RELAY__POSTGRES__URL".into(), pg_url.clone()),
         ("OUTBOX_RELAY__KAFKA__BROKERS".into(), brokers.clone()),
@@ -188,19 +315,28 @@ async fn main() {
         ("OUTBOX_RELAY__RELAY__RETRY_BACKOFF".into(), "500ms".into()),
         ("OUTBOX_RELAY__RELAY__MAX_BACKOFF".into(), "2s".into()),
         ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT".into(), "10m".into()),
+        ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT".into(), "10s".into()),
+        // a frozen relay's batch goes to the others after 10 s
+        ("OUTBOX_RELAY__POSTGRES__IDLE_IN_TRANSACTION_TIMEOUT".into(), "10s".into()),
         ("OUTBOX_RELAY__LOG__LEVEL".into(), "info,librdkafka=error".into()),
     ];
-    let mut env = env;
-    if args.exactly_once {
-        env.push(("OUTBOX_RELAY__RELAY__DELIVERY".into(), "exactly-once".into()));
-        env.push(("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT".into(), "10s".into()));
-    }
     let migrate = Command::new(&args.relay_bin).envs(env.iter().cloned()).arg("migrate").output().expect("migrate");
     assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
     let topics: Vec<String> = TOPICS.iter().map(|t| format!("{run}.{t}")).collect();
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, 6, TopicReplication::Fixed(1))).collect();
+    let rf = if args.cluster { 3 } else { 1 };
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            let n = NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(rf));
+            if args.cluster {
+                n.set("min.insync.replicas", "2")
+            } else {
+                n
+            }
+        })
+        .collect();
     admin.create_topics(&new, &AdminOptions::new()).await.expect("create topics");
     let config = args.run_dir.join(format!("{run}.toml"));
     std::fs::write(
@@ -214,20 +350,24 @@ async fn main() {
         config,
         logs: args.run_dir.clone(),
         children: Vec::new(),
+        modes: vec![args.exactly_once; args.relays],
+        base_exactly_once: args.exactly_once,
         kills: 0,
-        failpoints: args.exactly_once,
-        armed: Vec::new(),
+        armed: vec![false; args.relays],
         failpoint_kills: 0,
+        frozen: None,
         disruptions: Vec::new(),
     };
-    relays.children = (0..args.relays).map(|i| relays.spawn(i)).collect();
+    for i in 0..args.relays {
+        let c = relays.spawn(i);
+        relays.children.push(c);
+    }
 
     // The application: WRITERS connections, each owning a share of the keys, so
     // seq order is commit order per key. Small transactions of 10 rows.
-    let stop = Arc::new(AtomicBool::new(false));
     let attempted = Arc::new(AtomicU64::new(0));
     let per_writer = args.events / WRITERS as u64;
-    let tx_per_sec = (args.events as f64 / 10.0 / args.duration as f64 / WRITERS as f64).max(1.0);
+    let tx_per_sec = (args.events as f64 / 10.0 / duration as f64 / WRITERS as f64).max(1.0);
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let (pg_url, run, topics, attempted) = (pg_url.clone(), run.clone(), topics.clone(), attempted.clone());
@@ -268,7 +408,6 @@ async fn main() {
                         break; // reconnect (Postgres restart); the table is the truth
                     }
                     written += 10;
-                    // pace: tx_per_sec transactions per second per writer
                     let due = Duration::from_secs_f64(written as f64 / 10.0 / tx_per_sec);
                     if let Some(wait) = due.checked_sub(t0.elapsed()) {
                         tokio::time::sleep(wait).await;
@@ -303,65 +442,214 @@ async fn main() {
         }
     };
 
-    let kafka_down_at = Duration::from_secs(20);
-    let pg_restart_at = kafka_down_at + Duration::from_secs(args.kafka_outage + 15);
-    let (mut kafka_down, mut kafka_back, mut pg_restarted, mut second_poison) = (false, false, false, false);
+    // The plan, in seconds from the start: one disruption at a time, so that
+    // the latency of the events written meanwhile shows its effect alone.
+    let mut plan: Vec<(u64, Step)> = vec![
+        (30, Step::HoldStart),
+        (30 + args.hold, Step::HoldEnd),
+        (35 + args.hold, Step::Freeze),
+        (35 + args.hold + args.freeze, Step::Thaw),
+        (40 + args.hold + args.freeze, Step::SwitchModes),
+        (60 + args.hold + args.freeze, Step::SwitchBack),
+    ];
+    let mut t = 70 + args.hold + args.freeze;
+    if args.cluster {
+        for _ in 0..3 {
+            plan.push((t, Step::LeaderKill));
+            t += 20;
+        }
+        plan.push((t, Step::RollingRestart));
+        t += 75;
+        if args.exactly_once {
+            plan.push((t, Step::CoordinatorKill));
+            t += 15;
+        }
+        plan.push((t, Step::TwoBrokersDown));
+        t += 35;
+    } else {
+        plan.extend([(t, Step::KafkaStop), (t + args.kafka_outage, Step::KafkaStart)]);
+        t += args.kafka_outage + 10;
+    }
+    plan.extend([(t, Step::PostgresRestart), (t + 3, Step::Poison)]);
+    plan.sort_by_key(|(t, _)| *t);
+    let plan_end = plan.last().map(|(t, _)| *t).unwrap_or(0);
+
+    let report_db = {
+        let (db, conn) = tokio_postgres::connect(&pg_url, NoTls).await.expect("connect");
+        tokio::spawn(conn);
+        db
+    };
+    let mut windows: BTreeMap<&str, (i64, i64)> = BTreeMap::new(); // label → (from ms, to ms)
+    let mut counts: BTreeMap<&str, String> = BTreeMap::new();
     let mut revived = 0;
     let mut next_kill = Instant::now() + Duration::from_secs(2);
+    let mut step = 0;
     for (i, id) in inject(0).await.into_iter().enumerate() {
         poison.push((id, poison_classes[i].0));
     }
     log(started, "poison injected (round 1)");
+    let mut pg_restarts = 0;
     loop {
-        let t = started.elapsed();
-        let writing = writers.iter().any(|w| !w.is_finished());
-        if !kafka_down && t >= kafka_down_at {
-            log(started, format!("stopping Kafka for {} s", args.kafka_outage));
-            relays.disruptions.push((now_ms(), Disruption::KafkaStop));
-            infra("stop-kafka");
-            kafka_down = true;
-        }
-        if kafka_down && !kafka_back && t >= kafka_down_at + Duration::from_secs(args.kafka_outage) {
-            log(started, "starting Kafka");
-            // Both ends of the start: the broker may take writes before the
-            // script sees it ready.
-            relays.disruptions.push((now_ms(), Disruption::KafkaStart));
-            infra("start-kafka");
-            relays.disruptions.push((now_ms(), Disruption::KafkaStart));
-            kafka_back = true;
-        }
-        if kafka_back && !pg_restarted && t >= pg_restart_at {
-            log(started, "restarting Postgres");
-            // A restart lasts a while: a batch sent while Postgres goes down
-            // cannot be committed and is sent again once it is back, so both
-            // ends are noted.
-            relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
-            infra("restart-postgres");
-            relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
-            pg_restarted = true;
-        }
-        if pg_restarted && !second_poison {
-            for (i, id) in inject(1).await.into_iter().enumerate() {
-                poison.push((id, poison_classes[i].0));
+        let t = started.elapsed().as_secs();
+        while step < plan.len() && plan[step].0 <= t {
+            let what = plan[step].1;
+            step += 1;
+            match what {
+                Step::HoldStart => {
+                    log(started, format!("a REPEATABLE READ transaction holds the xmin horizon for {} s", args.hold));
+                    report_db
+                        .batch_execute(&format!(
+                            "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM public.{run}"
+                        ))
+                        .await
+                        .expect("hold");
+                    windows.insert("long transaction held", (now_ms(), 0));
+                }
+                Step::HoldEnd => {
+                    report_db.batch_execute("COMMIT").await.ok();
+                    windows.entry("long transaction held").and_modify(|w| w.1 = now_ms());
+                    log(started, "horizon released");
+                }
+                Step::Freeze => {
+                    let i = 1.min(relays.children.len() - 1);
+                    relays.frozen = Some(i);
+                    relays.disruptions.push((now_ms(), Disruption::Freeze));
+                    relays.children[i].signal(libc::SIGSTOP);
+                    windows.insert("relay 1 frozen", (now_ms(), 0));
+                    log(started, format!("relay {i} frozen (SIGSTOP) for {} s", args.freeze));
+                }
+                Step::Thaw => {
+                    if let Some(i) = relays.frozen.take() {
+                        // It sends the batch it held (others published it meanwhile).
+                        relays.disruptions.push((now_ms(), Disruption::Freeze));
+                        relays.children[i].signal(libc::SIGCONT);
+                        windows.entry("relay 1 frozen").and_modify(|w| w.1 = now_ms());
+                        log(started, format!("relay {i} thawed (SIGCONT)"));
+                    }
+                }
+                Step::KafkaStop => {
+                    log(started, format!("stopping Kafka for {} s", args.kafka_outage));
+                    relays.disruptions.push((now_ms(), Disruption::KafkaStop));
+                    infra(&["stop-kafka"]);
+                }
+                Step::KafkaStart => {
+                    log(started, "starting Kafka");
+                    relays.disruptions.push((now_ms(), Disruption::KafkaStart));
+                    infra(&["start-kafka"]);
+                    relays.disruptions.push((now_ms(), Disruption::KafkaStart));
+                }
+                Step::LeaderKill => {
+                    let victim = busiest_leader(&brokers, &topics);
+                    log(started, format!("SIGKILL broker {victim}, leader of {}[0]", topics[0]));
+                    relays.disruptions.push((now_ms(), Disruption::LeaderKill));
+                    infra(&["broker", "kill", &victim.to_string()]);
+                    tokio::time::sleep(Duration::from_secs(8)).await;
+                    infra(&["broker", "start", &victim.to_string()]);
+                    relays.disruptions.push((now_ms(), Disruption::LeaderKill));
+                    *counts.entry("partition leaders SIGKILLed").or_default() = format!(
+                        "{}",
+                        counts.get("partition leaders SIGKILLed").and_then(|c| c.parse::<u32>().ok()).unwrap_or(0) + 1
+                    );
+                }
+                Step::RollingRestart => {
+                    log(started, "rolling restart of the 3 brokers");
+                    for n in 1..=3 {
+                        relays.disruptions.push((now_ms(), Disruption::BrokerRestart));
+                        infra(&["broker", "stop", &n.to_string()]);
+                        infra(&["broker", "start", &n.to_string()]);
+                        let synced = wait_isr(&brokers, &topics, 3, Duration::from_secs(90)).await;
+                        log(
+                            started,
+                            format!(
+                                "  broker {n} restarted{}",
+                                if synced { ", in sync" } else { ", NOT in sync after 90 s" }
+                            ),
+                        );
+                    }
+                    counts.insert("rolling restart (brokers)", "3/3".into());
+                }
+                Step::CoordinatorKill => {
+                    let ids = Store::new(&Settings::load_from(None, env.clone()).expect("settings"))
+                        .expect("store")
+                        .txn_ids()
+                        .await
+                        .expect("txn ids");
+                    let txn = ids.transactional_id("chaos-0");
+                    if let Some(victim) = coordinator(&brokers, &txn) {
+                        log(started, format!("SIGKILL broker {victim}, transaction coordinator of {txn}"));
+                        relays.disruptions.push((now_ms(), Disruption::CoordinatorKill));
+                        infra(&["broker", "kill", &victim.to_string()]);
+                        tokio::time::sleep(Duration::from_secs(8)).await;
+                        infra(&["broker", "start", &victim.to_string()]);
+                        counts.insert("transaction coordinator SIGKILLed", format!("broker {victim}"));
+                    }
+                }
+                Step::TwoBrokersDown => {
+                    let (a, b) = (2, 3);
+                    log(started, format!("brokers {a} and {b} down for 20 s: writes must stall (min.insync.replicas = 2), nothing parks"));
+                    // (chaos fails if anything but the poison rows is parked)
+                    relays.disruptions.push((now_ms(), Disruption::TwoBrokersDown));
+                    infra(&["broker", "stop", &a.to_string()]);
+                    infra(&["broker", "stop", &b.to_string()]);
+                    windows.insert("two brokers down", (now_ms(), 0));
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    infra(&["broker", "start", &a.to_string()]);
+                    windows.entry("two brokers down").and_modify(|w| w.1 = now_ms());
+                    log(started, format!("broker {a} back: 2 in sync, events flow again"));
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    infra(&["broker", "start", &b.to_string()]);
+                    relays.disruptions.push((now_ms(), Disruption::TwoBrokersDown));
+                    counts.insert("two brokers down at once (s)", "20".into());
+                }
+                Step::PostgresRestart => {
+                    log(started, "restarting Postgres");
+                    relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
+                    infra(&["restart-postgres"]);
+                    relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
+                    pg_restarts += 1;
+                }
+                Step::Poison => {
+                    for (i, id) in inject(1).await.into_iter().enumerate() {
+                        poison.push((id, poison_classes[i].0));
+                    }
+                    log(started, "poison injected (round 2)");
+                }
+                Step::SwitchModes | Step::SwitchBack => {
+                    let to = if what == Step::SwitchModes { !args.exactly_once } else { args.exactly_once };
+                    let label = if to { "exactly-once" } else { "at-least-once" };
+                    log(started, format!("rolling switch of relays 1..{} to {label} (relay 0 stays)", args.relays - 1));
+                    for i in 1..args.relays {
+                        relays.switch(i, to);
+                    }
+                    if what == Step::SwitchModes {
+                        windows.insert("both delivery modes on the table", (now_ms(), 0));
+                    } else {
+                        windows.entry("both delivery modes on the table").and_modify(|w| w.1 = now_ms());
+                    }
+                }
             }
-            log(started, "poison injected (round 2)");
-            second_poison = true;
         }
+        let writing = writers.iter().any(|w| !w.is_finished());
         if Instant::now() >= next_kill {
-            let i = fastrand::usize(0..relays.children.len());
-            relays.kill_and_restart(i);
-            if relays.kills % 10 == 0 {
-                log(started, format!("{} kills; {} rows attempted", relays.kills, attempted.load(Ordering::Relaxed)));
+            let killable = relays.killable();
+            if !killable.is_empty() {
+                let i = killable[fastrand::usize(0..killable.len())];
+                relays.kill_and_restart(i);
+                if relays.kills % 10 == 0 {
+                    log(
+                        started,
+                        format!("{} kills; {} rows attempted", relays.kills, attempted.load(Ordering::Relaxed)),
+                    );
+                }
             }
             next_kill = Instant::now() + Duration::from_millis(1500 + fastrand::u64(0..1500));
         }
         revived += relays.revive();
-        if !writing && relays.kills >= args.kills && pg_restarted && kafka_back {
+        if !writing && relays.kills >= args.kills && step >= plan.len() && t >= plan_end {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, Ordering::Relaxed);
     for w in writers {
         let _ = w.await;
     }
@@ -381,9 +669,8 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let mut clean_exits = 0;
-    for c in relays.children.iter_mut() {
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-        if c.wait().map(|s| s.success()).unwrap_or(false) {
+    for c in std::mem::take(&mut relays.children) {
+        if c.stop(Duration::from_secs(60)) {
             clean_exits += 1;
         }
     }
@@ -412,6 +699,30 @@ async fn main() {
         .max()
         .unwrap_or(0);
 
+    // Latency (row created_at → the relay sent it, message CreateTime) of the
+    // first copy of each event, for events written in each disruption window.
+    let mut first_sent: HashMap<Uuid, i64> = HashMap::new();
+    for m in &seen {
+        if let (Some(id), Some(ts)) = (m.id, m.timestamp_ms) {
+            let e = first_sent.entry(id).or_insert(ts);
+            *e = (*e).min(ts);
+        }
+    }
+    let latency_in = |from: i64, to: i64| -> Quantiles {
+        quantiles(
+            rows.iter()
+                .filter(|r| r.created_at_ms >= from && r.created_at_ms < to)
+                .filter_map(|r| first_sent.get(&r.id).map(|s| (s - r.created_at_ms) as f64))
+                .collect(),
+        )
+    };
+    // The 15 s before the first disruption window (start-up and the first
+    // kills are behind by then).
+    let calm = {
+        let first = windows.values().map(|w| w.0).min().unwrap_or(i64::MAX);
+        latency_in(first - 15_000, first)
+    };
+
     // Poison: each parked, with its reason; nothing else parked.
     let db = {
         let (db, conn) = tokio_postgres::connect(&pg_url, NoTls).await.expect("connect");
@@ -426,6 +737,7 @@ async fn main() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let written: i64 = db.query_one(&format!("SELECT count(*) FROM public.{run}"), &[]).await.expect("count").get(0);
+    let prepared_left = store.prepared_any(&store.transactional_prefixes().await).await.map(|p| p.len()).unwrap_or(0);
     let mut by_reason: BTreeMap<&str, (usize, usize, String)> = BTreeMap::new();
     let mut poison_ok = true;
     for (id, class) in &poison {
@@ -446,17 +758,23 @@ async fn main() {
     let wrongly_parked = parked.keys().filter(|id| !poison.iter().any(|(p, _)| p == *id)).count();
 
     let dup_ok = !args.exactly_once || report.duplicate_copies == 0;
-    let ok = report.lost == 0 && report.order_violations == 0 && poison_ok && wrongly_parked == 0 && dup_ok;
+    let ok = report.lost == 0
+        && report.order_violations == 0
+        && poison_ok
+        && wrongly_parked == 0
+        && dup_ok
+        && prepared_left == 0;
     println!();
     println!(
-        "chaos run {run}  ({:.0} s, {} relays, batch {}, {})",
+        "chaos run {run}  ({:.0} s, {} relays, batch {}, {}{})",
         started.elapsed().as_secs_f64(),
         args.relays,
         args.batch_size,
-        if args.exactly_once { "exactly-once" } else { "at-least-once" }
+        mode,
+        if args.cluster { ", 3-broker cluster (RF 3, min.insync.replicas 2)" } else { ", one broker" }
     );
-    println!("  ┌──────────────────────────────────────────┬────────────┐");
-    let row = |k: &str, v: String| println!("  │ {k:<40} │ {v:>10} │");
+    println!("  ┌──────────────────────────────────────────────────┬────────────┐");
+    let row = |k: &str, v: String| println!("  │ {k:<48} │ {v:>10} │");
     row("events written (committed rows)", written.to_string());
     row("  of them published", report.expected.to_string());
     row("  of them poison (injected)", poison.len().to_string());
@@ -478,6 +796,12 @@ async fn main() {
         (Disruption::KafkaStop, "dup copies after the Kafka stop"),
         (Disruption::KafkaStart, "dup copies after the Kafka start"),
         (Disruption::PostgresRestart, "dup copies after the Postgres restart"),
+        (Disruption::Freeze, "dup copies after the freeze"),
+        (Disruption::ModeSwitch, "dup copies after mode switches"),
+        (Disruption::LeaderKill, "dup copies after leader kills"),
+        (Disruption::BrokerRestart, "dup copies after broker restarts"),
+        (Disruption::CoordinatorKill, "dup copies after the coordinator kill"),
+        (Disruption::TwoBrokersDown, "dup copies after two brokers down"),
         (Disruption::SelfExit, "dup copies after a relay's own exit"),
     ] {
         if let Some((n, _)) = by_cause.get(&cause) {
@@ -486,21 +810,45 @@ async fn main() {
     }
     row("dup copies no disruption explains", unexplained.to_string());
     row("PER-KEY ORDER VIOLATIONS", report.order_violations.to_string());
+    row("prepared batches left behind", prepared_left.to_string());
     row("SIGKILLs (random moments)", relays.kills.to_string());
     if args.exactly_once {
         row("SIGKILLs at protocol crash points", relays.failpoint_kills.to_string());
     }
     row("relays that exited by themselves", revived.to_string());
     row("clean exits on final SIGTERM", format!("{clean_exits}/{}", args.relays));
-    row("Kafka outage (s)", args.kafka_outage.to_string());
-    row("Postgres restarts", "1".into());
+    row("long-lived slow relay (never restarted)", "relay 0".into());
+    if !args.cluster {
+        row("Kafka outage (s)", args.kafka_outage.to_string());
+    }
+    for (k, v) in &counts {
+        row(k, v.clone());
+    }
+    row("Postgres restarts", pg_restarts.to_string());
     row("wrongly parked (not poison)", wrongly_parked.to_string());
-    println!("  ├──────────────────────────────────────────┼────────────┤");
+    println!("  ├──────────────────────────────────────────────────┼────────────┤");
     for (class, (n, ok_n, reason)) in &by_reason {
         row(&format!("parked: {class}"), format!("{ok_n}/{n}"));
         println!("  │   reason: {reason:<60}");
     }
-    println!("  └──────────────────────────────────────────┴────────────┘");
+    println!("  └──────────────────────────────────────────────────┴────────────┘");
+    println!("  latency, row created → sent by a relay (first copy, ms): p50 / p99 / max");
+    println!(
+        "    {:<46} {:>8.0} / {:>8.0} / {:>8.0}   ({} events)",
+        "written in the 15 s before (kills only)", calm.p50, calm.p99, calm.max, calm.n
+    );
+    for (label, (from, to)) in &windows {
+        let q = latency_in(*from, if *to == 0 { i64::MAX } else { *to });
+        let secs = if *to > 0 { (to - from) as f64 / 1000.0 } else { 0.0 };
+        println!(
+            "    {:<46} {:>8.0} / {:>8.0} / {:>8.0}   ({} events, {secs:.0} s)",
+            format!("written while {label}"),
+            q.p50,
+            q.p99,
+            q.max,
+            q.n
+        );
+    }
     println!("{}", if ok { "chaos: PASS" } else { "chaos: FAIL" });
     if !ok {
         std::process::exit(1);

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod pg_url;
+pub use pg_url::{redact_url, split_url, TlsMode};
+
 /// Name of the file read when `--config` is not given and the file exists.
 pub const DEFAULT_CONFIG_FILE: &str = "outbox-relay.toml";
 /// Prefix of the environment variables (`OUTBOX_RELAY__POSTGRES__URL`, …).
@@ -472,25 +475,6 @@ fn is_identifier(s: &str) -> bool {
         && s.len() <= 50
 }
 
-/// Returns the URL with any password replaced by `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    // postgres://user:password@host/...  (also key=value "password=..." strings)
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        if let Some(at) = rest.rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!("{}{}:***{}", &url[..scheme_end + 3], &userinfo[..colon], &rest[at..]);
-            }
-        }
-        return url.to_string();
-    }
-    url.split_whitespace()
-        .map(|kv| if kv.to_ascii_lowercase().starts_with("password=") { "password=***" } else { kv })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 impl Settings {
     /// Loads and validates the configuration: `file` (or `outbox-relay.toml` when it
     /// exists), then `OUTBOX_RELAY__…` environment variables on top.
@@ -547,14 +531,14 @@ impl Settings {
                 ))
             }
             Some(url) => {
-                let (url, _, _) = crate::store::split_tls_options(url);
+                let (url, _, _) = split_url(url);
                 url.parse::<tokio_postgres::Config>().map_err(|e| {
                     ConfigError::key("postgres.url", format!("is not a valid connection string ({e}): {}", redact_url(&url)))
                 })?;
             }
         }
         if let Some(m) = &self.postgres.tls_mode {
-            if crate::store::TlsMode::parse(m).is_none() {
+            if TlsMode::parse(m).is_none() {
                 return Err(ConfigError::key(
                     "postgres.tls_mode",
                     format!("= {m:?} is not a TLS mode; allowed: \"disable\", \"prefer\", \"require\", \"verify-ca\", \"verify-full\""),
