@@ -116,6 +116,14 @@ async fn check_passes_on_a_migrated_table_and_lists_problems_otherwise() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("PROBLEM") && out.contains("parked_at") && out.contains("0001_create_outbox.sql"), "{out}");
+
+    // a missing table is one problem, not three: nothing else reads it
+    pg().await.batch_execute(&format!("DROP TABLE {}", ob.qualified())).await.unwrap();
+    let o = relay_cmd(&ob.table, &[]).arg("check").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(out.matches("PROBLEM").count(), 1, "{out}");
+    assert!(out.contains("does not exist") && !out.contains("warning"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -20,7 +20,7 @@ use rdkafka::ClientConfig;
 
 fn cluster() -> String {
     let b = std::env::var("OUTBOX_RELAY_TEST_CLUSTER")
-        .unwrap_or_else(|_| "127.0.0.1:59101,127.0.0.1:59102,127.0.0.1:59103".into());
+        .unwrap_or_else(|_| "127.0.0.1:29101,127.0.0.1:29102,127.0.0.1:29103".into());
     let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b).create().expect("consumer");
     match c.fetch_metadata(None, Duration::from_secs(10)) {
         Ok(md) if md.brokers().len() == 3 => b,

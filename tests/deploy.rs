@@ -106,7 +106,11 @@ fn compose_file_has_the_services_in_order() {
 fn docker_compose_config_accepts_the_compose_file() {
     let home = std::env::var("HOME").expect("HOME");
     let bin = std::path::Path::new(&home).join(".cache/outbox-relay/bin/docker-compose-v2.32.4");
-    assert!(bin.exists(), "{} missing: run scripts/compose-cli (scripts/test builds docker compose once)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run scripts/compose-cli (scripts/test builds docker compose once)",
+        bin.display()
+    );
     let out = std::process::Command::new(&bin)
         .args(["-f", "docker-compose.yml", "config", "--quiet"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -13,14 +13,19 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
     println!("ok      config (table {}, relay {})", settings.table(), settings.relay_id());
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let pg = describe(store.pg_config());
+    // Checks that read the table say nothing more when its schema is unusable:
+    // the one problem above is the message.
+    let mut table_usable = false;
     match store.ping().await {
         Ok(()) => {
             println!("ok      postgres reachable ({pg})");
             match store.verify_schema().await {
                 Ok(found) if found.is_empty() => {
+                    table_usable = true;
                     println!("ok      schema of {} is complete", store.table())
                 }
                 Ok(found) => {
+                    table_usable = !found.iter().any(|p| p.fatal);
                     for p in found {
                         if p.fatal {
                             problems += 1;
@@ -39,7 +44,9 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
                 problems += check_two_phase_commit(&store).await;
             }
             problems += check_prepared_batches(&settings, &store).await;
-            problems += check_db_health(&store).await;
+            if table_usable {
+                problems += check_db_health(&store).await;
+            }
         }
         Err(e) => {
             problems += 1;
@@ -50,7 +57,9 @@ pub async fn check(settings: Settings) -> Result<(), CliError> {
         Ok(sink) => match sink.ping(Duration::from_secs(10)).await {
             Ok(()) => {
                 println!("ok      kafka reachable ({})", settings.kafka_brokers());
-                check_event_topics(&settings, &store).await;
+                if table_usable {
+                    check_event_topics(&settings, &store).await;
+                }
                 if exactly_once {
                     problems += check_transactions(&settings, &store, &sink).await;
                 }

@@ -508,10 +508,19 @@ async fn drain_run(env: &Env, args: &Args, scenario: &str, mode: &str, delivery:
     let db = env.db().await;
     let table = env.new_table(&format!("drain_{mode}"));
     env.topics(&table, &TOPICS, 6, false).await;
+    if scenario.ends_with("autovacuum off") {
+        db.batch_execute(&format!("ALTER TABLE public.{table} SET (autovacuum_enabled = off)")).await.expect("alter");
+    }
     let insert = preload(env, &table, &table, n).await;
     match scenario {
         "vacuumed" => db.batch_execute(&format!("VACUUM ANALYZE public.{table}")).await.expect("vacuum"),
         "not vacuumed" => {}
+        // diagnostics (--only drain-diag): which part of VACUUM ANALYZE matters
+        "analyzed" | "analyzed, autovacuum off" => {
+            db.batch_execute(&format!("ANALYZE public.{table}")).await.expect("analyze")
+        }
+        "not vacuumed, autovacuum off" => {}
+        "vacuumed, no analyze" => db.batch_execute(&format!("VACUUM public.{table}")).await.expect("vacuum"),
         "churned" => {
             // a backlog of the same size published (deleted) a moment ago: its dead
             // rows are still in front of the new one, no VACUUM in between
@@ -1123,6 +1132,18 @@ async fn main() {
         }
         for (scenario, mode, delivery) in runs {
             drains.push(drain_run(&env, &args, scenario, mode, delivery).await);
+        }
+    }
+    if args.only.iter().any(|s| s == "drain-diag") {
+        for scenario in [
+            "vacuumed",
+            "not vacuumed",
+            "analyzed",
+            "vacuumed, no analyze",
+            "not vacuumed, autovacuum off",
+            "analyzed, autovacuum off",
+        ] {
+            drains.push(drain_run(&env, &args, scenario, "delete", "at-least-once").await);
         }
     }
     if args.runs("drain") || args.only.iter().any(|s| s == "ceilings") {

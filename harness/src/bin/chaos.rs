@@ -46,7 +46,7 @@ struct Args {
     /// Events the application writes.
     #[arg(long, default_value_t = 200_000)]
     events: u64,
-    /// Seconds over which they are written (default 250; 370 with --cluster).
+    /// Seconds over which they are written (default 250; 480 with --cluster).
     #[arg(long)]
     duration: Option<u64>,
     /// Relay instances running at once (relay 0 is the long-lived, slow one).
@@ -289,7 +289,7 @@ async fn main() {
     } else {
         std::env::var("OUTBOX_RELAY__KAFKA__BROKERS").expect("OUTBOX_RELAY__KAFKA__BROKERS")
     };
-    let duration = args.duration.unwrap_or(if args.cluster { 370 } else { 250 });
+    let duration = args.duration.unwrap_or(if args.cluster { 480 } else { 250 });
     let run = format!("chaos_{}", &Uuid::new_v4().simple().to_string()[..8]);
     std::fs::create_dir_all(&args.run_dir).expect("run dir");
     let started = Instant::now();
@@ -458,14 +458,15 @@ async fn main() {
             plan.push((t, Step::LeaderKill));
             t += 20;
         }
-        plan.push((t, Step::RollingRestart));
-        t += 75;
         if args.exactly_once {
             plan.push((t, Step::CoordinatorKill));
             t += 15;
         }
         plan.push((t, Step::TwoBrokersDown));
         t += 35;
+        // last, and the longest: each broker must be back in sync before the next
+        plan.push((t, Step::RollingRestart));
+        t += 100;
     } else {
         plan.extend([(t, Step::KafkaStop), (t + args.kafka_outage, Step::KafkaStart)]);
         t += args.kafka_outage + 10;
@@ -542,10 +543,16 @@ async fn main() {
                     let victim = busiest_leader(&brokers, &topics);
                     log(started, format!("SIGKILL broker {victim}, leader of {}[0]", topics[0]));
                     relays.disruptions.push((now_ms(), Disruption::LeaderKill));
+                    windows.entry("leader kills (first)").or_insert((now_ms(), 0));
                     infra(&["broker", "kill", &victim.to_string()]);
                     tokio::time::sleep(Duration::from_secs(8)).await;
                     infra(&["broker", "start", &victim.to_string()]);
                     relays.disruptions.push((now_ms(), Disruption::LeaderKill));
+                    windows.entry("leader kills (first)").and_modify(|w| {
+                        if w.1 == 0 {
+                            w.1 = now_ms()
+                        }
+                    });
                     *counts.entry("partition leaders SIGKILLed").or_default() = format!(
                         "{}",
                         counts.get("partition leaders SIGKILLed").and_then(|c| c.parse::<u32>().ok()).unwrap_or(0) + 1
@@ -553,6 +560,7 @@ async fn main() {
                 }
                 Step::RollingRestart => {
                     log(started, "rolling restart of the 3 brokers");
+                    windows.insert("rolling restart", (now_ms(), 0));
                     for n in 1..=3 {
                         relays.disruptions.push((now_ms(), Disruption::BrokerRestart));
                         infra(&["broker", "stop", &n.to_string()]);
@@ -566,6 +574,7 @@ async fn main() {
                             ),
                         );
                     }
+                    windows.entry("rolling restart").and_modify(|w| w.1 = now_ms());
                     counts.insert("rolling restart (brokers)", "3/3".into());
                 }
                 Step::CoordinatorKill => {
@@ -578,9 +587,11 @@ async fn main() {
                     if let Some(victim) = coordinator(&brokers, &txn) {
                         log(started, format!("SIGKILL broker {victim}, transaction coordinator of {txn}"));
                         relays.disruptions.push((now_ms(), Disruption::CoordinatorKill));
+                        windows.insert("transaction coordinator killed", (now_ms(), 0));
                         infra(&["broker", "kill", &victim.to_string()]);
                         tokio::time::sleep(Duration::from_secs(8)).await;
                         infra(&["broker", "start", &victim.to_string()]);
+                        windows.entry("transaction coordinator killed").and_modify(|w| w.1 = now_ms());
                         counts.insert("transaction coordinator SIGKILLed", format!("broker {victim}"));
                     }
                 }
