@@ -23,7 +23,12 @@ DROP FUNCTION IF EXISTS public.outbox_notify();
 
 -- 2. Events waiting for a retry, ordered by when they are due: a claim reads the
 -- ones due now through this small index and never the pending index below its
--- floor (where dead entries of published events wait for vacuum).
+-- floor (where dead entries of published events wait for vacuum). Its condition
+-- is written with coalesce() on purpose: the relay's lookups of waiting events
+-- use the same words, which the pending index's condition does not match, so
+-- the planner cannot read the whole pending index for them when its statistics
+-- are stale (analyzed while nothing was pending, as in a table of retained
+-- published rows).
 CREATE INDEX CONCURRENTLY IF NOT EXISTS outbox_retry_due_idx
     ON public.outbox (retry_at)
-    WHERE retry_at IS NOT NULL AND published_at IS NULL AND parked_at IS NULL;
+    WHERE retry_at IS NOT NULL AND coalesce(published_at, parked_at) IS NULL;

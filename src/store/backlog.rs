@@ -28,14 +28,14 @@ impl Store {
                 &format!(
                     "SELECT
                        (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1)
-                         + (SELECT count(*) FROM {t} WHERE retry_at IS NOT NULL AND published_at IS NULL
-                              AND parked_at IS NULL AND seq + 0 < $1),
+                         + (SELECT count(*) FROM {t} WHERE retry_at IS NOT NULL
+                              AND coalesce(published_at, parked_at) IS NULL AND seq + 0 < $1),
                        (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM (
                           (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1
                            ORDER BY seq LIMIT 1)
                           UNION ALL
-                          (SELECT created_at FROM {t} WHERE retry_at IS NOT NULL AND published_at IS NULL
-                             AND parked_at IS NULL AND seq + 0 < $1 ORDER BY seq + 0 LIMIT 1)) h),
+                          (SELECT created_at FROM {t} WHERE retry_at IS NOT NULL
+                             AND coalesce(published_at, parked_at) IS NULL AND seq + 0 < $1 ORDER BY seq + 0 LIMIT 1)) h),
                        (SELECT count(*) FROM {t} WHERE parked_at IS NOT NULL)"
                 ),
                 &[&floor],

@@ -67,6 +67,13 @@ impl Statements {
     ) -> Statements {
         let t = table.quoted();
         let pending = "published_at IS NULL AND parked_at IS NULL";
+        // The same condition in the words of the retry-due index (migration
+        // 0003), which the pending index's condition does not match: lookups of
+        // events waiting for a retry can only use the small retry-due index,
+        // whatever the statistics say (stale ones, from when nothing was
+        // pending, made the planner read the whole pending index for them).
+        let waiting = "coalesce(published_at, parked_at) IS NULL";
+        let waiting_o = "coalesce(o.published_at, o.parked_at) IS NULL";
         // Strict order: an event whose key has an earlier parked event waits until
         // an operator replays (or deletes) the parked one.
         let strict = match ordering {
@@ -96,11 +103,12 @@ impl Statements {
             //
             // No statement here lets the planner choose the pending index for a
             // lookup that is not a range from the floor: with real statistics
-            // (retry_at almost always NULL) it otherwise did, once per row.
+            // (retry_at almost always NULL) it otherwise did, once per row; with
+            // stale ones it read all of it for the waiting events (`waiting`).
             claim: format!(
                 "WITH due AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
-                   WHERE o.retry_at <= now() AND o.{pending}{strict}
+                   WHERE o.retry_at IS NOT NULL AND o.retry_at <= now() AND {waiting_o}{strict}
                    ORDER BY o.retry_at, o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
                  main AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
@@ -113,7 +121,7 @@ impl Statements {
                        SELECT key, seq, id FROM {t} WHERE {pending}
                          AND seq >= $1 AND seq < (SELECT max(seq) FROM claimed)
                        UNION ALL
-                       SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND {pending}
+                       SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND {waiting}
                          AND key IN (SELECT key FROM claimed)
                    ) p
                    WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
@@ -128,7 +136,7 @@ impl Statements {
             // transaction, two index probes (from the floor; the retry index).
             pending: format!(
                 "SELECT EXISTS (SELECT 1 FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1)
-                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at <= now() AND {pending})"
+                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at IS NOT NULL AND retry_at <= now() AND {waiting})"
             ),
             // Run right after the claim, in its transaction: the head (lowest
             // pending seq at or above the floor, held by anyone, not waiting for a

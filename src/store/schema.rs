@@ -431,7 +431,7 @@ pub(super) async fn verify(
     }
     let has_due = indexes.iter().any(|r| {
         let def: String = r.get(0);
-        def.contains("(retry_at)") && def.contains("published_at IS NULL")
+        def.contains("(retry_at)") && def.contains("COALESCE(published_at, parked_at) IS NULL")
     });
     if !has_due {
         problems.push(SchemaProblem {
