@@ -195,9 +195,10 @@ pub struct RelayConfig {
     /// eighth of it) up to this; a busy relay never waits.
     #[serde(default = "defaults::poll_interval", with = "duration")]
     pub poll_interval: Duration,
-    /// How often a claim scans the pending index from its start instead of from
-    /// the floor: the safety net for replayed events whose notification was lost.
-    /// Under a held xmin horizon each such scan passes every dead entry once.
+    /// How often the relay looks for pending rows below its floor (one statement
+    /// on its own connection, off the claim path): the safety net for replayed
+    /// events whose notification was lost. Under a held xmin horizon that look
+    /// passes every dead entry once; no claim waits for it.
     #[serde(default = "defaults::sweep_interval", with = "duration")]
     pub sweep_interval: Duration,
     /// `mark` (keep published rows for `retention`) or `delete`.

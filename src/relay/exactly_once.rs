@@ -135,7 +135,7 @@ impl ExactlyOnceRelay {
             if *shutdown.borrow() {
                 return;
             }
-            self.store.floor().sweep_if_due(self.cfg.sweep_interval);
+            self.store.sweep_if_due(self.cfg.sweep_interval);
             let pause = if must_recover {
                 match self.recover_own().await {
                     Ok(()) => {
@@ -177,9 +177,9 @@ impl ExactlyOnceRelay {
                                 _ = tokio::time::sleep(wait) => {}
                                 _ = shutdown.changed() => break,
                             }
+                            self.store.sweep_if_due(self.cfg.sweep_interval);
                             if *shutdown.borrow()
                                 || last_scan.elapsed() >= self.cfg.recovery_timeout / 2
-                                || self.store.floor().sweep_if_due(self.cfg.sweep_interval)
                                 || !matches!(self.store.anything_pending().await, Ok(false))
                             {
                                 break;

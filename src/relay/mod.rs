@@ -102,9 +102,7 @@ impl<S: Sink> Relay<S> {
             if stopping && inflight.is_none() {
                 return;
             }
-            if self.store.floor().sweep_if_due(self.cfg.sweep_interval) {
-                tracing::debug!("next claim scans the pending index from its start (relay.sweep_interval)");
-            }
+            self.store.sweep_if_due(self.cfg.sweep_interval);
             crate::metrics::inflight_age(inflight.as_ref().map(|f| f.claimed.claimed_at.elapsed()));
             // 1. claim and send the next batch (unless stopping) while, on another
             //    connection, 2. the previous one is recorded and committed once
@@ -188,7 +186,8 @@ impl<S: Sink> Relay<S> {
     /// being recorded go out without a wait.
     async fn wait_for_work(&self, idle: &mut IdleWait, shutdown: &mut watch::Receiver<bool>) {
         loop {
-            if *shutdown.borrow() || self.store.floor().sweep_if_due(self.cfg.sweep_interval) {
+            self.store.sweep_if_due(self.cfg.sweep_interval);
+            if *shutdown.borrow() {
                 return;
             }
             match self.store.anything_pending().await {

@@ -50,6 +50,7 @@ pub(super) struct Statements {
     pub(super) claim: String,
     pub(super) probe: String,
     pending: String,
+    below_floor: String,
     mark: String,
     delete: String,
     fail: String,
@@ -131,6 +132,10 @@ impl Statements {
                         (extract(epoch FROM o.created_at) * 1000000)::int8, f.first
                  FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
                  ORDER BY c.seq"
+            ),
+            // The sweep (`sweep_if_due`): the lowest pending row below the floor.
+            below_floor: format!(
+                "SELECT (SELECT seq FROM {t} WHERE {pending} AND retry_at IS NULL AND seq < $1 ORDER BY seq LIMIT 1)"
             ),
             // An idle relay's look at the outbox between claims: one statement, no
             // transaction, two index probes (from the floor; the retry index).
@@ -537,6 +542,44 @@ impl Store {
         let client = self.client().await?;
         let stmt = client.prepare_cached(&self.sql.pending).await?;
         Ok(client.query_one(&stmt, &[&floor]).await?.get(0))
+    }
+
+    /// The safety net for a replay whose notification was lost (or any row
+    /// made pending again below the floor by hand), off the claim path: when
+    /// `every` has passed, one statement on its own connection, in a task of its
+    /// own, looks for the lowest pending row below the floor, and the floor is
+    /// lowered to it. That statement walks the pending index from its start,
+    /// dead entries included; under a held horizon with 580k dead rows it took
+    /// 1-2 s, and when it was the claim itself that swept from the start, every
+    /// batch behind it waited that long once a minute. Returns at once.
+    pub fn sweep_if_due(&self, every: std::time::Duration) {
+        if !self.floor().sweep_due(every) {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let below = store.floor().get();
+            if below <= 0 {
+                return;
+            }
+            match store.lowest_pending_below(below).await {
+                Ok(Some(seq)) => {
+                    tracing::info!(seq, floor = below, "a pending event below the floor (a replay whose notification was lost?): claims look there next");
+                    store.floor().lower(seq);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "looking for pending events below the floor failed; trying again after relay.sweep_interval"
+                ),
+            }
+        });
+    }
+
+    async fn lowest_pending_below(&self, below: i64) -> Result<Option<i64>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.sql.below_floor).await?;
+        Ok(client.query_one(&stmt, &[&below]).await?.get(0))
     }
 
     /// Leaves these keys out of this relay's claims for a moment.

@@ -33,7 +33,8 @@
 //! What is still below the floor and not found by the main scan: events waiting
 //! for their `retry_at` (the claim reads those through the small retry index)
 //! and events an operator replays (`replay` notifies the relays, which lower
-//! their floor; a periodic sweep from the start covers a lost notification).
+//! their floor; a periodic sweep covers a lost notification: a statement of
+//! its own, off the claim path, looks for pending rows below the floor).
 //! `check` refuses a sequence with `CACHE > 1`.
 
 use std::collections::HashSet;
@@ -129,13 +130,13 @@ impl Floor {
         self.lowered_to = Some(self.lowered_to.map_or(seq, |l| l.min(seq)).max(0));
     }
 
-    /// Starts the next scan from the beginning of the index when `every` has
-    /// passed since the last such sweep: the safety net for a lost replay
-    /// notification. Returns true if it did.
-    pub fn sweep_if_due(&mut self, every: Duration) -> bool {
+    /// True when `every` has passed since the last sweep (and starts the next
+    /// period): time to look for pending rows below the floor, the safety net
+    /// for a lost replay notification (`Store::sweep_if_due` does the looking,
+    /// off the claim path, and lowers the floor to what it finds).
+    pub fn sweep_due(&mut self, every: Duration) -> bool {
         if self.swept.elapsed() >= every {
             self.swept = Instant::now();
-            self.lower(0);
             true
         } else {
             false
@@ -221,12 +222,13 @@ mod tests {
     }
 
     #[test]
-    fn a_sweep_restarts_from_zero_when_due() {
+    fn a_sweep_is_due_once_per_period_and_does_not_move_the_floor_by_itself() {
         let mut f = Floor::default();
         f.observe(f.get(), Some(10), Some(11), ids(&[]));
-        assert!(!f.sweep_if_due(Duration::from_secs(3600)));
-        assert!(f.sweep_if_due(Duration::ZERO));
-        assert_eq!(f.get(), 0);
+        assert!(!f.sweep_due(Duration::from_secs(3600)));
+        assert!(f.sweep_due(Duration::ZERO));
+        assert_eq!(f.get(), 11, "the claim does not scan from the start: the sweep looks on its own");
+        assert!(!f.sweep_due(Duration::from_secs(3600)), "the period restarted");
     }
 
     #[test]
