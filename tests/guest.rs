@@ -403,6 +403,23 @@ async fn a_frozen_relay_s_batch_goes_to_another_relay_within_the_idle_bound() {
     assert!(d.duplicates <= 50, "only A's one batch may be duplicated: {}", d.duplicates);
 }
 
+/// Claims and finishes 8 batches of 100 (the backlog must hold them); returns
+/// the shared buffers per batch of all statements on `table` over the last 5
+/// (the first ones may read from the start of the index once).
+async fn buffers_per_batch_of_100(store: &Store, db: &tokio_postgres::Client, table: &str) -> f64 {
+    let mut before = (0, 0);
+    for batch in 0..8 {
+        if batch == 3 {
+            before = buffers(db, table).await;
+        }
+        let c = store.claim(100, &[]).await.expect("claim").expect("a batch");
+        let outcomes = vec![Outcome::Delivered; c.events.len()];
+        c.finish(&outcomes, 10).await.expect("finish");
+    }
+    let after = buffers(db, table).await;
+    (after.0 - before.0) as f64 / 5.0
+}
+
 /// A table nobody has analyzed yet (a fresh outbox, a restored one, autovacuum
 /// behind): without statistics the planner's choice for the claim was a bitmap
 /// scan of the whole pending index and a sort of every pending row, on every
@@ -436,18 +453,7 @@ async fn a_claim_on_a_never_analyzed_table_reads_only_the_head_of_the_backlog() 
         };
         assert_eq!(never, (None, 0), "the table must have no statistics for this test");
         let pages: i64 = db.query_one(&format!("SELECT pg_relation_size('{t}') / 8192"), &[]).await.unwrap().get(0);
-        let store = store_for(&ob.table, mode);
-        let mut before = (0, 0);
-        for batch in 0..8 {
-            if batch == 3 {
-                before = buffers(&db, &ob.table).await;
-            }
-            let c = store.claim(100, &[]).await.expect("claim").expect("a batch");
-            let outcomes = vec![Outcome::Delivered; c.events.len()];
-            c.finish(&outcomes, 10).await.expect("finish");
-        }
-        let after = buffers(&db, &ob.table).await;
-        let per_batch = (after.0 - before.0) as f64 / 5.0;
+        let per_batch = buffers_per_batch_of_100(&store_for(&ob.table, mode), &db, &ob.table).await;
         eprintln!(
             "{mode}: {per_batch:.0} shared buffers per batch of 100 in front of a {pages}-page never analyzed backlog"
         );
@@ -482,18 +488,7 @@ async fn a_claim_next_to_retained_rows_with_stale_statistics_reads_only_the_head
     ))
     .await
     .unwrap();
-    let store = store_for(&ob.table, "mark");
-    let mut before = (0, 0);
-    for batch in 0..8 {
-        if batch == 3 {
-            before = buffers(&db, &ob.table).await;
-        }
-        let c = store.claim(100, &[]).await.expect("claim").expect("a batch");
-        let outcomes = vec![Outcome::Delivered; c.events.len()];
-        c.finish(&outcomes, 10).await.expect("finish");
-    }
-    let after = buffers(&db, &ob.table).await;
-    let per_batch = (after.0 - before.0) as f64 / 5.0;
+    let per_batch = buffers_per_batch_of_100(&store_for(&ob.table, "mark"), &db, &ob.table).await;
     eprintln!("{per_batch:.0} shared buffers per batch of 100 in front of a 30k backlog, 100k retained rows, stale statistics");
     assert!(
         per_batch < 3000.0,

@@ -189,6 +189,8 @@ pub(super) struct Conn {
 
 impl Conn {
     fn client(&self) -> &deadpool_postgres::Object {
+        // Invariant: `obj` is Some from construction until `Drop::drop`, the only
+        // place that takes it; no method can run after that.
         self.obj.as_ref().expect("connection present until dropped")
     }
 }
