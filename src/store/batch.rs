@@ -555,16 +555,19 @@ impl Store {
     /// 1-2 s, and when it was the claim itself that swept from the start, every
     /// batch behind it waited that long once a minute. Returns at once.
     pub fn sweep_if_due(&self, every: std::time::Duration) {
-        if !self.floor().sweep_due(every) {
+        if self.shared.sweeping.load(AtomicOrdering::Acquire) || !self.floor().sweep_due(every) {
             return;
         }
+        let below = self.floor().get();
+        if below <= 0 {
+            return;
+        }
+        self.shared.sweeping.store(true, AtomicOrdering::Release);
         let store = self.clone();
         tokio::spawn(async move {
-            let below = store.floor().get();
-            if below <= 0 {
-                return;
-            }
-            match store.lowest_pending_below(below).await {
+            let found = store.lowest_pending_below(below).await;
+            store.shared.sweeping.store(false, AtomicOrdering::Release);
+            match found {
                 Ok(Some(seq)) => {
                     tracing::info!(seq, floor = below, "a pending event below the floor (a replay whose notification was lost?): claims look there next");
                     store.floor().lower(seq);

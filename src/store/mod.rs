@@ -89,6 +89,9 @@ pub struct Store {
 struct Shared {
     floor: Mutex<Floor>,
     blocked: Mutex<HashMap<String, Instant>>,
+    /// A sweep below the floor is running (at most one at a time: a slow one
+    /// must not pile up and take the pool's connections from the claims).
+    sweeping: std::sync::atomic::AtomicBool,
     /// `None`: not looked up yet; `Some(None)`: the table has no owned sequence.
     seq_oid: Mutex<Option<Option<u32>>>,
     /// Heartbeat period of an open batch (a third of the idle-in-transaction bound).
@@ -159,6 +162,7 @@ impl Store {
         let shared = Arc::new(Shared {
             floor: Mutex::new(Floor::default()),
             blocked: Mutex::new(HashMap::new()),
+            sweeping: std::sync::atomic::AtomicBool::new(false),
             seq_oid: Mutex::new(None),
             keepalive: (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_millis(100))),
             txn_ids: Mutex::new(None),
