@@ -6,6 +6,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 use super::SinkError;
@@ -31,12 +32,22 @@ pub async fn describe(
     let (brokers, layout) = tokio::task::spawn_blocking(move || {
         let c: BaseConsumer = cfg.create().map_err(|e| SinkError(format!("kafka client: {e}")))?;
         let md = c.fetch_metadata(Some(&name), timeout).map_err(|e| SinkError(format!("metadata: {e}")))?;
-        let layout = md
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-            .map(|t| (t.partitions().len(), t.partitions().iter().map(|p| p.replicas().len()).min().unwrap_or(0)));
-        Ok::<_, SinkError>((md.brokers().len(), layout))
+        let layout = match md.topics().first() {
+            None => TopicState::Missing,
+            Some(t) => topic_state(
+                t.error().map(RDKafkaErrorCode::from),
+                t.partitions().len(),
+                t.partitions().iter().map(|p| p.replicas().len()).min().unwrap_or(0),
+            ),
+        };
+        match layout {
+            TopicState::Unsure(why) => Err(SinkError(format!("metadata of topic {name}: {why}"))),
+            _ if md.brokers().is_empty() => Err(SinkError("metadata lists no brokers".into())),
+            TopicState::Missing => Ok((md.brokers().len(), None)),
+            TopicState::Exists { partitions, replication_factor } => {
+                Ok((md.brokers().len(), Some((partitions, replication_factor))))
+            }
+        }
     })
     .await
     .map_err(|e| SinkError(format!("metadata task failed: {e}")))??;
@@ -65,6 +76,30 @@ pub async fn describe(
     ))
 }
 
+/// What one metadata answer says about a topic.
+#[derive(Debug, PartialEq, Eq)]
+enum TopicState {
+    Exists {
+        partitions: usize,
+        replication_factor: usize,
+    },
+    /// The cluster says it does not exist.
+    Missing,
+    /// Neither: a broker that is starting, stopping or electing a leader. Not
+    /// "missing": the decisions topic's absence makes a relay refuse to start
+    /// (or create it), so only the cluster's own word counts as absent.
+    Unsure(String),
+}
+
+fn topic_state(error: Option<RDKafkaErrorCode>, partitions: usize, replication_factor: usize) -> TopicState {
+    match error {
+        None if partitions > 0 => TopicState::Exists { partitions, replication_factor },
+        None => TopicState::Unsure("no partitions listed".into()),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => TopicState::Missing,
+        Some(code) => TopicState::Unsure(code.to_string()),
+    }
+}
+
 /// What a production event topic should have on a cluster of `brokers`:
 /// returns one warning per setting below that.
 pub fn event_topic_warnings(topic: &str, info: &TopicInfo, brokers: usize) -> Vec<String> {
@@ -90,6 +125,19 @@ pub fn event_topic_warnings(topic: &str, info: &TopicInfo, brokers: usize) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_clusters_unknown_topic_answer_means_missing() {
+        assert_eq!(topic_state(None, 1, 3), TopicState::Exists { partitions: 1, replication_factor: 3 });
+        assert_eq!(topic_state(Some(RDKafkaErrorCode::UnknownTopicOrPartition), 0, 0), TopicState::Missing);
+        // A restarting single broker answers these for a topic that exists; taking
+        // them for "missing" made an exactly-once relay with prepared batches
+        // refuse to start (exit 64) in a chaos run's Kafka outage.
+        for transient in [RDKafkaErrorCode::LeaderNotAvailable, RDKafkaErrorCode::BrokerNotAvailable] {
+            assert!(matches!(topic_state(Some(transient), 0, 0), TopicState::Unsure(_)), "{transient:?}");
+        }
+        assert!(matches!(topic_state(None, 0, 0), TopicState::Unsure(_)));
+    }
 
     #[test]
     fn event_topics_below_rf3_or_min_isr2_are_named() {

@@ -203,7 +203,12 @@ impl Relays {
                     self.children[i] = self.spawn(i);
                     continue;
                 }
-                eprintln!("chaos: relay {i} exited by itself ({status}); restarting");
+                eprintln!("chaos: relay {i} exited by itself ({status}); restarting. Its last log lines:");
+                let text = std::fs::read_to_string(self.logs.join(format!("relay-{i}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                for l in &lines[lines.len().saturating_sub(3)..] {
+                    eprintln!("    {l}");
+                }
                 self.disruptions.push((now_ms(), Disruption::SelfExit));
                 self.children[i] = self.spawn(i);
                 revived += 1;
@@ -348,7 +353,14 @@ async fn main() {
         bin: args.relay_bin.clone(),
         env: env.clone(),
         config,
-        logs: args.run_dir.clone(),
+        logs: {
+            // One directory per run, every incarnation of a relay appended to its
+            // log: what a relay did before a kill or its own exit stays readable.
+            let d = args.run_dir.join(&run);
+            std::fs::create_dir_all(&d).expect("log dir");
+            log(started, format!("relay logs in {}", d.display()));
+            d
+        },
         children: Vec::new(),
         modes: vec![args.exactly_once; args.relays],
         base_exactly_once: args.exactly_once,
@@ -859,6 +871,34 @@ async fn main() {
             q.max,
             q.n
         );
+    }
+    if report.lost > 0 {
+        // Enough to find them again: `outbox-relay verify` lists them, and the
+        // batch they went out in (same published_at) tells which relay and when.
+        println!("  lost events (first {}), with the transaction that published them:", report.lost_ids.len());
+        let lost = db
+            .query(
+                &format!(
+                    "SELECT id::text, seq, topic, coalesce(key, ''), created_at::text, published_at::text, \
+                            (SELECT count(*) FROM public.{run} b WHERE b.published_at = o.published_at) \
+                     FROM public.{run} o WHERE id = ANY($1) ORDER BY seq"
+                ),
+                &[&report.lost_ids],
+            )
+            .await
+            .unwrap_or_default();
+        for r in lost {
+            println!(
+                "    {} seq {} {} key {} created {} published {} (batch of {})",
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, String>(2),
+                r.get::<_, String>(3),
+                r.get::<_, String>(4),
+                r.get::<_, String>(5),
+                r.get::<_, i64>(6)
+            );
+        }
     }
     println!("{}", if ok { "chaos: PASS" } else { "chaos: FAIL" });
     if !ok {
