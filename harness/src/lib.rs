@@ -335,6 +335,9 @@ pub struct Writers {
     pub stop: Arc<AtomicBool>,
     pub written: Arc<AtomicU64>,
     pub rate: Arc<AtomicU64>,
+    /// When each transaction's COMMIT returned to the writer (µs since the
+    /// epoch), by the transaction number in its events' payload (`tx`).
+    pub commits: Arc<std::sync::Mutex<HashMap<i64, i64>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     pub started: Instant,
 }
@@ -355,11 +358,12 @@ impl Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
         let rate = Arc::new(AtomicU64::new(spec.rate));
+        let commits: Arc<std::sync::Mutex<HashMap<i64, i64>>> = Arc::default();
         let spec = Arc::new(spec);
         let mut tasks = Vec::new();
         for w in 0..spec.connections {
-            let (url, stop, written, rate, spec) =
-                (env.pg_url.clone(), stop.clone(), written.clone(), rate.clone(), spec.clone());
+            let (url, stop, written, rate, spec, commits) =
+                (env.pg_url.clone(), stop.clone(), written.clone(), rate.clone(), spec.clone(), commits.clone());
             tasks.push(tokio::spawn(async move {
                 let Ok((mut db, conn)) = tokio_postgres::connect(&url, NoTls).await else { return };
                 tokio::spawn(conn);
@@ -368,7 +372,7 @@ impl Writers {
                     "INSERT INTO public.{} (topic, key, payload)
                      SELECT ($3::text[])[1 + (($1::bigint + i) % {n_topics})], k,
                             jsonb_build_object('ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::int8,
-                                               'pad', repeat('x', {PAD}))
+                                               'tx', $1::bigint, 'pad', repeat('x', {PAD}))
                      FROM unnest($2::text[]) WITH ORDINALITY AS u(k, i)",
                     spec.table
                 );
@@ -397,6 +401,9 @@ impl Writers {
                     if tx.commit().await.is_err() {
                         return;
                     }
+                    if let Ok(mut c) = commits.lock() {
+                        c.insert((n * spec.connections + w) as i64, now_us());
+                    }
                     n += 1;
                     written.fetch_add(spec.per_tx, Ordering::Relaxed);
                     let r = rate.load(Ordering::Relaxed).max(1);
@@ -410,7 +417,7 @@ impl Writers {
                 }
             }));
         }
-        Writers { stop, written, rate, tasks, started: Instant::now() }
+        Writers { stop, written, rate, commits, tasks, started: Instant::now() }
     }
 
     pub async fn finish(self) -> u64 {
@@ -431,6 +438,8 @@ pub struct Seen {
     pub append_us: Option<i64>,
     /// When the application inserted it (`ts_us` in the payload).
     pub insert_us: i64,
+    /// Its writer transaction (`tx` in the payload).
+    pub tx: Option<i64>,
     pub hot: bool,
 }
 
@@ -479,16 +488,15 @@ impl LatencyConsumer {
                     let idle = polled.is_none();
                     if let Some(Ok(m)) = polled {
                         let recv_us = now_us();
-                        let insert_us = m
-                            .payload()
-                            .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
-                            .and_then(|v| v["ts_us"].as_i64());
+                        let body = m.payload().and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok());
+                        let insert_us = body.as_ref().and_then(|v| v["ts_us"].as_i64());
+                        let tx = body.as_ref().and_then(|v| v["tx"].as_i64());
                         if let Some(insert_us) = insert_us {
                             let append_us = match m.timestamp() {
                                 Timestamp::LogAppendTime(ms) => Some(ms * 1000),
                                 _ => None,
                             };
-                            batch.push(Seen { recv_us, append_us, insert_us, hot: m.key() == Some(b"hot-key") });
+                            batch.push(Seen { recv_us, append_us, insert_us, tx, hot: m.key() == Some(b"hot-key") });
                         }
                     }
                     if batch.len() >= 100 || (idle && !batch.is_empty()) {
@@ -530,6 +538,21 @@ impl LatencyConsumer {
 /// commit→ack (broker append) latencies in ms of `seen`.
 pub fn commit_to_ack_ms(seen: &[Seen]) -> Vec<f64> {
     seen.iter().filter_map(|s| s.append_us.map(|a| (a - s.insert_us) as f64 / 1000.0)).collect()
+}
+
+/// Commit→ack latencies in ms, from when the writer's COMMIT returned (its
+/// `commits`) to the broker's append time: what the relay adds. The functions
+/// around it start at the INSERT, which also counts the application's own
+/// commit (a WAL flush) and so bound this from above.
+pub fn exact_commit_to_ack_ms(seen: &[Seen], commits: &HashMap<i64, i64>) -> Vec<f64> {
+    seen.iter()
+        .filter_map(|s| match (s.append_us, s.tx.and_then(|t| commits.get(&t))) {
+            // LogAppendTime has 1 ms resolution; an append in the same ms as the
+            // commit returned reads as up to 1 ms early
+            (Some(a), Some(&c)) => Some(((a - c) as f64 / 1000.0).max(0.0)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// commit→visible (consumer got it) latencies in ms.

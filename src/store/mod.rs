@@ -122,12 +122,10 @@ fn session_settings(statement_timeout: Duration, idle_in_transaction: Duration) 
                 set_config('enable_bitmapscan', 'off', false), set_config('enable_seqscan', 'off', false),
                 set_config('statement_timeout', '{}', false),
                 set_config('idle_in_transaction_session_timeout', '{}', false),
-                CASE WHEN '{}' = 'off' THEN set_config('synchronous_commit', 'off', false) END,
                 CASE WHEN current_setting('server_version_num')::int >= 140000
                      THEN set_config('client_connection_check_interval', '10000', false) END",
         ms(statement_timeout),
-        ms(idle_in_transaction),
-        std::env::var("EXPERIMENT_SYNC").unwrap_or_default()
+        ms(idle_in_transaction)
     )
 }
 
