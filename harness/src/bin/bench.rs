@@ -237,7 +237,7 @@ async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
         db.batch_execute(&format!("DROP TABLE IF EXISTS public.{t}")).await.ok();
     }
     println!();
-    println!("cost to the application (pgbench, synchronous_commit = {sync}, 1 business row + 1 ≈1 KB event per transaction, {} s runs, alternating)", args.pgbench_secs);
+    println!("cost to the application (pgbench, synchronous_commit = {sync}, 1 business row + 1 ≈1 KB event per transaction, {} s runs; a warm-up, then outbox and copy in the order O P P O O P P O)", args.pgbench_secs);
     println!("  clients │ plain copy tps │ outbox tps │ ratio │ 0001/0002 with NOTIFY trigger tps │ ratio │ outbox + relay draining tps │ ratio");
     for a in &results {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
