@@ -162,6 +162,11 @@ impl Decisions {
         Ok(())
     }
 
+    /// How many brokers the cluster lists.
+    pub async fn brokers(&self, timeout: Duration) -> Result<usize, SinkError> {
+        Ok(super::topics::describe(&self.base, &self.topic, timeout).await?.0)
+    }
+
     /// How many partitions the decisions topic has (0: it does not exist).
     pub async fn partitions(&self, timeout: Duration) -> Result<usize, SinkError> {
         let (_, info) = super::topics::describe(&self.base, &self.topic, timeout).await?;
