@@ -536,7 +536,7 @@ impl LatencyConsumer {
 }
 
 /// commit→ack (broker append) latencies in ms of `seen`.
-pub fn commit_to_ack_ms(seen: &[Seen]) -> Vec<f64> {
+pub fn insert_to_ack_ms(seen: &[Seen]) -> Vec<f64> {
     seen.iter().filter_map(|s| s.append_us.map(|a| (a - s.insert_us) as f64 / 1000.0)).collect()
 }
 
@@ -544,7 +544,7 @@ pub fn commit_to_ack_ms(seen: &[Seen]) -> Vec<f64> {
 /// `commits`) to the broker's append time: what the relay adds. The functions
 /// around it start at the INSERT, which also counts the application's own
 /// commit (a WAL flush) and so bound this from above.
-pub fn exact_commit_to_ack_ms(seen: &[Seen], commits: &HashMap<i64, i64>) -> Vec<f64> {
+pub fn commit_to_ack_ms(seen: &[Seen], commits: &HashMap<i64, i64>) -> Vec<f64> {
     seen.iter()
         .filter_map(|s| match (s.append_us, s.tx.and_then(|t| commits.get(&t))) {
             // LogAppendTime has 1 ms resolution; an append in the same ms as the
@@ -555,8 +555,8 @@ pub fn exact_commit_to_ack_ms(seen: &[Seen], commits: &HashMap<i64, i64>) -> Vec
         .collect()
 }
 
-/// commit→visible (consumer got it) latencies in ms.
-pub fn commit_to_visible_ms(seen: &[Seen]) -> Vec<f64> {
+/// Insert→visible (consumer got it) latencies in ms.
+pub fn insert_to_visible_ms(seen: &[Seen]) -> Vec<f64> {
     seen.iter().map(|s| (s.recv_us - s.insert_us) as f64 / 1000.0).collect()
 }
 

@@ -223,19 +223,14 @@ async fn check_transactions(settings: &Settings, store: &Store, sink: &KafkaSink
         }
     }
     let topic = &settings.relay.commits_topic;
-    let base = crate::sink::client_config(settings.kafka_brokers(), &settings.kafka.properties);
-    if let Ok((brokers, _)) = crate::sink::topics::describe(&base, topic, Duration::from_secs(10)).await {
-        if brokers < 3 {
-            println!(
-                "warning exactly-once on a cluster of {brokers} broker(s): a single broker that stops while it \
-                 completes a commit can lose that committed transaction (Kafka 4.4.0 does; see docs/exactly-once.md, \
-                 \"Assumptions\"); run exactly-once against at least 3 brokers in production"
-            );
-        }
-    }
     let prepared = !store.prepared_any(&store.transactional_prefixes().await).await.unwrap_or_default().is_empty();
     match Decisions::new(settings) {
-        Ok(d) => match d.inspect(prepared).await {
+        Ok(d) => match d.inspect(prepared).await.map(|(brokers, state)| {
+            if let Some(warning) = crate::sink::few_brokers_warning(brokers) {
+                println!("warning {warning}");
+            }
+            state
+        }) {
             Ok(DecisionsTopic::Trusted) => {
                 println!("ok      decisions topic {topic}: 1 partition, compacted, replicated like the brokers allow")
             }

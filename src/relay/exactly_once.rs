@@ -120,14 +120,10 @@ impl ExactlyOnceRelay {
     /// of this relay), and this relay's own unresolved batches.
     pub async fn start(&self) -> Result<(), EosError> {
         let prepared = self.store.prepared_any(&self.recovery.txn_ids().prefixes()).await?;
-        self.decisions.ensure_topic(!prepared.is_empty()).await.map_err(|e| EosError::Prerequisite(e.0))?;
-        if let Ok(brokers @ 0..3) = self.decisions.brokers(Duration::from_secs(10)).await {
-            tracing::warn!(
-                brokers,
-                "exactly-once on fewer than 3 brokers: a single broker that stops while it completes a commit can \
-                 lose that committed transaction (Kafka 4.4.0 does; docs/exactly-once.md, \"Assumptions\"); use at \
-                 least 3 brokers in production"
-            );
+        let brokers =
+            self.decisions.ensure_topic(!prepared.is_empty()).await.map_err(|e| EosError::Prerequisite(e.0))?;
+        if let Some(warning) = crate::sink::few_brokers_warning(brokers) {
+            tracing::warn!(brokers, "{warning}");
         }
         tracing::info!(transactional_id = %self.txn_id, decisions = %self.decisions.topic(), "exactly-once ready");
         self.recover_own().await

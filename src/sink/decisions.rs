@@ -30,6 +30,17 @@ pub enum DecisionsTopic {
     Untrusted(String),
 }
 
+/// Exactly-once on fewer than 3 brokers: what `check` and start-up say.
+pub fn few_brokers_warning(brokers: usize) -> Option<String> {
+    (brokers < 3).then(|| {
+        format!(
+            "exactly-once on a cluster of {brokers} broker(s): a single broker that stops while it completes a \
+             commit can lose that committed transaction (Kafka 4.4.0 does; see docs/exactly-once.md, \
+             \"Assumptions\"); run exactly-once against at least 3 brokers in production"
+        )
+    })
+}
+
 pub struct Decisions {
     topic: String,
     base: ClientConfig,
@@ -66,37 +77,45 @@ impl Decisions {
     /// A missing topic is created with those settings, unless `prepared_exist`:
     /// then decisions of those batches could be missing (the topic was deleted),
     /// and the relay must not silently start over with an empty one.
-    pub async fn ensure_topic(&self, prepared_exist: bool) -> Result<(), SinkError> {
+    /// Returns how many brokers the cluster lists.
+    pub async fn ensure_topic(&self, prepared_exist: bool) -> Result<usize, SinkError> {
         match self.inspect(prepared_exist).await? {
-            DecisionsTopic::Trusted => Ok(()),
-            DecisionsTopic::Missing { replication_factor, min_insync_replicas } => {
+            (brokers, DecisionsTopic::Trusted) => Ok(brokers),
+            (_, DecisionsTopic::Missing { replication_factor, min_insync_replicas }) => {
                 self.create(replication_factor, min_insync_replicas).await?;
                 // Another relay may have created it a moment ago: check what exists.
                 match self.inspect(prepared_exist).await? {
-                    DecisionsTopic::Untrusted(why) => Err(SinkError(why)),
-                    _ => Ok(()),
+                    (_, DecisionsTopic::Untrusted(why)) => Err(SinkError(why)),
+                    (brokers, _) => Ok(brokers),
                 }
             }
-            DecisionsTopic::Untrusted(why) => Err(SinkError(why)),
+            (_, DecisionsTopic::Untrusted(why)) => Err(SinkError(why)),
         }
     }
 
-    /// Whether the decisions topic can be trusted (see [`Decisions::ensure_topic`]).
-    pub async fn inspect(&self, prepared_exist: bool) -> Result<DecisionsTopic, SinkError> {
+    /// How many brokers the cluster lists, and whether the decisions topic can
+    /// be trusted (see [`Decisions::ensure_topic`]).
+    pub async fn inspect(&self, prepared_exist: bool) -> Result<(usize, DecisionsTopic), SinkError> {
         let timeout = Duration::from_secs(10);
         let (brokers, info) = super::topics::describe(&self.base, &self.topic, timeout).await?;
         let want_rf = brokers.clamp(1, 3);
         let want_isr = want_rf.min(2);
         let Some(info) = info else {
             if prepared_exist {
-                return Ok(DecisionsTopic::Untrusted(format!(
-                    "the decisions topic {} does not exist, but prepared exactly-once batches of this table do: \
+                return Ok((
+                    brokers,
+                    DecisionsTopic::Untrusted(format!(
+                        "the decisions topic {} does not exist, but prepared exactly-once batches of this table do: \
                      their decisions may be lost (was the topic deleted, or relay.commits_topic changed?). \
                      Restore the topic or set relay.commits_topic back; see docs/exactly-once.md, \"Assumptions\"",
-                    self.topic
-                )));
+                        self.topic
+                    )),
+                ));
             }
-            return Ok(DecisionsTopic::Missing { replication_factor: want_rf, min_insync_replicas: want_isr });
+            return Ok((
+                brokers,
+                DecisionsTopic::Missing { replication_factor: want_rf, min_insync_replicas: want_isr },
+            ));
         };
         let mut wrong = Vec::new();
         if info.partitions != 1 {
@@ -118,17 +137,20 @@ impl Decisions {
             wrong.push(format!("min.insync.replicas={} (must be at least {want_isr})", info.min_insync_replicas));
         }
         if wrong.is_empty() {
-            return Ok(DecisionsTopic::Trusted);
+            return Ok((brokers, DecisionsTopic::Trusted));
         }
-        Ok(DecisionsTopic::Untrusted(format!(
-            "the decisions topic {} cannot be trusted: {}. Fix it (kafka-configs --alter --entity-type topics \
+        Ok((
+            brokers,
+            DecisionsTopic::Untrusted(format!(
+                "the decisions topic {} cannot be trusted: {}. Fix it (kafka-configs --alter --entity-type topics \
              --entity-name {} --add-config cleanup.policy=compact,min.insync.replicas={want_isr}; partitions and \
              replication need a new topic: stop the relays, let no batch stay prepared, create it with 1 partition, \
              replication factor {want_rf}), or point relay.commits_topic at a correct one while no batch is prepared",
-            self.topic,
-            wrong.join(", "),
-            self.topic
-        )))
+                self.topic,
+                wrong.join(", "),
+                self.topic
+            )),
+        ))
     }
 
     async fn create(&self, rf: usize, isr: usize) -> Result<(), SinkError> {
@@ -160,11 +182,6 @@ impl Decisions {
             }
         }
         Ok(())
-    }
-
-    /// How many brokers the cluster lists.
-    pub async fn brokers(&self, timeout: Duration) -> Result<usize, SinkError> {
-        Ok(super::topics::describe(&self.base, &self.topic, timeout).await?.0)
     }
 
     /// How many partitions the decisions topic has (0: it does not exist).

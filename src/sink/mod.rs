@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
-pub use decisions::{Decisions, DecisionsTopic};
+pub use decisions::{few_brokers_warning, Decisions, DecisionsTopic};
 pub use error::{classify, classify_code, FailureClass};
 pub use kafka::{producer_config, KafkaSink};
 

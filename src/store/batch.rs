@@ -559,10 +559,16 @@ impl Store {
             return;
         }
         let below = self.floor().get();
-        if below <= 0 {
+        // Claimed, not just checked: every clone of the store shares the flag and may call this.
+        if below <= 0
+            || self
+                .shared
+                .sweeping
+                .compare_exchange(false, true, AtomicOrdering::AcqRel, AtomicOrdering::Acquire)
+                .is_err()
+        {
             return;
         }
-        self.shared.sweeping.store(true, AtomicOrdering::Release);
         let store = self.clone();
         tokio::spawn(async move {
             let found = store.lowest_pending_below(below).await;
