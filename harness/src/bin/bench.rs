@@ -26,6 +26,7 @@
 //!
 //! Prints each table as it completes and writes everything to bench/results/.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,6 +62,9 @@ struct Args {
     /// Seconds per latency run.
     #[arg(long, default_value_t = 60)]
     latency_secs: u64,
+    /// Seconds of writing before each latency run is measured (not counted).
+    #[arg(long, default_value_t = 15)]
+    latency_warmup_secs: u64,
     /// How long the horizon section holds its snapshot.
     #[arg(long, default_value_t = 300)]
     hold_secs: u64,
@@ -359,6 +363,8 @@ struct Latency {
     offered_per_s: u64,
     achieved_per_s: f64,
     seconds: u64,
+    /// Seconds written before the measured ones (not counted).
+    warmup_secs: u64,
     /// From the writer's COMMIT returning to the broker's append.
     commit_to_ack_ms: Quantiles,
     /// From the INSERT (so also the writer's own commit) to the append.
@@ -376,29 +382,70 @@ async fn latency(env: &Env, args: &Args, rate: u64, delivery: &str) -> Latency {
         env,
         WriterSpec { table: table.clone(), topics, connections: 4, per_tx: 10, rate, keys: 1000, hot_key_share: 0.0 },
     );
+    // Warm-up, not counted: the broker's JIT and every cache reach their steady
+    // state (a broker started a minute earlier needs ~20 s; see docs/performance.md).
+    tokio::time::sleep(Duration::from_secs(args.latency_warmup_secs)).await;
+    let measured_from = now_us();
+    let written_before = writers.written.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.latency_secs)).await;
-    let elapsed = writers.started.elapsed().as_secs_f64();
+    let elapsed = measured_from_elapsed(measured_from);
     let commits = writers.commits.clone();
     let written = writers.finish().await;
     consumer.wait_for(written as usize, Duration::from_secs(20));
     let seen = consumer.finish();
     relay.stop(Duration::from_secs(30));
     env.db().await.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
-    let commits = commits.lock().map(|c| c.clone()).unwrap_or_default();
+    let mut commits = commits.lock().map(|c| c.clone()).unwrap_or_default();
+    // only transactions committed after the warm-up count, in every column
+    commits.retain(|_, &mut c| c >= measured_from);
+    let seen: Vec<Seen> = seen.into_iter().filter(|s| s.tx.is_some_and(|t| commits.contains_key(&t))).collect();
+    let written = written - written_before;
+    if let Ok(dir) = std::env::var("BENCH_LATENCY_DUMP") {
+        dump_latency(std::path::Path::new(&dir), delivery, &seen, &commits);
+    }
     Latency {
         delivery: delivery.into(),
         offered_per_s: rate,
         achieved_per_s: written as f64 / elapsed,
         seconds: args.latency_secs,
+        warmup_secs: args.latency_warmup_secs,
         commit_to_ack_ms: quantiles(commit_to_ack_ms(&seen, &commits)),
         insert_to_ack_ms: quantiles(insert_to_ack_ms(&seen)),
         commit_to_visible_ms: quantiles(insert_to_visible_ms(&seen)),
     }
 }
 
+/// Diagnostics (`BENCH_LATENCY_DUMP=<dir>`): one CSV row per event, µs since
+/// the epoch: tx, commit, insert, append, recv.
+/// Seconds since `t_us` (µs since the epoch).
+fn measured_from_elapsed(t_us: i64) -> f64 {
+    (now_us() - t_us) as f64 / 1e6
+}
+
+fn dump_latency(dir: &std::path::Path, delivery: &str, seen: &[Seen], commits: &HashMap<i64, i64>) {
+    let mut out = String::from("tx,commit_us,insert_us,append_us,recv_us\n");
+    for s in seen {
+        let c = s.tx.and_then(|t| commits.get(&t)).copied().unwrap_or(0);
+        out.push_str(&format!(
+            "{},{},{},{},{}\n",
+            s.tx.unwrap_or(-1),
+            c,
+            s.insert_us,
+            s.append_us.unwrap_or(0),
+            s.recv_us
+        ));
+    }
+    std::fs::create_dir_all(dir).ok();
+    let path = dir.join(format!("latency-{delivery}.csv"));
+    if let Err(e) = std::fs::write(&path, out) {
+        say(format!("could not write {}: {e}", path.display()));
+    }
+}
+
 fn print_latency(l: &[Latency]) {
     println!();
-    println!("latency at a fixed offered rate (4 writers, 10 events per transaction, on_publish = mark; ms, to the broker's LogAppendTime, 1 ms resolution)");
+    let warmup = l.first().map_or(0, |l| l.warmup_secs);
+    println!("latency at a fixed offered rate (4 writers, 10 events per transaction, on_publish = mark; ms, to the broker's LogAppendTime, 1 ms resolution; transactions committed in the first {warmup} s are a warm-up and not counted)");
     println!("  commit→ack: from the writer's COMMIT returning; insert→ack and insert→visible (a read_committed consumer got it): from its INSERT, so they also count the writer's own commit");
     println!("  delivery      │ offered/s │ achieved/s │ samples │ commit→ack p50 / p99 / p99.9 │ insert→ack p50 / p99 │ insert→visible p50 / p99");
     for l in l {
