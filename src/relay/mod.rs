@@ -51,6 +51,10 @@ pub struct Relay<S: Sink> {
     pub counters: Arc<Counters>,
 }
 
+/// A batch whose claim is older than this when it is about to be sent is
+/// confirmed still held first (see `Relay::start_batch`).
+const STALE_CLAIM: Duration = Duration::from_secs(1);
+
 /// How long an idle relay waits before it looks at the outbox again: an eighth
 /// of how long the outbox has been empty, at least 1 ms, at most
 /// `relay.poll_interval`. Right after a batch the relay looks again within a
@@ -233,6 +237,21 @@ impl<S: Sink> Relay<S> {
             return Ok(Started::Deferred);
         }
         crate::failpoint::hit("after-claim");
+        // Claim to send is in-process work (microseconds). A gap this long means
+        // the process stood still, long enough perhaps for Postgres to end the
+        // claim's transaction and hand its rows to another relay: sending them
+        // now would make a duplicate of every event in the batch.
+        let waited = claimed.claimed_at.elapsed();
+        if waited >= STALE_CLAIM {
+            if let Err(e) = claimed.confirm_held().await {
+                tracing::warn!(
+                    error = %e, stood_still_ms = waited.as_millis() as u64, rows = claimed.events.len(),
+                    "the relay stood still between claiming a batch and sending it, and lost the claim meanwhile; \
+                     not sending it (another relay or a later claim will)"
+                );
+                return Err(e);
+            }
+        }
         let sent = self.sink.send(&claimed.events, hold, alone).await;
         if crate::failpoint::hit_batch("after-send", claimed.events.len()) == Some(crate::failpoint::Action::Fatal) {
             self.sink.inject_fatal_error();

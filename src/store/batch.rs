@@ -435,6 +435,16 @@ impl Claimed {
         }));
     }
 
+    /// Confirms the rows are still held, with one trivial statement in the
+    /// batch's transaction. For a batch that waited between its claim and its
+    /// send (the process was paused: SIGSTOP, a VM or cgroup stall): Postgres
+    /// may have ended the transaction meanwhile (`idle_in_transaction_timeout`)
+    /// and another relay may be publishing the rows. An error means: do not send.
+    pub async fn confirm_held(&self) -> Result<(), StoreError> {
+        self.conn()?.client().simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
     /// Stops the heartbeat without waiting for it: if it is in the middle of its
     /// `SELECT 1`, that runs before (or harmlessly after) what we send next, and
     /// it only holds a weak reference to the connection.
