@@ -122,6 +122,8 @@ struct AppCost {
     old_trigger_tps: Vec<f64>,
     outbox_with_relay_tps: Vec<f64>,
     ratio: f64,
+    /// Outbox / plain copy of each adjacent pair of runs (O P, P O, …): the spread.
+    pair_ratios: Vec<f64>,
     ratio_old_trigger: f64,
     ratio_with_relay: f64,
 }
@@ -194,12 +196,14 @@ async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
         let (mut o, mut p, mut t, mut r) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // A first run pays for what later ones reuse (new WAL segments, cold
         // buffers): one warm-up into the plain copy, not counted. Then the two
-        // tables in a balanced order (O P P O O P P O), so drift over the run
-        // (table and WAL growth, a neighbour on the shared host) favours neither.
+        // tables in a balanced order (O P P O, three times), so drift over the
+        // run (table and WAL growth, a neighbour on the shared host) favours
+        // neither; single runs vary by ±5-10 % here, so six of each.
         db.batch_execute("CHECKPOINT").await.ok();
         let warm = pgbench(env, &app_script(&plain), clients, args.pgbench_secs.min(10));
         say(format!("app-cost: {clients} clients, warm-up (not counted): {warm:.0} tps"));
-        for which in ["outbox", "plain", "plain", "outbox", "outbox", "plain", "plain", "outbox", "old", "old"] {
+        let order = ["outbox", "plain", "plain", "outbox"].repeat(3);
+        for which in order.iter().copied().chain(["old", "old"]) {
             let table = match which {
                 "outbox" => &outbox,
                 "plain" => &plain,
@@ -229,6 +233,7 @@ async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
             clients,
             seconds: args.pgbench_secs,
             ratio: mean(&o) / mean(&p),
+            pair_ratios: o.iter().zip(&p).map(|(o, p)| o / p).collect(),
             ratio_old_trigger: mean(&t) / mean(&p),
             ratio_with_relay: mean(&r) / mean(&p),
             outbox_tps: o,
@@ -241,16 +246,18 @@ async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
         db.batch_execute(&format!("DROP TABLE IF EXISTS public.{t}")).await.ok();
     }
     println!();
-    println!("cost to the application (pgbench, synchronous_commit = {sync}, 1 business row + 1 ≈1 KB event per transaction, {} s runs; a warm-up, then outbox and copy in the order O P P O O P P O)", args.pgbench_secs);
-    println!("  clients │ plain copy tps │ outbox tps │ ratio │ 0001/0002 with NOTIFY trigger tps │ ratio │ outbox + relay draining tps │ ratio");
+    println!("cost to the application (pgbench, synchronous_commit = {sync}, 1 business row + 1 ≈1 KB event per transaction, {} s runs; a warm-up, then outbox and copy in the order O P P O, three times; pairs: outbox/copy of each adjacent pair of runs)", args.pgbench_secs);
+    println!("  clients │ plain copy tps │ outbox tps │ ratio │ pairs min–max │ 0001/0002 with NOTIFY trigger tps │ ratio │ outbox + relay draining tps │ ratio");
     for a in &results {
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         println!(
-            "  {:>7} │ {:>14.0} │ {:>10.0} │ {:>5.2} │ {:>33.0} │ {:>5.2} │ {:>27.0} │ {:>5.2}",
+            "  {:>7} │ {:>14.0} │ {:>10.0} │ {:>5.2} │   {:>4.2} – {:>4.2} │ {:>33.0} │ {:>5.2} │ {:>27.0} │ {:>5.2}",
             a.clients,
             mean(&a.plain_tps),
             mean(&a.outbox_tps),
             a.ratio,
+            a.pair_ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            a.pair_ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
             mean(&a.old_trigger_tps),
             a.ratio_old_trigger,
             mean(&a.outbox_with_relay_tps),
