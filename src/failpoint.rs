@@ -110,7 +110,9 @@ pub fn hit_batch(name: &str, events: usize) -> Option<Action> {
     if n != point.nth {
         return None;
     }
-    eprintln!("failpoint {name}: {:?} (hit {n})", point.action);
+    // the moment, for the chaos run's duplicate accounting (ms since the epoch)
+    let at_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    eprintln!("failpoint {name}: {:?} (hit {n}) at_ms={at_ms}", point.action);
     match point.action {
         // SIGKILL: no clean-up, like a power cut.
         Action::Crash => {

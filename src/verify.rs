@@ -116,16 +116,18 @@ pub fn compare(expected: &[PublishedRow], seen: &[Seen]) -> Report {
 
 /// Blames every extra copy of an event on the disruption that caused it.
 ///
-/// `disruptions` are the moments (ms since the epoch, ascending) something was
-/// done to the system: a SIGKILL, a broker stop, a Postgres restart. A second
-/// copy exists because the batch that sent the first one was not recorded,
-/// so a disruption struck after the first copy was produced and before the
-/// next one was. Each extra copy goes to the first disruption at or after the
-/// timestamp of the copy before it (and no later than its own). Returns the
-/// copies per disruption (same index) and the copies no disruption explains.
-/// Needs one clock for both sides (the relay and the caller on one machine)
-/// and CreateTime topics, so that a copy's timestamp is when it was sent.
-pub fn duplicates_by_disruption(seen: &[Seen], disruptions: &[i64]) -> (Vec<usize>, usize) {
+/// `disruptions` are what was done to the system, as (from, to) in ms since the
+/// epoch, ordered by `from`: a moment (a SIGKILL: from = to) or a window (a
+/// Postgres restart, a frozen relay). A second copy exists because the batch
+/// that sent the first one was not recorded, so a disruption struck after the
+/// first copy was produced and before the next one was: a moment between the
+/// two copies, or a window that overlaps them (a batch sent while Postgres is
+/// going down is not recorded either). Each extra copy goes to the first such
+/// disruption. Returns the copies per disruption (same index) and the copies
+/// no disruption explains (event id, the timestamps of the copy before it and
+/// of itself). Needs one clock for both sides (the relay and the caller on one
+/// machine) and CreateTime topics, so that a copy's timestamp is when it was sent.
+pub fn duplicates_by_disruption(seen: &[Seen], disruptions: &[(i64, i64)]) -> (Vec<usize>, Vec<(Uuid, i64, i64)>) {
     let mut stamps: HashMap<Uuid, Vec<i64>> = HashMap::new();
     for m in seen {
         if let (Some(id), Some(ts)) = (m.id, m.timestamp_ms) {
@@ -133,17 +135,17 @@ pub fn duplicates_by_disruption(seen: &[Seen], disruptions: &[i64]) -> (Vec<usiz
         }
     }
     let mut per = vec![0; disruptions.len()];
-    let mut unexplained = 0;
-    for ts in stamps.values_mut().filter(|t| t.len() > 1) {
+    let mut unexplained = Vec::new();
+    for (id, ts) in stamps.iter_mut().filter(|(_, t)| t.len() > 1) {
         ts.sort_unstable();
         for pair in ts.windows(2) {
-            let i = disruptions.partition_point(|&d| d < pair[0]);
-            match disruptions.get(i) {
-                Some(&d) if d <= pair[1] => per[i] += 1,
-                _ => unexplained += 1,
+            match disruptions.iter().position(|&(from, to)| to >= pair[0] && from <= pair[1]) {
+                Some(i) => per[i] += 1,
+                None => unexplained.push((*id, pair[0], pair[1])),
             }
         }
     }
+    unexplained.sort_unstable_by_key(|u| (u.1, u.0));
     (per, unexplained)
 }
 
@@ -256,12 +258,18 @@ mod tests {
             // a copy with no disruption in between
             at(&rows[2], 103),
         ];
-        let (per, unexplained) = duplicates_by_disruption(&msgs, &[150, 250, 300]);
+        let (per, unexplained) = duplicates_by_disruption(&msgs, &[(150, 150), (250, 250), (300, 300)]);
         // a1's third copy goes to the first disruption after its second (250)
         assert_eq!(per, vec![2, 1, 0]);
-        assert_eq!(unexplained, 1);
-        let (per, _) = duplicates_by_disruption(&msgs, &[150, 300]);
+        assert_eq!(unexplained.iter().map(|u| (u.1, u.2)).collect::<Vec<_>>(), vec![(102, 103)]);
+        let (per, _) = duplicates_by_disruption(&msgs, &[(150, 150), (300, 300)]);
         assert_eq!(per, vec![2, 1]);
+        // a window that began before b3's first copy and ended at it (a Postgres
+        // restart while its batch was out) explains its second; being the first
+        // disruption, it also takes a1's and a2's second copies
+        let (per, unexplained) = duplicates_by_disruption(&msgs, &[(101, 102), (150, 150)]);
+        assert_eq!(per, vec![3, 0]);
+        assert_eq!(unexplained.iter().map(|u| (u.1, u.2)).collect::<Vec<_>>(), vec![(200, 400)]);
     }
 
     #[test]

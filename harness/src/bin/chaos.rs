@@ -106,6 +106,14 @@ enum Disruption {
     TwoBrokersDown,
 }
 
+impl Disruption {
+    /// This disruption as a moment, now.
+    fn now(self) -> (i64, i64, Disruption) {
+        let t = now_ms();
+        (t, t, self)
+    }
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -123,7 +131,8 @@ struct Relays {
     armed: Vec<bool>,
     failpoint_kills: usize,
     frozen: Option<usize>,
-    disruptions: Vec<(i64, Disruption)>,
+    /// (from, to, what), ms since the epoch: a moment (from = to) or a window.
+    disruptions: Vec<(i64, i64, Disruption)>,
 }
 
 impl Relays {
@@ -173,7 +182,7 @@ impl Relays {
     }
 
     fn kill_and_restart(&mut self, i: usize) {
-        self.disruptions.push((now_ms(), Disruption::Kill));
+        self.disruptions.push(Disruption::Kill.now());
         let old = std::mem::replace(&mut self.children[i], Proc::placeholder());
         old.kill();
         self.kills += 1;
@@ -182,13 +191,21 @@ impl Relays {
 
     /// Graceful restart in `exactly_once` mode (a rolling deploy).
     fn switch(&mut self, i: usize, exactly_once: bool) {
-        self.disruptions.push((now_ms(), Disruption::ModeSwitch));
+        self.disruptions.push(Disruption::ModeSwitch.now());
         let old = std::mem::replace(&mut self.children[i], Proc::placeholder());
         if !old.stop(Duration::from_secs(60)) {
             eprintln!("chaos: relay {i} did not stop cleanly on SIGTERM during the mode switch");
         }
         self.modes[i] = exactly_once;
         self.children[i] = self.spawn(i);
+    }
+
+    /// The moment relay `i` last crashed at its failpoint (`at_ms=` of the
+    /// failpoint's line in its log).
+    fn crash_moment(&self, i: usize) -> Option<i64> {
+        let text = std::fs::read_to_string(self.logs.join(format!("relay-{i}.log"))).ok()?;
+        let line = text.lines().rev().find(|l| l.starts_with("failpoint "))?;
+        line.rsplit_once("at_ms=")?.1.trim().parse().ok()
     }
 
     /// Restarts any relay that exited by itself (it should not; counted).
@@ -199,7 +216,10 @@ impl Relays {
                 if self.armed[i] && status.code().is_none() {
                     // killed itself at its crash point, as armed
                     self.failpoint_kills += 1;
-                    self.disruptions.push((now_ms(), Disruption::CrashPoint));
+                    // when it crashed (its log says), not when we noticed: the
+                    // loop may have been busy with a step for seconds meanwhile
+                    let at = self.crash_moment(i).unwrap_or_else(now_ms);
+                    self.disruptions.push((at, at, Disruption::CrashPoint));
                     self.children[i] = self.spawn(i);
                     continue;
                 }
@@ -209,7 +229,7 @@ impl Relays {
                 for l in &lines[lines.len().saturating_sub(3)..] {
                     eprintln!("    {l}");
                 }
-                self.disruptions.push((now_ms(), Disruption::SelfExit));
+                self.disruptions.push(Disruption::SelfExit.now());
                 self.children[i] = self.spawn(i);
                 revived += 1;
             }
@@ -502,6 +522,7 @@ async fn main() {
     }
     log(started, "poison injected (round 1)");
     let mut pg_restarts = 0;
+    let mut frozen_at = 0;
     loop {
         let t = started.elapsed().as_secs();
         while step < plan.len() && plan[step].0 <= t {
@@ -526,7 +547,7 @@ async fn main() {
                 Step::Freeze => {
                     let i = 1.min(relays.children.len() - 1);
                     relays.frozen = Some(i);
-                    relays.disruptions.push((now_ms(), Disruption::Freeze));
+                    frozen_at = now_ms();
                     relays.children[i].signal(libc::SIGSTOP);
                     windows.insert("relay 1 frozen", (now_ms(), 0));
                     log(started, format!("relay {i} frozen (SIGSTOP) for {} s", args.freeze));
@@ -534,7 +555,7 @@ async fn main() {
                 Step::Thaw => {
                     if let Some(i) = relays.frozen.take() {
                         // It sends the batch it held (others published it meanwhile).
-                        relays.disruptions.push((now_ms(), Disruption::Freeze));
+                        relays.disruptions.push((frozen_at, now_ms(), Disruption::Freeze));
                         relays.children[i].signal(libc::SIGCONT);
                         windows.entry("relay 1 frozen").and_modify(|w| w.1 = now_ms());
                         log(started, format!("relay {i} thawed (SIGCONT)"));
@@ -542,24 +563,24 @@ async fn main() {
                 }
                 Step::KafkaStop => {
                     log(started, format!("stopping Kafka for {} s", args.kafka_outage));
-                    relays.disruptions.push((now_ms(), Disruption::KafkaStop));
+                    relays.disruptions.push(Disruption::KafkaStop.now());
                     infra(&["stop-kafka"]);
                 }
                 Step::KafkaStart => {
                     log(started, "starting Kafka");
-                    relays.disruptions.push((now_ms(), Disruption::KafkaStart));
+                    relays.disruptions.push(Disruption::KafkaStart.now());
                     infra(&["start-kafka"]);
-                    relays.disruptions.push((now_ms(), Disruption::KafkaStart));
+                    relays.disruptions.push(Disruption::KafkaStart.now());
                 }
                 Step::LeaderKill => {
                     let victim = busiest_leader(&brokers, &topics);
                     log(started, format!("SIGKILL broker {victim}, leader of {}[0]", topics[0]));
-                    relays.disruptions.push((now_ms(), Disruption::LeaderKill));
+                    relays.disruptions.push(Disruption::LeaderKill.now());
                     windows.entry("leader kills (first)").or_insert((now_ms(), 0));
                     infra(&["broker", "kill", &victim.to_string()]);
                     tokio::time::sleep(Duration::from_secs(8)).await;
                     infra(&["broker", "start", &victim.to_string()]);
-                    relays.disruptions.push((now_ms(), Disruption::LeaderKill));
+                    relays.disruptions.push(Disruption::LeaderKill.now());
                     windows.entry("leader kills (first)").and_modify(|w| {
                         if w.1 == 0 {
                             w.1 = now_ms()
@@ -574,7 +595,7 @@ async fn main() {
                     log(started, "rolling restart of the 3 brokers");
                     windows.insert("rolling restart", (now_ms(), 0));
                     for n in 1..=3 {
-                        relays.disruptions.push((now_ms(), Disruption::BrokerRestart));
+                        relays.disruptions.push(Disruption::BrokerRestart.now());
                         infra(&["broker", "stop", &n.to_string()]);
                         infra(&["broker", "start", &n.to_string()]);
                         let synced = wait_isr(&brokers, &topics, 3, Duration::from_secs(90)).await;
@@ -598,7 +619,7 @@ async fn main() {
                     let txn = ids.transactional_id("chaos-0");
                     if let Some(victim) = coordinator(&brokers, &txn) {
                         log(started, format!("SIGKILL broker {victim}, transaction coordinator of {txn}"));
-                        relays.disruptions.push((now_ms(), Disruption::CoordinatorKill));
+                        relays.disruptions.push(Disruption::CoordinatorKill.now());
                         windows.insert("transaction coordinator killed", (now_ms(), 0));
                         infra(&["broker", "kill", &victim.to_string()]);
                         tokio::time::sleep(Duration::from_secs(8)).await;
@@ -611,7 +632,7 @@ async fn main() {
                     let (a, b) = (2, 3);
                     log(started, format!("brokers {a} and {b} down for 20 s: writes must stall (min.insync.replicas = 2), nothing parks"));
                     // (chaos fails if anything but the poison rows is parked)
-                    relays.disruptions.push((now_ms(), Disruption::TwoBrokersDown));
+                    relays.disruptions.push(Disruption::TwoBrokersDown.now());
                     infra(&["broker", "stop", &a.to_string()]);
                     infra(&["broker", "stop", &b.to_string()]);
                     windows.insert("two brokers down", (now_ms(), 0));
@@ -621,14 +642,16 @@ async fn main() {
                     log(started, format!("broker {a} back: 2 in sync, events flow again"));
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     infra(&["broker", "start", &b.to_string()]);
-                    relays.disruptions.push((now_ms(), Disruption::TwoBrokersDown));
+                    relays.disruptions.push(Disruption::TwoBrokersDown.now());
                     counts.insert("two brokers down at once (s)", "20".into());
                 }
                 Step::PostgresRestart => {
                     log(started, "restarting Postgres");
-                    relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
+                    // a window: a batch sent while Postgres goes down and comes back
+                    // cannot be recorded, and goes out again
+                    let from = now_ms();
                     infra(&["restart-postgres"]);
-                    relays.disruptions.push((now_ms(), Disruption::PostgresRestart));
+                    relays.disruptions.push((from, now_ms(), Disruption::PostgresRestart));
                     pg_restarts += 1;
                 }
                 Step::Poison => {
@@ -708,10 +731,11 @@ async fn main() {
             .expect("reader")
             .expect("read topics");
     let report = compare(&rows, &seen);
-    let moments: Vec<i64> = relays.disruptions.iter().map(|d| d.0).collect();
-    let (blamed, unexplained) = duplicates_by_disruption(&seen, &moments);
+    relays.disruptions.sort_by_key(|d| (d.0, d.1));
+    let spans: Vec<(i64, i64)> = relays.disruptions.iter().map(|d| (d.0, d.1)).collect();
+    let (blamed, unexplained) = duplicates_by_disruption(&seen, &spans);
     let mut by_cause: BTreeMap<Disruption, (usize, usize)> = BTreeMap::new(); // (total, max at one)
-    for ((_, cause), n) in relays.disruptions.iter().zip(&blamed) {
+    for ((_, _, cause), n) in relays.disruptions.iter().zip(&blamed) {
         let e = by_cause.entry(*cause).or_default();
         e.0 += n;
         e.1 = e.1.max(*n);
@@ -831,7 +855,7 @@ async fn main() {
             row(label, n.to_string());
         }
     }
-    row("dup copies no disruption explains", unexplained.to_string());
+    row("dup copies no disruption explains", unexplained.len().to_string());
     row("PER-KEY ORDER VIOLATIONS", report.order_violations.to_string());
     row("prepared batches left behind", prepared_left.to_string());
     row("SIGKILLs (random moments)", relays.kills.to_string());
@@ -871,6 +895,17 @@ async fn main() {
             q.max,
             q.n
         );
+    }
+    if !unexplained.is_empty() {
+        // run time of each copy, and the disruption last before the first one
+        let t0 = now_ms() - started.elapsed().as_millis() as i64;
+        let secs = |t: i64| (t - t0) as f64 / 1000.0;
+        println!("  duplicate copies no disruption explains (first 10 of {}): copy before → copy, run seconds; the last disruption before", unexplained.len());
+        for (id, a, b) in unexplained.iter().take(10) {
+            let before = relays.disruptions.iter().filter(|d| d.1 < *a).max_by_key(|d| d.1);
+            let last = before.map_or("none".to_string(), |d| format!("{:?} ended at {:.3}", d.2, secs(d.1)));
+            println!("    {id} {:.3} → {:.3}   {last}", secs(*a), secs(*b));
+        }
     }
     if report.lost > 0 {
         // Enough to find them again: `outbox-relay verify` lists them, and the
