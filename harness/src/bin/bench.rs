@@ -395,7 +395,7 @@ async fn latency(env: &Env, args: &Args, rate: u64, delivery: &str) -> Latency {
     let measured_from = now_us();
     let written_before = writers.written.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(args.latency_secs)).await;
-    let elapsed = measured_from_elapsed(measured_from);
+    let elapsed = (now_us() - measured_from) as f64 / 1e6;
     let commits = writers.commits.clone();
     let written = writers.finish().await;
     consumer.wait_for(written as usize, Duration::from_secs(20));
@@ -424,11 +424,6 @@ async fn latency(env: &Env, args: &Args, rate: u64, delivery: &str) -> Latency {
 
 /// Diagnostics (`BENCH_LATENCY_DUMP=<dir>`): one CSV row per event, µs since
 /// the epoch: tx, commit, insert, append, recv.
-/// Seconds since `t_us` (µs since the epoch).
-fn measured_from_elapsed(t_us: i64) -> f64 {
-    (now_us() - t_us) as f64 / 1e6
-}
-
 fn dump_latency(dir: &std::path::Path, delivery: &str, seen: &[Seen], commits: &HashMap<i64, i64>) {
     let mut out = String::from("tx,commit_us,insert_us,append_us,recv_us\n");
     for s in seen {
