@@ -745,6 +745,21 @@ async fn main() {
         .filter_map(|c| by_cause.get(c).map(|e| e.1))
         .max()
         .unwrap_or(0);
+    // A kill inside a window (the Postgres restart, the freeze) takes the copies
+    // of pairs it lies between, some of which the window caused: the two cannot
+    // be told apart. The bound is for the kills outside any window.
+    let inside_window = |t: i64| relays.disruptions.iter().find(|w| w.0 < w.1 && w.0 <= t && t <= w.1).map(|w| w.2);
+    let (mut max_outside, mut worst_inside) = (0, None);
+    for (d, &n) in relays.disruptions.iter().zip(&blamed) {
+        if !matches!(d.2, Disruption::Kill | Disruption::CrashPoint) {
+            continue;
+        }
+        match inside_window(d.0) {
+            None => max_outside = max_outside.max(n),
+            Some(w) if worst_inside.is_none_or(|(m, _)| n > m) => worst_inside = Some((n, w)),
+            Some(_) => {}
+        }
+    }
 
     // Latency (row created_at → the relay sent it, message CreateTime) of the
     // first copy of each event, for events written in each disruption window.
@@ -834,6 +849,10 @@ async fn main() {
         format!("{:.1}", report.duplicate_copies as f64 / relays.kills.max(1) as f64),
     );
     row("duplicate copies per kill (MAX)", max_per_kill.to_string());
+    if let Some((n, w)) = worst_inside.filter(|_| max_per_kill > max_outside) {
+        row("  MAX of kills outside a window", max_outside.to_string());
+        row(&format!("  MAX of kills inside a window ({w:?})"), n.to_string());
+    }
     if args.exactly_once {
         row("duplicates allowed (exactly-once)", "0".into());
     } else {
