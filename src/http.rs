@@ -1,5 +1,11 @@
 //! `/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz`
 //! (Postgres and Kafka reachable and the schema usable) on `http.listen`.
+//!
+//! `/readyz` is the relay's own readiness, for monitoring and for a relay
+//! deployed on its own. It must never be a probe of a container in the
+//! application's pod: it fails while Kafka is away, and a pod is ready only
+//! when all its containers are, so it would take the application out of
+//! service for Kafka's sake (docs/deployment.md).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +19,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::telemetry::events::Readiness;
+use crate::telemetry::Emit;
+
 /// Readiness latch: each dependency's last known state, set by the monitor.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -25,13 +34,14 @@ pub struct Health {
 impl Health {
     /// Records one round of checks; `problems` explains every `false`.
     pub fn update(&self, postgres: bool, schema: bool, kafka: bool, problems: Vec<String>) {
+        let was_ready = self.is_ready();
         self.postgres.store(postgres, Ordering::Relaxed);
         self.schema.store(schema, Ordering::Relaxed);
         self.kafka.store(kafka, Ordering::Relaxed);
+        Readiness { ready: self.is_ready(), was_ready, problems: &problems }.emit();
         if let Ok(mut p) = self.problems.lock() {
             *p = problems;
         }
-        crate::metrics::ready(self.is_ready());
     }
 
     pub fn is_ready(&self) -> bool {

@@ -1,6 +1,7 @@
-//! The deployment files agree with the product: manifests parse with the expected
-//! kinds and probes, and every metric a dashboard or alert uses is one the relay
-//! exports (so a rename cannot silently blank a panel).
+//! The deployment files agree with the product: nothing shipped ties the
+//! application's availability or start-up to Kafka or to the relay, manifests
+//! parse with the expected kinds, and every metric a dashboard or alert uses is
+//! one the relay exports (so a rename cannot silently blank a panel).
 
 use std::collections::BTreeSet;
 
@@ -11,7 +12,7 @@ fn read(path: &str) -> String {
 }
 
 fn exported_metrics() -> BTreeSet<String> {
-    let src = read("src/metrics.rs");
+    let src = read("src/telemetry/metrics.rs");
     src.split('"').filter(|s| s.starts_with("outbox_relay_") && !s.contains(' ')).map(str::to_string).collect()
 }
 
@@ -45,37 +46,145 @@ fn dashboards_and_alerts_use_only_exported_metrics() {
         serde_yaml::from_str(&read("deploy/prometheus/alerts.yaml")).expect("alerts are YAML");
     let names: Vec<&str> =
         alerts["groups"][0]["rules"].as_sequence().expect("rules").iter().filter_map(|r| r["alert"].as_str()).collect();
-    for want in ["OutboxOldestPendingTooOld", "OutboxParkedEvents", "OutboxNoProgress", "OutboxRelayNotReady"] {
+    for want in [
+        "OutboxOldestPendingTooOld",
+        "OutboxParkedEvents",
+        "OutboxNoProgress",
+        "OutboxRelayNotReady",
+        "OutboxRelayHoldsTransaction",
+        "OutboxKafkaUnavailable",
+    ] {
         assert!(names.contains(&want), "{names:?}");
     }
 }
 
+/// The containers of a pod spec: init containers (native sidecars among
+/// them) and regular ones.
+fn pod_containers(spec: &serde_yaml::Value) -> Vec<&serde_yaml::Value> {
+    ["initContainers", "containers"]
+        .iter()
+        .filter_map(|k| spec[*k].as_sequence())
+        .flatten()
+        .collect()
+}
+
+fn words(c: &serde_yaml::Value) -> Vec<String> {
+    ["command", "args"]
+        .iter()
+        .filter_map(|k| c[*k].as_sequence())
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect()
+}
+
+fn is_relay(c: &serde_yaml::Value) -> bool {
+    c["image"].as_str().is_some_and(|i| i.contains("outbox-relay"))
+}
+
+/// A probe that fails while Kafka is away: `/readyz`, or a full `check`.
+fn probe_needs_kafka(probe: &serde_yaml::Value) -> bool {
+    let path = probe["httpGet"]["path"].as_str().unwrap_or_default();
+    let exec: Vec<&str> =
+        probe["exec"]["command"].as_sequence().into_iter().flatten().filter_map(|a| a.as_str()).collect();
+    path.starts_with("/readyz") || (exec.contains(&"check") && !exec.contains(&"--start-gate"))
+}
+
+/// What the issue asks of every pod the project ships next to an application:
+/// nothing in it may take the application out of service, or keep it from
+/// starting, because Kafka (or the relay) is away. Returns what is wrong.
+fn pod_gates_the_application(name: &str, spec: &serde_yaml::Value) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for c in pod_containers(spec) {
+        let cname = c["name"].as_str().unwrap_or("?");
+        for probe in ["readinessProbe", "startupProbe", "livenessProbe"] {
+            if !c[probe].is_null() && probe_needs_kafka(&c[probe]) {
+                wrong.push(format!("{name}: {cname}'s {probe} fails while Kafka is away"));
+            }
+        }
+    }
+    for c in spec["initContainers"].as_sequence().into_iter().flatten() {
+        let cname = c["name"].as_str().unwrap_or("?");
+        let sidecar = c["restartPolicy"].as_str() == Some("Always");
+        let w = words(c);
+        if !sidecar && is_relay(c) && !(w.contains(&"check".into()) && w.contains(&"--start-gate".into())) {
+            wrong.push(format!("{name}: init container {cname} gates the pod's start on more than config and schema"));
+        }
+    }
+    for c in pod_containers(spec).into_iter().filter(|c| is_relay(c) && words(c).contains(&"run".into())) {
+        let cname = c["name"].as_str().unwrap_or("?");
+        // A sidecar's readiness counts for the pod's; a plain container that
+        // exits makes the pod unready: the relay must be a native sidecar
+        // (restartable init container) without readiness or startup probe.
+        if c["restartPolicy"].as_str() != Some("Always") {
+            wrong.push(format!("{name}: relay {cname} is not a native sidecar (initContainers, restartPolicy: Always)"));
+        }
+        for probe in ["readinessProbe", "startupProbe"] {
+            if !c[probe].is_null() {
+                wrong.push(format!("{name}: relay {cname} has a {probe}: it counts for the application's pod"));
+            }
+        }
+        if !c["livenessProbe"].is_null() && c["livenessProbe"]["httpGet"]["path"] != "/healthz" {
+            wrong.push(format!("{name}: relay {cname}'s liveness must be /healthz (its own process)"));
+        }
+    }
+    wrong
+}
+
 #[test]
-fn kubernetes_sidecar_has_probes_init_check_and_grace_period() {
+fn nothing_shipped_takes_the_application_out_of_service_or_keeps_it_from_starting_when_kafka_is_down() {
     let text = read("deploy/kubernetes/sidecar.yaml");
     let docs: Vec<serde_yaml::Value> =
         serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).expect("YAML")).collect();
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(kinds, ["ConfigMap", "Secret", "Deployment"]);
-    for d in &docs {
-        assert!(d["apiVersion"].as_str().is_some() && d["metadata"]["name"].as_str().is_some());
-    }
     let spec = &docs[2]["spec"]["template"]["spec"];
-    let init = &spec["initContainers"][0];
-    assert!(init["args"].as_sequence().unwrap().iter().any(|a| a.as_str() == Some("check")));
-    let relay = spec["containers"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "outbox-relay")
-        .expect("relay container");
-    assert_eq!(relay["livenessProbe"]["httpGet"]["path"], "/healthz");
-    assert_eq!(relay["readinessProbe"]["httpGet"]["path"], "/readyz");
-    // the grace period must cover relay.shutdown_timeout from the ConfigMap
+    let wrong = pod_gates_the_application("deploy/kubernetes/sidecar.yaml", spec);
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    // The relay itself never exits while Postgres is away at start-up (an
+    // exited sidecar makes its pod unready), nor while Kafka is (it waits).
     let config = docs[0]["data"]["outbox-relay.toml"].as_str().unwrap();
+    assert!(config.contains("startup_timeout = \"0s\""), "the sidecar waits for Postgres: {config}");
+    // the grace period must cover relay.shutdown_timeout from the ConfigMap
     let shutdown: toml_shutdown::Secs = toml_shutdown::parse(config);
     let grace = spec["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(grace > shutdown.0, "grace {grace}s must exceed shutdown_timeout {}s", shutdown.0);
+    // systemd: a start gate never contacts Kafka.
+    let unit = read("deploy/systemd/outbox-relay.service");
+    for line in unit.lines().filter(|l| l.starts_with("ExecStartPre=") && l.contains(" check")) {
+        assert!(line.contains("--start-gate"), "{line}");
+    }
+    // compose: the application (the writer) waits for neither Kafka nor the relay.
+    let c: serde_yaml::Value = serde_yaml::from_str(&read("docker-compose.yml")).expect("YAML");
+    let deps = &c["services"]["writer"]["depends_on"];
+    assert!(deps["kafka"].is_null() && deps["relay"].is_null(), "{deps:?}");
+}
+
+/// The checker itself: the sidecar manifest of 0.2 (relay as a plain container
+/// with readiness on /readyz, an init container running the full `check`)
+/// gates the application, and it says so.
+#[test]
+fn the_pod_checker_catches_each_way_a_pod_can_be_gated() {
+    let old: serde_yaml::Value = serde_yaml::from_str(
+        r#"
+initContainers:
+  - name: outbox-relay-check
+    image: ghcr.io/example/outbox-relay:0.2.0
+    args: ["--config", "/etc/outbox-relay/outbox-relay.toml", "check"]
+containers:
+  - name: app
+    image: ghcr.io/example/orders:1.0.0
+  - name: outbox-relay
+    image: ghcr.io/example/outbox-relay:0.2.0
+    args: ["run"]
+    livenessProbe: { httpGet: { path: /healthz, port: metrics } }
+    readinessProbe: { httpGet: { path: /readyz, port: metrics } }
+"#,
+    )
+    .unwrap();
+    let wrong = pod_gates_the_application("0.2", &old);
+    assert!(wrong.iter().any(|w| w.contains("readinessProbe fails while Kafka is away")), "{wrong:#?}");
+    assert!(wrong.iter().any(|w| w.contains("init container outbox-relay-check gates")), "{wrong:#?}");
+    assert!(wrong.iter().any(|w| w.contains("not a native sidecar")), "{wrong:#?}");
 }
 
 mod toml_shutdown {

@@ -153,3 +153,62 @@ async fn postgres_restarted_mid_load_loses_nothing() {
     let (code, err) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// What the relay's sessions hold on the application's database, sampled from
+/// `pg_stat_activity`: the longest any of its transactions with a snapshot or
+/// an xid had been open at a sample.
+async fn longest_relay_transaction(db: &tokio_postgres::Client, app: &str) -> f64 {
+    db.query_one(
+        "SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8 FROM pg_stat_activity
+         WHERE application_name = $1 AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)",
+        &[&app],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// The default bound on how long a batch may wait for Kafka (relay.publish_timeout,
+/// 20 s), plus what one round trip and a heartbeat may add.
+const HOLD_BOUND: f64 = 20.0 + 5.0;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kafka_outage_holds_no_transaction_on_the_database_past_the_bound() {
+    let _serial = SERIAL.lock().await;
+    let ob = Outbox::new("horizon").await;
+    let topic = ob.topic("events", 3).await;
+    // The relay's sessions carry the table's name, so the sampler sees only them.
+    let url = format!("{}?application_name={}", pg_url(), ob.table);
+    let mut relay =
+        ob.spawn_relay(&[("OUTBOX_RELAY__POSTGRES__URL", url.as_str()), ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100")]);
+    let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let writer = spawn_writer(ob.qualified(), topic.clone(), stop.clone(), written.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let db = pg().await;
+    infra("stop-kafka");
+    assert!(!kafka_reachable(), "Kafka still answers: these tests need the broker run by scripts/infra");
+    // Kafka stays away for twice the bound while the application keeps writing.
+    let outage = Duration::from_secs(50);
+    let started = Instant::now();
+    let mut longest: f64 = 0.0;
+    while started.elapsed() < outage {
+        longest = longest.max(longest_relay_transaction(&db, &ob.table).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    relay.assert_running();
+    infra("start-kafka");
+    let during = written.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    eprintln!("longest relay transaction during a {outage:?} Kafka outage: {longest:.1} s ({during} events written)");
+    assert!(
+        longest <= HOLD_BOUND,
+        "a relay session held a transaction for {longest:.1} s while Kafka was away (bound {HOLD_BOUND} s): \
+         vacuum stops for the whole database meanwhile"
+    );
+    check_all_delivered(&ob, &topic).await;
+    let (code, err) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+}

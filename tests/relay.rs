@@ -44,7 +44,8 @@ async fn happy_path_delivers_each_event_exactly_once_with_key_value_and_headers(
         assert_eq!(&m.key, key);
         assert_eq!(m.payload.as_deref(), Some(payload.as_bytes()), "value is the payload as stored");
         assert_eq!(m.headers.get("traceparent"), Some(&Some(trace.clone())));
-        assert_eq!(m.headers.len(), 2, "event_id + the row's headers: {:?}", m.headers);
+        assert_eq!(m.headers.get("outbox_relay_id"), Some(&Some(ob.table.clone())), "the relay that sent it");
+        assert_eq!(m.headers.len(), 3, "event_id, outbox_relay_id and the row's headers: {:?}", m.headers);
     }
     ob.wait_drained(Duration::from_secs(10)).await;
     assert_eq!(ob.count("published_at IS NOT NULL").await, 60, "mark mode keeps rows, marked");

@@ -7,77 +7,94 @@ use crate::config::{Delivery, Settings};
 use crate::sink::{Decisions, DecisionsTopic, KafkaSink, Sink};
 use crate::store::{describe, Store};
 
-pub async fn check(settings: Settings) -> Result<(), CliError> {
-    let mut problems = 0;
-    let exactly_once = settings.relay.delivery == Delivery::ExactlyOnce;
+/// Every check; with `start_gate`, only what must hold for the relay to start
+/// (config, Postgres, schema; exactly-once: two-phase commit), never Kafka —
+/// so that a start gate (an init container, a systemd `ExecStartPre`) cannot
+/// tie anything's start to Kafka's availability.
+pub async fn check(settings: Settings, start_gate: bool) -> Result<(), CliError> {
     println!("ok      config (table {}, relay {})", settings.table(), settings.relay_id());
     let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
-    let pg = describe(store.pg_config());
-    // Checks that read the table say nothing more when its schema is unusable:
-    // the one problem above is the message.
-    let mut table_usable = false;
-    match store.ping().await {
-        Ok(()) => {
-            println!("ok      postgres reachable ({pg})");
-            match store.verify_schema().await {
-                Ok(found) if found.is_empty() => {
-                    table_usable = true;
-                    println!("ok      schema of {} is complete", store.table())
-                }
-                Ok(found) => {
-                    table_usable = !found.iter().any(|p| p.fatal);
-                    for p in found {
-                        if p.fatal {
-                            problems += 1;
-                            println!("PROBLEM {p}");
-                        } else {
-                            println!("warning {p}");
-                        }
-                    }
-                }
-                Err(e) => {
-                    problems += 1;
-                    println!("PROBLEM cannot inspect the schema: {e}");
-                }
-            }
-            if exactly_once {
-                problems += check_two_phase_commit(&store).await;
-            }
-            problems += check_prepared_batches(&settings, &store).await;
-            if table_usable {
-                problems += check_db_health(&store).await;
-            }
-        }
-        Err(e) => {
-            problems += 1;
-            println!("PROBLEM postgres unreachable ({pg}): {e}");
-        }
-    }
-    match KafkaSink::new(&settings) {
-        Ok(sink) => match sink.ping(Duration::from_secs(10)).await {
-            Ok(()) => {
-                println!("ok      kafka reachable ({})", settings.kafka_brokers());
-                if table_usable {
-                    check_event_topics(&settings, &store).await;
-                }
-                if exactly_once {
-                    problems += check_transactions(&settings, &store, &sink).await;
-                }
-            }
-            Err(e) => {
-                problems += 1;
-                println!("PROBLEM kafka unreachable ({}): {e}", settings.kafka_brokers());
-            }
-        },
-        Err(e) => {
-            problems += 1;
-            println!("PROBLEM kafka producer config: {e}");
-        }
+    let (mut problems, table_usable) = check_postgres(&settings, &store, start_gate).await;
+    if start_gate {
+        println!("skipped kafka (--start-gate: the relay waits for Kafka by itself and holds nothing meanwhile)");
+    } else {
+        problems += check_kafka(&settings, &store, table_usable).await;
     }
     if problems > 0 {
         return Err(CliError::new(exit::PROBLEMS, format!("{problems} problem(s) found")));
     }
     Ok(())
+}
+
+/// Postgres, the schema, two-phase commit (exactly-once), prepared batches and
+/// the table's health. Returns the problems and whether the table is usable.
+async fn check_postgres(settings: &Settings, store: &Store, start_gate: bool) -> (usize, bool) {
+    let pg = describe(store.pg_config());
+    if let Err(e) = store.ping().await {
+        println!("PROBLEM postgres unreachable ({pg}): {e}");
+        return (1, false);
+    }
+    println!("ok      postgres reachable ({pg})");
+    let mut problems = 0;
+    // Checks that read the table say nothing more when its schema is unusable:
+    // the one problem above is the message.
+    let mut table_usable = false;
+    match store.verify_schema().await {
+        Ok(found) if found.is_empty() => {
+            table_usable = true;
+            println!("ok      schema of {} is complete", store.table())
+        }
+        Ok(found) => {
+            table_usable = !found.iter().any(|p| p.fatal);
+            for p in found {
+                if p.fatal {
+                    problems += 1;
+                    println!("PROBLEM {p}");
+                } else {
+                    println!("warning {p}");
+                }
+            }
+        }
+        Err(e) => {
+            problems += 1;
+            println!("PROBLEM cannot inspect the schema: {e}");
+        }
+    }
+    if settings.relay.delivery == Delivery::ExactlyOnce {
+        problems += check_two_phase_commit(store).await;
+    }
+    if start_gate {
+        return (problems, table_usable);
+    }
+    problems += check_prepared_batches(settings, store).await;
+    if table_usable {
+        problems += check_db_health(store).await;
+    }
+    (problems, table_usable)
+}
+
+/// Kafka reachable, the event topics, and (exactly-once) transactions and the
+/// decisions topic. Returns the problems.
+async fn check_kafka(settings: &Settings, store: &Store, table_usable: bool) -> usize {
+    let sink = match KafkaSink::new(settings) {
+        Ok(sink) => sink,
+        Err(e) => {
+            println!("PROBLEM kafka producer config: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) = sink.ping(Duration::from_secs(10)).await {
+        println!("PROBLEM kafka unreachable ({}): {e}", settings.kafka_brokers());
+        return 1;
+    }
+    println!("ok      kafka reachable ({})", settings.kafka_brokers());
+    if table_usable {
+        check_event_topics(settings, store).await;
+    }
+    if settings.relay.delivery == Delivery::ExactlyOnce {
+        return check_transactions(settings, store, &sink).await;
+    }
+    0
 }
 
 /// Exactly-once needs Postgres two-phase commit. Returns the number of problems.

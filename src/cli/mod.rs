@@ -8,8 +8,6 @@ mod run;
 mod status;
 mod verify;
 
-pub use cleanup::cleanup_all;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,19 +16,7 @@ use clap::{Parser, Subcommand};
 use crate::config::Settings;
 use crate::store::{describe, Store, StoreError};
 
-/// Exit codes (sysexits.h), so scripts and init containers can tell failures apart.
-pub mod exit {
-    /// `check` found at least one problem (each printed on its own line).
-    pub const PROBLEMS: u8 = 1;
-    /// Invalid configuration or command-line arguments.
-    pub const USAGE: u8 = 64;
-    /// The outbox schema is missing or outdated.
-    pub const SCHEMA: u8 = 65;
-    /// Postgres or Kafka unreachable (after `relay.startup_timeout`).
-    pub const UNAVAILABLE: u8 = 69;
-    /// Any other runtime failure.
-    pub const SOFTWARE: u8 = 70;
-}
+pub use crate::exit;
 
 /// A failure to report as one line on stderr, with its exit code.
 #[derive(Debug)]
@@ -42,6 +28,12 @@ pub struct CliError {
 impl CliError {
     pub fn new(code: u8, message: impl Into<String>) -> CliError {
         CliError { code, message: message.into() }
+    }
+}
+
+impl From<crate::daemon::StartError> for CliError {
+    fn from(e: crate::daemon::StartError) -> CliError {
+        CliError::new(e.exit_code(), e.to_string())
     }
 }
 
@@ -59,8 +51,8 @@ Examples:
   outbox-relay replay --parked    # put parked events back in the queue
   outbox-relay verify --since 1h  # prove it: compare Postgres with what Kafka holds
 
-Exit codes: 0 ok, 1 check found problems, 64 bad config/arguments,
-65 schema missing or outdated, 69 Postgres/Kafka unreachable, 70 other failure.";
+Exit codes: 0 ok, 1 check found problems, 64 bad config/arguments or an unmet
+prerequisite, 65 schema missing or outdated, 69 Postgres unreachable, 70 other failure.";
 
 /// Transactional outbox relay: publishes PostgreSQL outbox rows to Apache Kafka.
 #[derive(Debug, Parser)]
@@ -111,10 +103,18 @@ Examples:
     #[command(after_help = "\
 Examples:
   outbox-relay check && echo ready
-  outbox-relay --config relay.toml check      # e.g. as a Kubernetes init container
+  outbox-relay check --start-gate           # config, Postgres and schema only: never Kafka
 
-Prints one line per check; exits 0 only when everything is usable.")]
-    Check,
+Prints one line per check; exits 0 only when everything is usable (1 when a check
+found a problem). Use --start-gate, never the full check, for anything that gates a
+start (an init container, a systemd ExecStartPre): a Kafka outage must not stop an
+application or a relay from starting (the relay waits for Kafka by itself).")]
+    Check {
+        /// Check only what must hold for the relay to start (config, Postgres, schema,
+        /// two-phase commit in exactly-once mode); do not contact Kafka.
+        #[arg(long)]
+        start_gate: bool,
+    },
     /// Backlog, recent throughput and parked events, per topic.
     #[command(after_help = "\
 Examples:
@@ -227,7 +227,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         match cli.command {
             Command::Run => run::run(settings).await,
             Command::Migrate { to, .. } => migrate::apply(settings, to).await,
-            Command::Check => check::check(settings).await,
+            Command::Check { start_gate } => check::check(settings, start_gate).await,
             Command::Status { json } => status::status(settings, json).await,
             Command::Replay(args) => replay::replay(settings, args).await,
             Command::Cleanup { older_than } => cleanup::cleanup(settings, older_than).await,

@@ -5,7 +5,9 @@
 //! 1. claim rows (`FOR UPDATE SKIP LOCKED` + the per-key fence) in a Postgres
 //!    transaction;
 //! 2. begin a Kafka transaction; produce the events and the batch's decision
-//!    record (to `relay.commits_topic`); wait for every acknowledgement;
+//!    record (to `relay.commits_topic`); wait for every acknowledgement (at
+//!    most `relay.publish_timeout`; librdkafka bounds each message by
+//!    `transaction.timeout.ms` too);
 //! 3. write the outcome (mark/delete, park invalid rows) and
 //!    `PREPARE TRANSACTION gid` — the Postgres side can now only go the way
 //!    the Kafka transaction goes;
@@ -18,6 +20,10 @@
 //! (its open Kafka transaction ends for good), read whether the decision record
 //! committed, then `COMMIT PREPARED` or `ROLLBACK PREPARED`. docs/exactly-once.md
 //! has the argument.
+//!
+//! While Kafka is away nothing new is claimed or prepared (see `kafka_gate.rs`);
+//! a batch that was prepared when Kafka vanished waits for its decision —
+//! at most one per relay.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
@@ -26,12 +32,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
+use super::outcome::{outcome_of, report};
 use super::recovery::Recovery;
-use super::{log_rejections, outcome_of, Backoff, Counters, IdleWait, Step};
+use super::{Backoff, Counters, IdleWait, KafkaGate, Step};
 use crate::config::{RelayConfig, Settings};
 use crate::failpoint;
-use crate::sink::{Decisions, KafkaSink, SendResult, Sink};
-use crate::store::{Outcome, Store, StoreError, TxnIds};
+use crate::sink::{Decisions, FailureClass, KafkaSink, SendResult, Sink, SinkError};
+use crate::store::{Finished, Outcome, Store, StoreError, TxnIds};
+use crate::telemetry::events::{BatchFailed, BatchFinished, EventsDeferred};
+use crate::telemetry::Emit;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -39,14 +48,23 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum EosError {
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("kafka: {0}")]
-    Kafka(String),
     #[error("{0}")]
-    Prerequisite(String),
+    Kafka(#[from] SinkError),
 }
 
-fn kafka(what: &str) -> impl Fn(rdkafka::error::KafkaError) -> EosError + '_ {
-    move |e| EosError::Kafka(format!("{what}: {e}"))
+impl EosError {
+    /// Worth retrying as it is (a prerequisite no retry can fix is not).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EosError::Store(e) => e.is_transient(),
+            EosError::Kafka(e) => e.is_transient(),
+        }
+    }
+
+    /// A prerequisite no retry can fix: the relay must not run as it is.
+    pub fn is_prerequisite(&self) -> bool {
+        matches!(self, EosError::Kafka(e) if e.is_prerequisite())
+    }
 }
 
 pub struct ExactlyOnceRelay {
@@ -56,6 +74,7 @@ pub struct ExactlyOnceRelay {
     recovery: Recovery,
     cfg: RelayConfig,
     wake: Arc<Notify>,
+    gate: Arc<KafkaGate>,
     /// Rows per claim: `relay.batch_size`, halved while batches take too long
     /// for `transaction.timeout.ms` (see `adapt_batch`).
     batch: AtomicUsize,
@@ -76,13 +95,9 @@ impl ExactlyOnceRelay {
         wake: Arc<Notify>,
         txn_ids: &TxnIds,
     ) -> Result<ExactlyOnceRelay, EosError> {
-        let decisions = Decisions::new(settings).map_err(|e| EosError::Kafka(e.0))?;
-        let recovery = Recovery::new(
-            store.clone(),
-            Decisions::new(settings).map_err(|e| EosError::Kafka(e.0))?,
-            txn_ids.clone(),
-            settings.relay.recovery_timeout,
-        );
+        let decisions = Decisions::new(settings)?;
+        let recovery =
+            Recovery::new(store.clone(), Decisions::new(settings)?, txn_ids.clone(), settings.relay.recovery_timeout);
         let txn_id = txn_ids.transactional_id(&settings.relay_id());
         let txn_timeout = crate::sink::producer_config(settings, None)
             .get("transaction.timeout.ms")
@@ -98,30 +113,26 @@ impl ExactlyOnceRelay {
             recovery,
             cfg: settings.relay.clone(),
             wake,
+            gate: Arc::new(KafkaGate::new(settings.relay.max_backoff)),
             own_prefix: format!("{txn_id}/"),
             txn_id,
             counters: Arc::default(),
         })
     }
 
-    /// Prerequisites no retry can fix: Postgres two-phase commit must be on.
-    pub async fn check_prerequisites(&self) -> Result<(), EosError> {
-        if self.store.max_prepared_transactions().await? == 0 {
-            return Err(EosError::Prerequisite(
-                "exactly-once needs Postgres two-phase commit, but max_prepared_transactions = 0: set it in \
-                 postgresql.conf to at least the number of relays (e.g. 64) and restart Postgres"
-                    .into(),
-            ));
-        }
-        Ok(())
+    /// Whether the loop currently claims (Kafka answers).
+    pub fn gate(&self) -> Arc<KafkaGate> {
+        self.gate.clone()
     }
 
-    /// Start-up: the decisions topic, a registered producer (fencing any zombie
-    /// of this relay), and this relay's own unresolved batches.
+    /// The Kafka side of start-up: the decisions topic exists and can be
+    /// trusted, a registered producer (fencing any zombie of this relay), and
+    /// this relay's own unresolved batches resolved. An untrusted decisions
+    /// topic is a prerequisite error ([`EosError::is_prerequisite`]); Kafka
+    /// being unreachable or slow is transient.
     pub async fn start(&self) -> Result<(), EosError> {
         let prepared = self.store.prepared_any(&self.recovery.txn_ids().prefixes()).await?;
-        let brokers =
-            self.decisions.ensure_topic(!prepared.is_empty()).await.map_err(|e| EosError::Prerequisite(e.0))?;
+        let brokers = self.decisions.ensure_topic(!prepared.is_empty()).await?;
         if let Some(warning) = crate::sink::few_brokers_warning(brokers) {
             tracing::warn!(brokers, "{warning}");
         }
@@ -129,26 +140,40 @@ impl ExactlyOnceRelay {
         self.recover_own().await
     }
 
-    /// Runs until `shutdown` flips to true (between batches).
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` flips to true (between batches), or until a
+    /// prerequisite no retry can fix turns up at start-up: then it returns
+    /// that error (the daemon stops with it).
+    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), EosError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
         let mut idle = IdleWait::new(self.cfg.poll_interval);
+        let mut started = false;
         let mut must_recover = false;
         let mut last_scan = Instant::now();
         loop {
             if *shutdown.borrow() {
-                return;
+                return Ok(());
             }
             self.store.sweep_if_due(self.cfg.sweep_interval);
-            let pause = if must_recover {
-                match self.recover_own().await {
+            // Nothing held between batches: wait here while Kafka is away.
+            if !self.gate.wait_open(&*self.sink, &mut shutdown).await {
+                continue;
+            }
+            let pause = if !started || must_recover {
+                let attempt = if started { self.recover_own().await } else { self.start().await };
+                match attempt {
                     Ok(()) => {
-                        must_recover = false;
+                        (started, must_recover) = (true, false);
+                        backoff.reset();
                         continue;
                     }
+                    Err(e) if !started && e.is_prerequisite() => return Err(e),
                     Err(e) => {
+                        if matches!(e, EosError::Kafka(_)) && e.is_transient() {
+                            self.gate.close("exactly-once start-up or recovery could not reach Kafka");
+                        }
                         let delay = backoff.next_delay();
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "recovery failed; retrying");
+                        let next = if started { "recovering" } else { "starting exactly-once" };
+                        BatchFailed { error: &e, transient: e.is_transient(), retry_in: delay, next }.emit();
                         delay
                     }
                 }
@@ -172,30 +197,14 @@ impl ExactlyOnceRelay {
                     Ok(Step::Deferred { .. }) => Duration::from_millis(10 + fastrand::u64(0..20)),
                     Ok(Step::Idle) => {
                         backoff.reset();
-                        // Until something may be claimable (one cheap look per wait),
-                        // but back to the loop for the stale-batch scan on time.
-                        loop {
-                            let wait = idle.wait().min(self.cfg.recovery_timeout / 2);
-                            tokio::select! {
-                                _ = self.wake.notified() => break,
-                                _ = tokio::time::sleep(wait) => {}
-                                _ = shutdown.changed() => break,
-                            }
-                            self.store.sweep_if_due(self.cfg.sweep_interval);
-                            if *shutdown.borrow()
-                                || last_scan.elapsed() >= self.cfg.recovery_timeout / 2
-                                || !matches!(self.store.anything_pending().await, Ok(false))
-                            {
-                                break;
-                            }
-                        }
+                        self.wait_for_work(&mut idle, &mut shutdown, last_scan).await;
                         continue;
                     }
                     Err(e) => {
-                        crate::metrics::batch_error();
                         must_recover = true;
                         let delay = backoff.next_delay();
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch failed; recovering");
+                        BatchFailed { error: &e, transient: e.is_transient(), retry_in: delay, next: "recovering" }
+                            .emit();
                         delay
                     }
                 }
@@ -203,6 +212,26 @@ impl ExactlyOnceRelay {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Until something may be claimable (one cheap look per wait), but back
+    /// to the loop for the stale-batch scan on time.
+    async fn wait_for_work(&self, idle: &mut IdleWait, shutdown: &mut watch::Receiver<bool>, last_scan: Instant) {
+        loop {
+            let wait = idle.wait().min(self.cfg.recovery_timeout / 2);
+            tokio::select! {
+                _ = self.wake.notified() => return,
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.store.sweep_if_due(self.cfg.sweep_interval);
+            if *shutdown.borrow()
+                || last_scan.elapsed() >= self.cfg.recovery_timeout / 2
+                || !matches!(self.store.anything_pending().await, Ok(false))
+            {
+                return;
             }
         }
     }
@@ -215,7 +244,7 @@ impl ExactlyOnceRelay {
             return Ok(Step::Idle);
         };
         if claimed.events.is_empty() {
-            crate::metrics::deferred(claimed.deferred);
+            EventsDeferred { count: claimed.deferred as u64 }.emit();
             claimed.release().await?;
             return Ok(Step::Deferred { rows: 0 });
         }
@@ -224,12 +253,22 @@ impl ExactlyOnceRelay {
 
         if let Err(e) = self.sink.begin().await {
             claimed.release().await?;
-            return Err(kafka("begin transaction")(e));
+            return Err(e.into());
         }
-        let sent = self.sink.send(&claimed.events, &HashSet::new(), true).await;
+        let sent = self.sink.send(&claimed.events, &HashSet::new(), None).await;
         let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, &gid);
-        let results = sent.results.await;
-        let decision = decision.await;
+        let deadline = tokio::time::Instant::from_std(claimed.claimed_at + self.cfg.publish_timeout);
+        let both = async { (sent.results.await, decision.await) };
+        let (results, decision) = match tokio::time::timeout_at(deadline, both).await {
+            Ok(r) => r,
+            Err(_) => {
+                let late = SendResult::Failed {
+                    class: FailureClass::Transient,
+                    error: "no acknowledgement within relay.publish_timeout".into(),
+                };
+                (vec![late.clone(); claimed.events.len()], late)
+            }
+        };
         failpoint::hit_batch("after-kafka-send", claimed.events.len());
 
         let all_in = decision == SendResult::Delivered
@@ -237,10 +276,12 @@ impl ExactlyOnceRelay {
                 .iter()
                 .all(|r| matches!(r, SendResult::Delivered | SendResult::Invalid { .. } | SendResult::Skipped));
         let mut outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
+        let n = claimed.events.len();
         if !all_in {
             // Kafka refused part of the batch: the transaction cannot commit.
-            // Abort it, count the attempt against the refused events, give the
-            // rest back (they go again in the next batch, in order).
+            // Give the rows back first (count the attempt against the refused
+            // events; the rest go again in the next batch, in order), then
+            // abort: an abort waits for Kafka, the database must not.
             for o in &mut outcomes {
                 if *o == Outcome::Delivered {
                     *o = Outcome::Retry;
@@ -249,21 +290,23 @@ impl ExactlyOnceRelay {
             if let SendResult::Failed { error, .. } = &decision {
                 tracing::warn!(%error, topic = %self.decisions.topic(), "decision record not written");
             }
-            log_rejections(&claimed.events, &outcomes, self.cfg.max_attempts);
-            let abort = self.sink.abort(KAFKA_TIMEOUT).await;
+            let transient = std::iter::once(&decision)
+                .chain(&results)
+                .any(|r| matches!(r, SendResult::Failed { class: FailureClass::Transient, .. }));
             let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
             let aborted: Vec<SendResult> = results
                 .iter()
                 .map(|r| if *r == SendResult::Delivered { SendResult::Skipped } else { r.clone() })
                 .collect();
-            crate::metrics::batch_finished(&events, &aborted, self.cfg.max_attempts, started.elapsed());
-            abort.map_err(kafka("abort transaction"))?;
-            self.counters.add(finished);
-            return Ok(Step::Batch { claimed: events.len(), finished });
+            report(&events, &aborted, &finished, self.cfg.max_attempts);
+            self.counters.add(&finished);
+            if transient {
+                self.gate.close("a Kafka transaction did not complete (Kafka unreachable or slow)");
+            }
+            self.sink.abort(KAFKA_TIMEOUT).await?;
+            return Ok(Step::Batch { claimed: n, finished });
         }
 
-        log_rejections(&claimed.events, &outcomes, self.cfg.max_attempts);
-        let n = claimed.events.len();
         let prepared = claimed.prepare(&outcomes, self.cfg.max_attempts, &gid).await;
         let (finished, events) = match prepared {
             Ok(p) => p,
@@ -277,17 +320,13 @@ impl ExactlyOnceRelay {
         failpoint::hit("after-prepare");
 
         if let Err(e) = self.sink.commit(KAFKA_TIMEOUT).await {
-            let requires_abort = matches!(&e, rdkafka::error::KafkaError::Transaction(t) if t.txn_requires_abort());
-            if requires_abort && self.sink.abort(KAFKA_TIMEOUT).await.is_ok() {
+            if e.requires_abort() && self.sink.abort(KAFKA_TIMEOUT).await.is_ok() {
                 self.store.rollback_prepared(&gid).await?;
                 tracing::warn!(error = %e, "Kafka refused to commit the batch; rolled back, retrying it");
-                return Ok(Step::Batch {
-                    claimed: n,
-                    finished: crate::store::Finished { retry: n, ..Default::default() },
-                });
+                return Ok(Step::Batch { claimed: n, finished: Finished { retry: n, ..Default::default() } });
             }
             // Unknown outcome (or fenced): recovery decides from the record.
-            return Err(kafka("commit transaction")(e));
+            return Err(e.into());
         }
         failpoint::hit("after-kafka-commit");
 
@@ -296,15 +335,20 @@ impl ExactlyOnceRelay {
             tracing::warn!(%gid, "batch was already resolved by a recovering relay");
         }
         failpoint::hit("after-commit-prepared");
-        crate::metrics::batch_finished(&events, &results, self.cfg.max_attempts, started.elapsed());
-        self.counters.add(finished);
-        tracing::debug!(
-            claimed = n,
-            published = finished.published,
-            failed = finished.failed,
-            ms = started.elapsed().as_millis() as u64,
-            "batch committed"
-        );
+        report(&events, &results, &finished, self.cfg.max_attempts);
+        self.gate.record_success();
+        self.counters.add(&finished);
+        BatchFinished {
+            claimed: n,
+            deferred: 0,
+            published: finished.published,
+            failed: finished.failed,
+            retry: finished.retry,
+            claim_ms: 0,
+            acked_ms: 0,
+            took: started.elapsed(),
+        }
+        .emit();
         Ok(Step::Batch { claimed: n, finished })
     }
 
@@ -345,7 +389,7 @@ impl ExactlyOnceRelay {
     /// resolved is logged with its fix and retried later; it does not stop the
     /// relay (its rows stay locked meanwhile).
     pub async fn recover_own(&self) -> Result<(), EosError> {
-        self.sink.reset_transactional(KAFKA_TIMEOUT).await.map_err(kafka("init transactions"))?;
+        self.sink.reset_transactional(KAFKA_TIMEOUT).await?;
         self.recovery.resolve_own(&self.txn_id, &self.own_prefix).await?;
         Ok(())
     }

@@ -16,8 +16,10 @@
 
 use std::time::Duration;
 
-use crate::sink::{Decisions, KafkaSink};
+use crate::sink::{Decisions, KafkaSink, SinkError};
 use crate::store::{Prepared, Store, StoreError, TxnIds};
+use crate::telemetry::events::{PreparedResolutionFailed, PreparedResolved};
+use crate::telemetry::Emit;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -26,8 +28,8 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ResolveError {
     #[error("{0}")]
     Store(#[from] StoreError),
-    #[error("kafka: {0}")]
-    Kafka(String),
+    #[error("{0}")]
+    Kafka(#[from] SinkError),
     /// The decision is known; carrying it out failed.
     #[error("{verb} failed: {source}")]
     Finish { verb: &'static str, source: StoreError },
@@ -68,7 +70,7 @@ impl Recovery {
             }
             let Some(owner) = self.txn_ids.owner_of(&p.gid) else { continue };
             tracing::warn!(gid = %p.gid, age_s = p.age_s as u64, owner, "resolving a stale prepared batch; fencing its relay");
-            let fenced = sink.fence(owner, KAFKA_TIMEOUT).await.map_err(|e| ResolveError::Kafka(format!("fence: {e}")));
+            let fenced = sink.fence(owner, KAFKA_TIMEOUT).await.map_err(ResolveError::Kafka);
             let result = match fenced {
                 Ok(()) => self.resolve(owner, &p).await,
                 Err(e) => Err(e),
@@ -92,19 +94,14 @@ impl Recovery {
     /// The owner is fenced: read the decision and finish the Postgres side.
     /// Returns whether the batch committed.
     async fn resolve(&self, owner: &str, p: &Prepared) -> Result<bool, ResolveError> {
-        let committed = self
-            .decisions
-            .was_committed(owner, &p.gid, Duration::from_secs(120))
-            .await
-            .map_err(|e| ResolveError::Kafka(e.0))?;
+        let committed = self.decisions.was_committed(owner, &p.gid, Duration::from_secs(120)).await?;
         let (verb, done) = if committed {
             ("COMMIT PREPARED", self.store.commit_prepared(&p.gid).await)
         } else {
             ("ROLLBACK PREPARED", self.store.rollback_prepared(&p.gid).await)
         };
         let done = done.map_err(|source| ResolveError::Finish { verb, source })?;
-        tracing::info!(gid = %p.gid, committed, resolved_here = done, "recovered an unfinished batch");
-        crate::metrics::recovered(committed);
+        PreparedResolved { gid: &p.gid, committed, resolved_here: done }.emit();
         Ok(committed)
     }
 }
@@ -116,7 +113,6 @@ impl Resolved {
             Ok(false) => self.rolled_back += 1,
             Err(e) => {
                 self.failed += 1;
-                crate::metrics::recovery_failed();
                 let fix = match &e {
                     ResolveError::Finish { verb, source } if source.code() == Some("42501") => format!(
                         "only the role that prepared it ({owner}) or a superuser may finish it: connect as {owner} and \
@@ -130,8 +126,8 @@ impl Resolved {
                     }
                     _ => "retried every relay.recovery_timeout/2".into(),
                 };
-                tracing::error!(gid = %p.gid, owner_role = %p.owner, age_s = p.age_s as u64, error = %e, fix = %fix,
-                    "cannot resolve a prepared batch; its rows stay locked until it is");
+                PreparedResolutionFailed { gid: &p.gid, owner_role: &p.owner, age_s: p.age_s, error: &e, fix: &fix }
+                    .emit();
             }
         }
     }

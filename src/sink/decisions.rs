@@ -57,7 +57,7 @@ impl Decisions {
             .set("acks", "all")
             .set("linger.ms", "0")
             .create()
-            .map_err(|e| SinkError(format!("cannot create the decisions producer: {e}")))?;
+            .map_err(|e| SinkError::config("cannot create the decisions producer", e))?;
         Ok(Decisions { topic: settings.relay.commits_topic.clone(), base, probe })
     }
 
@@ -85,11 +85,11 @@ impl Decisions {
                 self.create(replication_factor, min_insync_replicas).await?;
                 // Another relay may have created it a moment ago: check what exists.
                 match self.inspect(prepared_exist).await? {
-                    (_, DecisionsTopic::Untrusted(why)) => Err(SinkError(why)),
+                    (_, DecisionsTopic::Untrusted(why)) => Err(SinkError::prerequisite(why)),
                     (brokers, _) => Ok(brokers),
                 }
             }
-            (_, DecisionsTopic::Untrusted(why)) => Err(SinkError(why)),
+            (_, DecisionsTopic::Untrusted(why)) => Err(SinkError::prerequisite(why)),
         }
     }
 
@@ -155,7 +155,7 @@ impl Decisions {
 
     async fn create(&self, rf: usize, isr: usize) -> Result<(), SinkError> {
         let admin: AdminClient<DefaultClientContext> =
-            self.base.create().map_err(|e| SinkError(format!("cannot create the admin client: {e}")))?;
+            self.base.create().map_err(|e| SinkError::config("cannot create the admin client", e))?;
         let isr = isr.to_string();
         let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(rf as i32))
             .set("cleanup.policy", "compact")
@@ -166,15 +166,18 @@ impl Decisions {
         let results = admin
             .create_topics([&topic], &opts)
             .await
-            .map_err(|e| SinkError(format!("cannot create topic {}: {e}", self.topic)))?;
+            .map_err(|e| SinkError::kafka(format!("cannot create topic {}", self.topic), e))?;
         for r in results {
             match r {
                 Ok(_) => tracing::info!(topic = %self.topic, replication_factor = rf, min_insync_replicas = %isr,
                     "created the exactly-once decisions topic"),
                 // Another relay created it a moment ago: validate what it made.
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((t, code)) if super::classify_code(code) == super::FailureClass::Transient => {
+                    return Err(SinkError::unavailable(format!("cannot create topic {t}"), code))
+                }
                 Err((t, code)) => {
-                    return Err(SinkError(format!(
+                    return Err(SinkError::prerequisite(format!(
                         "cannot create topic {t}: {code} — create it yourself: 1 partition, replication factor {rf}, \
                          cleanup.policy=compact, min.insync.replicas={isr}"
                     )))
@@ -203,7 +206,7 @@ impl Decisions {
         // Never let the probe create the topic: an empty new topic would answer
         // "not committed" for every batch.
         if self.partitions(Duration::from_secs(10)).await? != 1 {
-            return Err(SinkError(format!(
+            return Err(SinkError::prerequisite(format!(
                 "the decisions topic {} is missing or not a single partition: cannot read the decision of {gid}",
                 self.topic
             )));
@@ -214,7 +217,7 @@ impl Decisions {
             .probe
             .send(record, timeout)
             .await
-            .map_err(|(e, _)| SinkError(format!("cannot write the probe to {}: {e}", self.topic)))?;
+            .map_err(|(e, _)| SinkError::kafka(format!("cannot write the probe to {}", self.topic), e))?;
         let probe_offset = delivery.offset;
         let mut cfg = self.base.clone();
         cfg.set("group.id", format!("outbox-relay-recovery-{}", uuid::Uuid::new_v4()))
@@ -224,15 +227,16 @@ impl Decisions {
             .set("fetch.wait.max.ms", "50");
         let (topic, key, gid) = (self.topic.clone(), transactional_id.to_string(), gid.to_string());
         tokio::task::spawn_blocking(move || {
-            let c: BaseConsumer = cfg.create().map_err(|e| SinkError(format!("kafka consumer: {e}")))?;
+            let c: BaseConsumer = cfg.create().map_err(|e| SinkError::config("kafka consumer", e))?;
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, 0, Offset::Beginning).map_err(|e| SinkError(e.to_string()))?;
-            c.assign(&tpl).map_err(|e| SinkError(format!("assign: {e}")))?;
+            tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+                .map_err(|e| SinkError::kafka("decisions partition", e))?;
+            c.assign(&tpl).map_err(|e| SinkError::kafka("assign", e))?;
             let deadline = Instant::now() + timeout;
             let mut committed = false;
             while Instant::now() < deadline {
                 let Some(m) = c.poll(Duration::from_millis(100)) else { continue };
-                let m = m.map_err(|e| SinkError(format!("reading {topic}: {e}")))?;
+                let m = m.map_err(|e| SinkError::kafka(format!("reading {topic}"), e))?;
                 if m.key() == Some(key.as_bytes()) && m.payload() == Some(gid.as_bytes()) {
                     committed = true;
                 }
@@ -240,11 +244,14 @@ impl Decisions {
                     return Ok(committed);
                 }
             }
-            Err(SinkError(format!(
-                "could not read {topic} up to offset {probe_offset} within {timeout:?} (a transaction still open?)"
-            )))
+            Err(SinkError::unavailable(
+                format!("reading {topic}"),
+                format!(
+                    "could not read {topic} up to offset {probe_offset} within {timeout:?} (a transaction still open?)"
+                ),
+            ))
         })
         .await
-        .map_err(|e| SinkError(format!("decisions task failed: {e}")))?
+        .map_err(|e| SinkError::unavailable("decisions task", e))?
     }
 }

@@ -1,7 +1,15 @@
-//! Every Kafka outcome is classified here, once. The relay acts on the class:
-//! transient → keep the event pending and retry (never park); permanent → count an
-//! attempt against the event and park it after `relay.max_attempts`; fatal →
-//! rebuild the producer and retry the batch.
+//! Every Kafka outcome is classified here, once.
+//!
+//! Per event ([`FailureClass`]): transient → keep the event pending and retry
+//! (never park); permanent → count an attempt against the event and park it
+//! after `relay.max_attempts`; fatal → rebuild the producer and retry.
+//!
+//! Per operation of the sink as a whole ([`SinkError`]): an opaque error the
+//! relay asks questions of — `is_transient()` (retry as it is), `requires_abort()`
+//! (a Kafka transaction must be aborted before anything else), `is_fenced()`
+//! (another producer with this transactional id took over).
+
+use std::fmt;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
 
@@ -14,6 +22,16 @@ pub enum FailureClass {
     Permanent,
     /// The producer itself is unusable (idempotence fatal error, fenced).
     Fatal,
+}
+
+impl FailureClass {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FailureClass::Transient => "transient",
+            FailureClass::Permanent => "permanent",
+            FailureClass::Fatal => "fatal",
+        }
+    }
 }
 
 pub fn classify(err: &KafkaError) -> FailureClass {
@@ -52,6 +70,88 @@ pub fn classify_code(code: C) -> FailureClass {
         _ => FailureClass::Transient,
     }
 }
+
+/// A failure of the sink as a whole (not of one event). Never contains secrets.
+#[derive(Debug)]
+pub struct SinkError {
+    /// What was being done (`begin transaction`, `metadata of topic x`).
+    context: String,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// What librdkafka said.
+    Kafka(KafkaError),
+    /// The cluster could not be reached or did not answer in time.
+    Unavailable(String),
+    /// A client could not be created from the configuration.
+    Config(String),
+    /// A prerequisite no retry can fix (an untrusted decisions topic); the
+    /// message says how to fix it.
+    Prerequisite(String),
+}
+
+impl SinkError {
+    pub(crate) fn kafka(context: impl Into<String>, e: KafkaError) -> SinkError {
+        SinkError { context: context.into(), kind: Kind::Kafka(e) }
+    }
+
+    pub(crate) fn unavailable(context: impl Into<String>, why: impl fmt::Display) -> SinkError {
+        SinkError { context: context.into(), kind: Kind::Unavailable(why.to_string()) }
+    }
+
+    pub(crate) fn config(context: impl Into<String>, why: impl fmt::Display) -> SinkError {
+        SinkError { context: context.into(), kind: Kind::Config(why.to_string()) }
+    }
+
+    pub(crate) fn prerequisite(message: impl Into<String>) -> SinkError {
+        SinkError { context: String::new(), kind: Kind::Prerequisite(message.into()) }
+    }
+
+    /// Worth retrying as it is: Kafka unreachable, a timeout, a leader
+    /// election, a retriable transaction error. Not transient: bad client
+    /// configuration, an untrusted decisions topic, a fenced producer, a
+    /// permanent rejection.
+    pub fn is_transient(&self) -> bool {
+        match &self.kind {
+            Kind::Unavailable(_) => true,
+            Kind::Config(_) | Kind::Prerequisite(_) => false,
+            Kind::Kafka(KafkaError::Transaction(t)) => t.is_retriable() && !t.is_fatal() && !self.is_fenced(),
+            Kind::Kafka(e) => classify(e) == FailureClass::Transient,
+        }
+    }
+
+    /// The Kafka transaction cannot go on and must be aborted first.
+    pub fn requires_abort(&self) -> bool {
+        matches!(&self.kind, Kind::Kafka(KafkaError::Transaction(t)) if t.txn_requires_abort())
+    }
+
+    /// Another producer with this transactional id took over (or a recovering
+    /// relay fenced this one): this producer must not be used again.
+    pub fn is_fenced(&self) -> bool {
+        let Kind::Kafka(e) = &self.kind else { return false };
+        matches!(e.rdkafka_error_code(), Some(C::Fenced | C::ProducerFenced | C::InvalidProducerEpoch))
+    }
+
+    /// A prerequisite no retry can fix (the relay must not start as it is).
+    pub fn is_prerequisite(&self) -> bool {
+        matches!(self.kind, Kind::Prerequisite(_) | Kind::Config(_))
+    }
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let prefix = if self.context.is_empty() { String::new() } else { format!("{}: ", self.context) };
+        match &self.kind {
+            Kind::Kafka(e) => write!(f, "kafka: {prefix}{e}"),
+            Kind::Unavailable(why) | Kind::Config(why) => write!(f, "kafka: {prefix}{why}"),
+            Kind::Prerequisite(why) => write!(f, "{why}"),
+        }
+    }
+}
+
+impl std::error::Error for SinkError {}
 
 #[cfg(test)]
 mod tests {
@@ -95,5 +195,20 @@ mod tests {
         for c in [C::Fatal, C::ProducerFenced, C::InvalidProducerEpoch, C::OutOfOrderSequenceNumber] {
             assert_eq!(classify_code(c), FailureClass::Fatal, "{c:?}");
         }
+    }
+
+    #[test]
+    fn sink_errors_answer_the_relay_s_questions() {
+        let timeout = SinkError::kafka("metadata of topic d", KafkaError::MetadataFetch(C::OperationTimedOut));
+        assert!(timeout.is_transient() && !timeout.is_prerequisite(), "a metadata timeout is retried: {timeout}");
+        let down = SinkError::unavailable("metadata", "all brokers down");
+        assert!(down.is_transient() && !down.is_fenced() && !down.requires_abort());
+        let untrusted = SinkError::prerequisite("the decisions topic d cannot be trusted: 2 partitions");
+        assert!(!untrusted.is_transient() && untrusted.is_prerequisite());
+        assert_eq!(untrusted.to_string(), "the decisions topic d cannot be trusted: 2 partitions");
+        let fenced = SinkError::kafka("commit transaction", KafkaError::MessageProduction(C::ProducerFenced));
+        assert!(fenced.is_fenced() && !fenced.is_transient());
+        let config = SinkError::config("producer", "No such configuration property: \"x\"");
+        assert!(!config.is_transient() && config.is_prerequisite());
     }
 }

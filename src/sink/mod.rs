@@ -1,25 +1,34 @@
-//! Kafka side of the relay: the producer, delivery confirmation for every
-//! message, and the classification of failures. The relay talks to a [`Sink`],
-//! so tests can also drive it against librdkafka's mock cluster.
+//! Kafka side of the relay: the producer's configuration (`producer.rs`), the
+//! producer with delivery confirmation for every message (`kafka.rs`, its
+//! delivery reports in `acks.rs`), the transaction API of exactly-once mode
+//! (`transactions.rs`), the decisions topic (`decisions.rs`), what the cluster
+//! says about a topic (`topics.rs`), and the classification of failures
+//! (`error.rs`). The relay talks to a [`Sink`], so tests can also drive it
+//! against librdkafka's mock cluster.
+//!
+//! The sink knows Kafka and outbox events; it knows nothing of Postgres.
 
+mod acks;
 mod decisions;
 mod error;
 mod kafka;
+mod producer;
 pub mod topics;
+mod transactions;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use rdkafka::ClientConfig;
 
 pub use decisions::{few_brokers_warning, Decisions, DecisionsTopic};
-pub use error::{classify, classify_code, FailureClass};
-pub use kafka::{producer_config, KafkaSink};
+pub use error::{classify, classify_code, FailureClass, SinkError};
+pub use kafka::KafkaSink;
+pub use producer::{producer_config, RELAY_ID_HEADER};
 
 use crate::event::OutboxEvent;
-use rdkafka::ClientConfig;
-use std::collections::BTreeMap;
 
 /// The final answer for one event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,22 +45,25 @@ pub enum SendResult {
     Skipped,
 }
 
-/// A failure of the sink as a whole (not of one event).
-#[derive(Debug, thiserror::Error)]
-#[error("kafka: {0}")]
-pub struct SinkError(pub String);
+/// Which producer a batch went to. A producer that was purged or replaced
+/// (a fatal error, a batch given back after `relay.publish_timeout`) has a
+/// new epoch: a later batch claimed while an earlier one was unfinished must
+/// not go to a new producer before the earlier batch's events went again.
+pub type Epoch = u64;
 
 /// A batch handed to the producer: its results arrive through `results`.
 pub struct Sent {
     /// Resolves once every event has a final result (`[i]` belongs to `events[i]`).
     pub results: BoxFuture<'static, Vec<SendResult>>,
-    /// Keys with an event that failed (or was skipped) before reaching Kafka:
-    /// the next batch must not send later events of them either.
+    /// Keys with an event that failed (or was skipped) before reaching Kafka
+    /// in this batch: the next batch must not send later events of them.
     pub held_keys: HashSet<String>,
-    /// Nothing was sent: the producer failed fatally while an earlier batch is
-    /// unfinished. Finish what is in flight, then send again with `alone` (the
-    /// earlier batch's events come first again, on a new producer).
+    /// Nothing was sent: the producer was replaced (or must be) while an
+    /// earlier batch is unfinished. Finish what is in flight, then send again
+    /// alone (the earlier batch's events come first again, on the new producer).
     pub stalled: bool,
+    /// The producer epoch the batch went to.
+    pub epoch: Epoch,
 }
 
 /// Where batches go.
@@ -61,19 +73,30 @@ pub trait Sink: Send + Sync + 'static {
     /// an earlier event fail before reaching Kafka, is [`SendResult::Skipped`]:
     /// sending it would overtake that event.
     ///
-    /// `alone`: no earlier batch of this relay was unfinished when this one was
-    /// claimed. Only then may a broken producer be replaced for it; otherwise
-    /// the batch comes back [`Sent::stalled`], because a new producer could put
-    /// its events ahead of the earlier batch's failed ones.
-    fn send(&self, events: &[OutboxEvent], hold: &HashSet<String>, alone: bool) -> impl Future<Output = Sent> + Send;
+    /// `behind`: the epoch of this relay's earlier, unfinished batch (`None`
+    /// when there is none). Only a batch with nothing before it may replace a
+    /// broken producer; a batch behind one goes to that batch's producer or,
+    /// if it was replaced meanwhile, comes back [`Sent::stalled`].
+    fn send(
+        &self,
+        events: &[OutboxEvent],
+        hold: &HashSet<String>,
+        behind: Option<Epoch>,
+    ) -> impl Future<Output = Sent> + Send;
 
     /// `send` and wait for every result.
     fn publish(&self, events: &[OutboxEvent]) -> impl Future<Output = Vec<SendResult>> + Send {
-        async move { self.send(events, &HashSet::new(), true).await.results.await }
+        async move { self.send(events, &HashSet::new(), None).await.results.await }
     }
 
+    /// Gives up on everything handed over so far: drops what is queued or in
+    /// flight (the pending results resolve as transient failures) and starts a
+    /// new producer epoch, so nothing handed over before can reach Kafka after
+    /// the rows are given back. `reason` goes to the logs and metrics.
+    fn abandon(&self, reason: &'static str);
+
     /// Drops whatever is queued or in flight (shutdown past its deadline); the
-    /// pending `publish` resolves with transient failures.
+    /// pending results resolve with transient failures.
     fn purge(&self);
 
     /// Waits until everything handed over so far is acknowledged.

@@ -30,8 +30,8 @@ pub async fn describe(
     let cfg = base.clone();
     let name = topic.to_string();
     let (brokers, layout) = tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = cfg.create().map_err(|e| SinkError(format!("kafka client: {e}")))?;
-        let md = c.fetch_metadata(Some(&name), timeout).map_err(|e| SinkError(format!("metadata: {e}")))?;
+        let c: BaseConsumer = cfg.create().map_err(|e| SinkError::config("kafka client", e))?;
+        let md = c.fetch_metadata(Some(&name), timeout).map_err(|e| SinkError::kafka("metadata", e))?;
         let layout = match md.topics().first() {
             None => TopicState::Missing,
             Some(t) => topic_state(
@@ -41,8 +41,8 @@ pub async fn describe(
             ),
         };
         match layout {
-            TopicState::Unsure(why) => Err(SinkError(format!("metadata of topic {name}: {why}"))),
-            _ if md.brokers().is_empty() => Err(SinkError("metadata lists no brokers".into())),
+            TopicState::Unsure(why) => Err(SinkError::unavailable(format!("metadata of topic {name}"), why)),
+            _ if md.brokers().is_empty() => Err(SinkError::unavailable("metadata", "it lists no brokers")),
             TopicState::Missing => Ok((md.brokers().len(), None)),
             TopicState::Exists { partitions, replication_factor } => {
                 Ok((md.brokers().len(), Some((partitions, replication_factor))))
@@ -50,20 +50,20 @@ pub async fn describe(
         }
     })
     .await
-    .map_err(|e| SinkError(format!("metadata task failed: {e}")))??;
+    .map_err(|e| SinkError::unavailable("metadata task", e))??;
     let Some((partitions, replication_factor)) = layout else { return Ok((brokers, None)) };
     let admin: AdminClient<DefaultClientContext> =
-        base.create().map_err(|e| SinkError(format!("cannot create the admin client: {e}")))?;
+        base.create().map_err(|e| SinkError::config("cannot create the admin client", e))?;
     let opts = AdminOptions::new().request_timeout(Some(timeout));
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
         .await
-        .map_err(|e| SinkError(format!("cannot describe topic {topic}: {e}")))?;
+        .map_err(|e| SinkError::kafka(format!("cannot describe topic {topic}"), e))?;
     let resource = described
         .into_iter()
         .next()
-        .ok_or_else(|| SinkError(format!("no description of topic {topic}")))?
-        .map_err(|e| SinkError(format!("cannot describe topic {topic}: {e}")))?;
+        .ok_or_else(|| SinkError::unavailable(format!("describe topic {topic}"), "no description"))?
+        .map_err(|e| SinkError::unavailable(format!("cannot describe topic {topic}"), e))?;
     let value = |k: &str| resource.get(k).and_then(|e| e.value.clone()).unwrap_or_default();
     Ok((
         brokers,

@@ -1,18 +1,26 @@
-//! PostgreSQL side of the relay: the connection pool and the settings of its
-//! sessions, schema migrations and verification, claiming batches from the
-//! floor, recording their outcome, prepared (exactly-once) batches, the health
-//! of the database the relay is a guest on, and the LISTEN connection that
-//! hears operators' replays.
+//! PostgreSQL side of the relay, one file per operation: the pool and session
+//! settings (`connection`), claiming a batch from the floor (`claim`, `floor`),
+//! recording its outcome (`finish`), the look for work and the sweep below the
+//! floor (`sweep`), prepared exactly-once batches (`prepared`, `txn_ids`,
+//! `lease`), the schema (`schema/`), the operator's commands (`ops/`), the
+//! health of the database the relay is a guest on (`health`, `backlog`), and
+//! the LISTEN connection that hears operators' replays (`listen`).
+//!
+//! The store knows Postgres and the outbox's rows; it knows nothing of Kafka.
 
 mod backlog;
-mod batch;
+mod claim;
+mod connection;
 mod error;
+mod finish;
 mod floor;
 mod health;
+mod lease;
 mod listen;
 mod ops;
 mod prepared;
 mod schema;
+mod sweep;
 mod tls;
 mod txn_ids;
 
@@ -20,58 +28,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use postgres_native_tls::MakeTlsConnector;
 
 pub use backlog::Backlog;
-pub use batch::{Claimed, EventFailure, Finished, Outcome};
+pub use connection::{describe, pg_config};
 pub use error::StoreError;
+pub use finish::{Claimed, EventFailure, Finished, Outcome, Parked};
 pub use floor::Floor;
 pub use health::{DbHealth, HorizonHolder};
+pub use lease::IdLease;
 pub use listen::spawn_listener;
-pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus};
+pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus, CLEANUP_BATCH};
 pub use prepared::Prepared;
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
-
-pub use txn_ids::{database_id, IdLease, TxnIds};
+pub use txn_ids::{database_id, TxnIds};
 
 use crate::config::{OnPublish, Ordering, Settings, TableName};
-
-/// Builds the tokio-postgres config and TLS connector from settings (URL, TLS
-/// options, optional password file).
-pub fn pg_config(settings: &Settings) -> Result<(tokio_postgres::Config, MakeTlsConnector), StoreError> {
-    let (url, url_mode, url_root) = crate::config::split_url(settings.postgres_url());
-    let mut cfg: tokio_postgres::Config =
-        url.parse().map_err(|e| StoreError::config(format!("postgres.url is not a valid connection string: {e}")))?;
-    let (tls, ssl_mode) = tls::connector(settings, url_mode, url_root)?;
-    cfg.ssl_mode(ssl_mode);
-    if let Some(path) = &settings.postgres.password_file {
-        let password = std::fs::read_to_string(path)
-            .map_err(|e| StoreError::config(format!("cannot read postgres.password_file {}: {e}", path.display())))?;
-        cfg.password(password.trim_end_matches(['\n', '\r']));
-    }
-    if cfg.get_application_name().is_none() {
-        cfg.application_name("outbox-relay");
-    }
-    cfg.connect_timeout(settings.postgres.connect_timeout);
-    cfg.keepalives(true);
-    cfg.keepalives_idle(Duration::from_secs(30));
-    Ok((cfg, tls))
-}
-
-/// Where the relay's Postgres is, without the password, for messages.
-pub fn describe(cfg: &tokio_postgres::Config) -> String {
-    let host = cfg
-        .get_hosts()
-        .first()
-        .map(|h| match h {
-            tokio_postgres::config::Host::Tcp(s) => s.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        })
-        .unwrap_or_else(|| "localhost".into());
-    let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!("{}@{}:{}/{}", cfg.get_user().unwrap_or("?"), host, port, cfg.get_dbname().unwrap_or("?"))
-}
 
 /// The outbox table and the pool of connections that claim and mark it.
 #[derive(Clone)]
@@ -80,12 +53,14 @@ pub struct Store {
     pg: tokio_postgres::Config,
     tls: MakeTlsConnector,
     table: TableName,
-    sql: batch::Statements,
+    claim_sql: Arc<claim::ClaimSql>,
+    finish_sql: Arc<finish::FinishSql>,
+    sweep_sql: Arc<sweep::SweepSql>,
     shared: Arc<Shared>,
 }
 
 /// State every clone of a store shares: where claims start, which keys are
-/// left out for a moment, the identity sequence.
+/// left out for a moment, the identity sequence, the open transactions.
 struct Shared {
     floor: Mutex<Floor>,
     blocked: Mutex<HashMap<String, Instant>>,
@@ -97,67 +72,16 @@ struct Shared {
     /// Heartbeat period of an open batch (a third of the idle-in-transaction bound).
     keepalive: Option<Duration>,
     txn_ids: Mutex<Option<TxnIds>>,
-}
-
-/// Settings of every relay session. No JIT, parallel workers or custom plans:
-/// the relay runs the same small, indexed statements over and over, where JIT
-/// compilation alone took ~100 ms per statement on a table with many dead rows,
-/// a parallel plan starts processes, and a custom plan re-plans 1000-element
-/// arrays on every call. No bitmap or sequential scans: every statement of the
-/// relay is a range of an index read in order until a LIMIT or a bound, and on
-/// a table without statistics (never analyzed, or analyzed when it looked
-/// different: a fresh outbox, a restored one, autovacuum behind) the planner
-/// estimated one pending row and chose, by a hair, a bitmap scan of the whole
-/// pending index plus a sort of every pending row, on every claim (350 ms and
-/// 29k buffers for 500 rows behind a 200k backlog; drains ran at a third of the
-/// analyzed rate). The settings only add a cost penalty, so a statement with no
-/// index path still runs. The time bounds keep a relay from holding locks, a
-/// snapshot or a query without limit (PostgreSQL ends them server-side, so they
-/// also bound a relay that froze or lost its network).
-fn session_settings(statement_timeout: Duration, idle_in_transaction: Duration) -> String {
-    let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
-    format!(
-        "SELECT set_config('jit', 'off', false), set_config('max_parallel_workers_per_gather', '0', false),
-                set_config('plan_cache_mode', 'force_generic_plan', false),
-                set_config('enable_bitmapscan', 'off', false), set_config('enable_seqscan', 'off', false),
-                set_config('statement_timeout', '{}', false),
-                set_config('idle_in_transaction_session_timeout', '{}', false),
-                CASE WHEN current_setting('server_version_num')::int >= 140000
-                     THEN set_config('client_connection_check_interval', '10000', false) END",
-        ms(statement_timeout),
-        ms(idle_in_transaction)
-    )
+    clock: Arc<connection::TxnClock>,
 }
 
 impl Store {
     /// Creates the pool; connects lazily (call [`Store::ping`] to test it).
     pub fn new(settings: &Settings) -> Result<Store, StoreError> {
         let (pg, tls) = pg_config(settings)?;
-        let manager =
-            Manager::from_config(pg.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let setup =
-            session_settings(settings.postgres.statement_timeout, settings.postgres.idle_in_transaction_timeout);
-        let pool = Pool::builder(manager)
-            .max_size(settings.postgres.pool_size)
-            .post_create(Hook::async_fn(move |client, _| {
-                let setup = setup.clone();
-                Box::pin(async move {
-                    client.simple_query(&setup).await.map_err(HookError::Backend)?;
-                    Ok(())
-                })
-            }))
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(settings.postgres.connect_timeout))
-            .wait_timeout(Some(settings.postgres.connect_timeout + Duration::from_secs(5)))
-            .build()
-            .map_err(|e| StoreError::config(format!("cannot build the Postgres pool: {e}")))?;
+        let pool = connection::pool(settings, &pg, &tls)?;
         let table = settings.table();
-        let sql = batch::Statements::new(
-            &table,
-            settings.relay.on_publish,
-            settings.relay.ordering,
-            settings.relay.retry_backoff,
-        );
+        let relay = &settings.relay;
         let idle = settings.postgres.idle_in_transaction_timeout;
         let shared = Arc::new(Shared {
             floor: Mutex::new(Floor::default()),
@@ -166,38 +90,23 @@ impl Store {
             seq_oid: Mutex::new(None),
             keepalive: (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_millis(100))),
             txn_ids: Mutex::new(None),
+            clock: Arc::default(),
         });
-        Ok(Store { pool, pg, tls, table, sql, shared })
+        Ok(Store {
+            pool,
+            pg,
+            tls,
+            claim_sql: Arc::new(claim::ClaimSql::new(&table, relay.ordering)),
+            finish_sql: Arc::new(finish::FinishSql::new(&table, relay.on_publish, relay.retry_backoff)),
+            sweep_sql: Arc::new(sweep::SweepSql::new(&table)),
+            table,
+            shared,
+        })
     }
 
     /// Where this relay's claims start (see `floor.rs`).
     pub fn floor(&self) -> MutexGuard<'_, Floor> {
         self.shared.floor.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn observe_floor(&self, started: i64, claimed_max: Option<i64>, head: Option<i64>, lockers: Option<Vec<String>>) {
-        self.floor().observe(started, claimed_max, head, lockers);
-    }
-
-    /// The outbox's identity sequence, looked up once. `None` when the table has
-    /// none: then the floor cannot rule out stragglers and stays at the start.
-    async fn sequence_oid(&self, client: &deadpool_postgres::Object) -> Option<u32> {
-        if let Some(known) = *self.shared.seq_oid.lock().unwrap_or_else(|p| p.into_inner()) {
-            return known;
-        }
-        let row = client
-            .query_one("SELECT pg_get_serial_sequence($1, 'seq')::regclass::oid", &[&self.table.quoted()])
-            .await
-            .ok()?;
-        let oid: Option<u32> = row.get(0);
-        if oid.is_none() {
-            tracing::warn!(
-                table = %self.table,
-                "the seq column has no owned sequence: claims cannot skip dead rows safely and scan from the start"
-            );
-        }
-        *self.shared.seq_oid.lock().unwrap_or_else(|p| p.into_inner()) = Some(oid);
-        oid
     }
 
     pub fn table(&self) -> &TableName {
@@ -214,11 +123,17 @@ impl Store {
     }
 
     pub fn on_publish(&self) -> OnPublish {
-        self.sql.on_publish
+        self.finish_sql.on_publish
     }
 
     pub fn ordering(&self) -> Ordering {
-        self.sql.ordering
+        self.claim_sql.ordering
+    }
+
+    /// How long the oldest transaction this store holds open has been open (any
+    /// kind), and the oldest claimed batch: `None` when there is none.
+    pub fn oldest_open_transaction(&self) -> (Option<Duration>, Option<Duration>) {
+        self.shared.clock.oldest()
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {

@@ -1,16 +1,8 @@
-//! Named telemetry: every metric the relay exports is recorded here, in one
-//! place, so names stay consistent with the dashboards and alerts in `deploy/`.
-//! Everything else calls these functions.
+//! Every metric the relay exports, by name, in one place (the dashboards and
+//! alerts in `deploy/` are checked against this file), and the Prometheus
+//! recorder. Values are recorded only by the events in `events.rs`.
 
-use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::event::OutboxEvent;
-use crate::sink::{FailureClass, SendResult};
-use crate::store::Backlog;
 
 pub const PUBLISHED: &str = "outbox_relay_events_published_total";
 pub const FAILED: &str = "outbox_relay_publish_failures_total";
@@ -35,6 +27,10 @@ pub const DEAD_TUPLES: &str = "outbox_relay_table_dead_tuples";
 pub const LIVE_TUPLES: &str = "outbox_relay_table_live_tuples";
 pub const HORIZON_AGE: &str = "outbox_relay_xmin_horizon_age_seconds";
 pub const HORIZON_XIDS: &str = "outbox_relay_xmin_horizon_age_xids";
+pub const OLDEST_TRANSACTION_AGE: &str = "outbox_relay_oldest_transaction_age_seconds";
+pub const KAFKA_AVAILABLE: &str = "outbox_relay_kafka_available";
+pub const BATCHES_RELEASED: &str = "outbox_relay_batches_released_total";
+pub const PRODUCER_REBUILDS: &str = "outbox_relay_producer_rebuilds_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -102,106 +98,23 @@ fn describe() {
         "Age of the oldest transaction or snapshot holding back vacuum in this database (0 when none)."
     );
     describe_gauge!(
+        OLDEST_TRANSACTION_AGE,
+        Unit::Seconds,
+        "How long the oldest transaction this relay holds on the database has been open (0 when none); \
+         bounded by relay.publish_timeout while Kafka is away."
+    );
+    describe_gauge!(
+        KAFKA_AVAILABLE,
+        "1 while the relay can reach Kafka and claims batches; 0 while it waits for Kafka, holding nothing."
+    );
+    describe_counter!(
+        BATCHES_RELEASED,
+        "Batches given back unpublished (rows pending again, in order), by reason (publish_timeout)."
+    );
+    describe_counter!(PRODUCER_REBUILDS, "Kafka producers replaced, by reason (fatal error, publish_timeout).");
+    describe_gauge!(
         HORIZON_XIDS,
         Unit::Count,
         "How many transaction ids the oldest snapshot holding back vacuum is behind."
     );
-}
-
-/// A batch was finished: count per topic, record latency from commit to ack.
-pub fn batch_finished(events: &[OutboxEvent], results: &[SendResult], max_attempts: u32, took: Duration) {
-    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
-    let mut published: HashMap<&str, u64> = HashMap::new();
-    let mut parked: HashMap<&str, u64> = HashMap::new();
-    let (mut transient, mut permanent, mut invalid, mut fatal, mut skipped) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    for (ev, r) in events.iter().zip(results) {
-        match r {
-            SendResult::Delivered => {
-                *published.entry(ev.topic.as_str()).or_default() += 1;
-                let secs = (now_us - ev.created_at_us).max(0) as f64 / 1e6;
-                histogram!(COMMIT_TO_ACK).record(secs);
-            }
-            SendResult::Skipped => skipped += 1,
-            SendResult::Invalid { .. } => {
-                invalid += 1;
-                *parked.entry(ev.topic.as_str()).or_default() += 1;
-            }
-            SendResult::Failed { class, .. } => match class {
-                FailureClass::Transient => transient += 1,
-                FailureClass::Fatal => fatal += 1,
-                FailureClass::Permanent => {
-                    permanent += 1;
-                    if ev.attempts + 1 >= max_attempts as i32 {
-                        *parked.entry(ev.topic.as_str()).or_default() += 1;
-                    }
-                }
-            },
-        }
-    }
-    for (topic, n) in published {
-        counter!(PUBLISHED, "topic" => topic.to_string()).increment(n);
-    }
-    for (topic, n) in parked {
-        counter!(PARKED, "topic" => topic.to_string()).increment(n);
-    }
-    for (class, n) in [("transient", transient), ("permanent", permanent), ("invalid", invalid), ("fatal", fatal)] {
-        if n > 0 {
-            counter!(FAILED, "class" => class).increment(n);
-        }
-    }
-    if skipped > 0 {
-        counter!(DEFERRED).increment(skipped);
-    }
-    counter!(BATCHES).increment(1);
-    histogram!(BATCH_SIZE).record(events.len() as f64);
-    histogram!(BATCH_DURATION).record(took.as_secs_f64());
-}
-
-pub fn deferred(n: usize) {
-    if n > 0 {
-        counter!(DEFERRED).increment(n as u64);
-    }
-}
-
-/// Exactly-once: an unfinished batch was resolved by recovery.
-pub fn recovered(committed: bool) {
-    counter!(RECOVERED, "decision" => if committed { "commit" } else { "rollback" }).increment(1);
-}
-
-/// An attempt to resolve a prepared batch failed.
-pub fn recovery_failed() {
-    counter!(RECOVERY_FAILURES).increment(1);
-}
-
-pub fn claim_duration(took: Duration) {
-    histogram!(CLAIM_DURATION).record(took.as_secs_f64());
-}
-
-/// How long the oldest batch this relay holds has been open.
-pub fn inflight_age(age: Option<Duration>) {
-    gauge!(INFLIGHT_AGE).set(age.map_or(0.0, |a| a.as_secs_f64()));
-}
-
-pub fn db_health(h: &crate::store::DbHealth) {
-    gauge!(DEAD_TUPLES).set(h.dead_tuples as f64);
-    gauge!(LIVE_TUPLES).set(h.live_tuples as f64);
-    let horizon = h.horizon.as_ref();
-    gauge!(HORIZON_AGE).set(horizon.and_then(|x| x.age_s).unwrap_or(0.0).max(0.0));
-    gauge!(HORIZON_XIDS).set(horizon.and_then(|x| x.age_xids).unwrap_or(0) as f64);
-}
-
-pub fn batch_error() {
-    counter!(BATCH_ERRORS).increment(1);
-}
-
-pub fn backlog(b: &Backlog) {
-    gauge!(PENDING).set(b.pending as f64);
-    gauge!(OLDEST_PENDING_AGE).set(b.oldest_pending_age_s);
-    gauge!(PARKED_NOW).set(b.parked as f64);
-    gauge!(PREPARED).set(b.prepared as f64);
-    gauge!(OLDEST_PREPARED_AGE).set(b.oldest_prepared_age_s);
-}
-
-pub fn ready(ready: bool) {
-    gauge!(READY).set(if ready { 1.0 } else { 0.0 });
 }

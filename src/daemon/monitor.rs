@@ -2,13 +2,15 @@
 //! health of the database the relay is a guest on (dead tuples, xmin horizon).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::http::Health;
 use crate::sink::Sink;
 use crate::store::Store;
+use crate::telemetry::events::{Backlog, TableHealth};
+use crate::telemetry::Emit;
 
 /// Checks Postgres, the schema and Kafka every `every`, updates `health` and the
 /// backlog gauges. Ends when `shutdown` flips.
@@ -22,8 +24,8 @@ pub fn spawn_monitor<S: Sink>(
     tokio::spawn(async move {
         // The schema rarely changes and its check reads information_schema:
         // every minute (and after any failure). Reachability every round.
-        let mut last_schema: Option<(std::time::Instant, Vec<String>)> = None;
-        let mut last_health: Option<std::time::Instant> = None;
+        let mut last_schema: Option<(Instant, Vec<String>)> = None;
+        let mut last_health: Option<Instant> = None;
         loop {
             let mut problems = Vec::new();
             let (mut pg_ok, mut schema_ok) = (false, false);
@@ -43,7 +45,7 @@ pub fn spawn_monitor<S: Sink>(
                         schema_ok = !found.iter().any(|p| p.fatal);
                         let fatal: Vec<String> = found.into_iter().filter(|p| p.fatal).map(|p| p.message).collect();
                         problems.extend(fatal.iter().cloned());
-                        last_schema = Some((std::time::Instant::now(), fatal));
+                        last_schema = Some((Instant::now(), fatal));
                     }
                     Err(e) => problems.push(format!("postgres: {e}")),
                 }
@@ -57,24 +59,34 @@ pub fn spawn_monitor<S: Sink>(
             };
             if pg_ok && schema_ok {
                 match store.backlog().await {
-                    Ok(b) => crate::metrics::backlog(&b),
+                    Ok(b) => Backlog {
+                        pending: b.pending,
+                        oldest_pending_age_s: b.oldest_pending_age_s,
+                        parked: b.parked,
+                        prepared: b.prepared,
+                        oldest_prepared_age_s: b.oldest_prepared_age_s,
+                    }
+                    .emit(),
                     Err(e) => tracing::debug!(error = %e, "backlog query failed"),
                 }
                 if last_health.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
-                    last_health = Some(std::time::Instant::now());
+                    last_health = Some(Instant::now());
                     match store.db_health().await {
-                        Ok(h) => crate::metrics::db_health(&h),
+                        Ok(h) => {
+                            let horizon = h.horizon.as_ref();
+                            TableHealth {
+                                live_tuples: h.live_tuples,
+                                dead_tuples: h.dead_tuples,
+                                horizon_age_s: horizon.and_then(|x| x.age_s).unwrap_or(0.0),
+                                horizon_age_xids: horizon.and_then(|x| x.age_xids).unwrap_or(0),
+                            }
+                            .emit()
+                        }
                         Err(e) => tracing::debug!(error = %e, "table statistics query failed"),
                     }
                 }
             }
-            let was_ready = health.is_ready();
-            health.update(pg_ok, schema_ok, kafka_ok, problems.clone());
-            if was_ready && !health.is_ready() {
-                tracing::warn!(problems = ?problems, "not ready");
-            } else if !was_ready && health.is_ready() {
-                tracing::info!("ready");
-            }
+            health.update(pg_ok, schema_ok, kafka_ok, problems);
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => return,

@@ -1,10 +1,18 @@
-//! Logging: readable text on a terminal, JSON lines when `log.format = "json"`.
+//! Telemetry, a leaf every layer may use and that uses none of them: logging
+//! set-up, the metric names, and the named internal events (in the manner of
+//! Vector's `internal_events`) through which the layer that knows a fact logs
+//! and counts it in one place.
+
+pub mod events;
+pub mod metrics;
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
+
+pub use events::Emit;
 
 /// Installs the global subscriber (once; later calls are ignored). `RUST_LOG`
 /// overrides `log.level` when set.

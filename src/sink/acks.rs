@@ -1,0 +1,108 @@
+//! Delivery reports: librdkafka's delivery callback fills a per-batch tracker
+//! (no future or channel per message), and librdkafka logs to `tracing`.
+
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::ClientContext;
+use tokio::sync::Notify;
+
+use super::{classify, FailureClass, SendResult};
+
+/// Where one batch's delivery reports land.
+pub struct BatchAcks {
+    results: Mutex<Vec<Option<SendResult>>>,
+    remaining: AtomicUsize,
+    done: Notify,
+    size: usize,
+}
+
+impl BatchAcks {
+    pub(super) fn new(n: usize) -> BatchAcks {
+        BatchAcks { results: Mutex::new(vec![None; n]), remaining: AtomicUsize::new(n), done: Notify::new(), size: n }
+    }
+
+    /// The final result of event `i` (the first one counts).
+    pub(super) fn set(&self, i: usize, r: SendResult) {
+        let mut results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = results.get_mut(i) {
+            if slot.is_none() {
+                *slot = Some(r);
+                drop(results);
+                if self.remaining.fetch_sub(1, AtomicOrdering::AcqRel) == 1 {
+                    self.done.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Waits for every result, noting every 30 s while Kafka does not answer
+    /// (the relay bounds the wait itself: `relay.publish_timeout`).
+    pub(super) async fn wait_all(&self) -> Vec<SendResult> {
+        let started = Instant::now();
+        let mut next_report = Duration::from_secs(30);
+        while self.remaining.load(AtomicOrdering::Acquire) > 0 {
+            let waited = started.elapsed();
+            let left = next_report.saturating_sub(waited);
+            if tokio::time::timeout(left, self.done.notified()).await.is_err() {
+                tracing::warn!(
+                    waiting_for = self.remaining.load(AtomicOrdering::Acquire),
+                    batch = self.size,
+                    waited_s = waited.as_secs(),
+                    "Kafka has not acknowledged the whole batch yet; still retrying (is the cluster reachable?)"
+                );
+                next_report += Duration::from_secs(30);
+            }
+        }
+        self.take()
+    }
+
+    pub(super) fn take(&self) -> Vec<SendResult> {
+        let mut results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        results
+            .drain(..)
+            .map(|r| {
+                r.unwrap_or(SendResult::Failed { class: FailureClass::Transient, error: "no delivery report".into() })
+            })
+            .collect()
+    }
+}
+
+/// Routes delivery reports to their batch; librdkafka logs to `tracing`.
+pub struct RelayContext;
+
+impl ClientContext for RelayContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", fac, "{log_message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Broker-down noise repeats while Kafka is away; the relay reports the
+        // stalled batch itself, so keep these at warn.
+        tracing::warn!(target: "librdkafka", %error, "{reason}");
+    }
+}
+
+impl ProducerContext for RelayContext {
+    type DeliveryOpaque = Box<(Arc<BatchAcks>, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (acks, i) = *opaque;
+        let r = match result {
+            Ok(_) => SendResult::Delivered,
+            Err((e, _)) => SendResult::Failed { class: classify(e), error: e.to_string() },
+        };
+        acks.set(i, r);
+    }
+}

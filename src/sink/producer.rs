@@ -1,0 +1,60 @@
+//! The producer's properties: the relay's defaults, then the user's
+//! `[kafka.properties]`, then the settings the guarantees depend on.
+
+use std::collections::BTreeMap;
+
+use crate::config::{Delivery, Settings};
+
+/// The Kafka header naming the relay that published a message: operators
+/// auditing a duplicate see which relay sent each copy (and the chaos run
+/// attributes them exactly).
+pub const RELAY_ID_HEADER: &str = "outbox_relay_id";
+
+/// The producer properties the relay uses: its defaults, then the user's
+/// `[kafka.properties]`, then the settings the guarantees depend on.
+/// `transactional_id`: exactly-once mode's (see `store::TxnIds`).
+pub fn producer_config(settings: &Settings, transactional_id: Option<&str>) -> BTreeMap<String, String> {
+    let mut props = BTreeMap::new();
+    let mut set = |k: &str, v: &str| {
+        props.insert(k.to_string(), v.to_string());
+    };
+    set("client.id", &format!("outbox-relay-{}", settings.relay_id()));
+    let exactly_once = settings.relay.delivery == Delivery::ExactlyOnce;
+    if exactly_once {
+        // A transaction's messages may not outlive it: librdkafka bounds
+        // message.timeout.ms by transaction.timeout.ms. A timed-out batch is
+        // aborted as a whole and retried, so order holds anyway. Short, because
+        // the open transaction of a relay that died and does not come back holds
+        // read_committed consumers (and recovery) back until it times out.
+        set("transaction.timeout.ms", "15000");
+    } else {
+        // No message ever times out inside the producer: a timed-out event could
+        // be overtaken by a later event of its key in the next batch. Transient
+        // faults are retried for as long as the batch may wait
+        // (relay.publish_timeout); then the relay abandons the producer as a
+        // whole (every later batch's events with it) and gives the rows back.
+        set("message.timeout.ms", "0");
+    }
+    // 0: the relay hands over whole batches, and while requests are in flight
+    // the next ones fill up anyway, so nothing is gained by holding a batch back.
+    // scripts/bench, 1k ev/s, alternating: commit→ack p50 7.2 / 7.1 ms with 0
+    // vs 8.1 / 8.0 ms with 1 ms (librdkafka's default 5 ms was worse still);
+    // drain rates equal within noise.
+    set("linger.ms", "0");
+    set("compression.type", "lz4");
+    set("batch.num.messages", "10000");
+    set("queue.buffering.max.messages", "200000");
+    set("topic.metadata.refresh.interval.ms", "30000");
+    set("reconnect.backoff.max.ms", "2000");
+    set("socket.keepalive.enable", "true");
+    for (k, v) in &settings.kafka.properties {
+        set(k, v);
+    }
+    set("bootstrap.servers", settings.kafka_brokers());
+    set("enable.idempotence", "true");
+    set("acks", "all");
+    if let Some(id) = transactional_id {
+        set("transactional.id", id);
+    }
+    props
+}

@@ -1,0 +1,284 @@
+//! Claiming a batch: pending rows from the floor, in `seq` order, locked with
+//! `FOR UPDATE SKIP LOCKED` in a transaction that stays open while the batch is
+//! published (see `finish.rs` for how it ends), with the per-key fence that
+//! keeps order across relays. The SQL sits beside the code that reads its
+//! columns, by name.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::connection::{Conn, TxnKind};
+use super::finish::{Claimed, RawBytes};
+use super::{Store, StoreError};
+use crate::config::{Ordering, TableName};
+use crate::event::OutboxEvent;
+use crate::telemetry::events::{ClaimRan, StatementTimedOut};
+use crate::telemetry::Emit;
+
+/// How long a key whose earlier event another relay holds is left out of this
+/// relay's claims: the other relay publishes it (and, pipelining, what follows).
+const BLOCKED_KEY_TTL: Duration = Duration::from_millis(500);
+/// At most this many keys are left out at once.
+const BLOCKED_KEYS_MAX: usize = 10_000;
+
+/// The claim's SQL for one table, built once from validated identifiers.
+#[derive(Debug)]
+pub(super) struct ClaimSql {
+    claim: String,
+    probe: String,
+    pub(super) ordering: Ordering,
+}
+
+impl ClaimSql {
+    pub(super) fn new(table: &TableName, ordering: Ordering) -> ClaimSql {
+        let t = table.quoted();
+        let pending = "published_at IS NULL AND parked_at IS NULL";
+        // The same condition in the words of the retry-due index (migration
+        // 0003), which the pending index's condition does not match: lookups of
+        // events waiting for a retry can only use the small retry-due index,
+        // whatever the statistics say (stale ones, from when nothing was
+        // pending, made the planner read the whole pending index for them).
+        let waiting = "coalesce(published_at, parked_at) IS NULL";
+        let waiting_o = "coalesce(o.published_at, o.parked_at) IS NULL";
+        // Strict order: an event whose key has an earlier parked event waits until
+        // an operator replays (or deletes) the parked one.
+        let strict = match ordering {
+            Ordering::PerKey => String::new(),
+            Ordering::Strict => format!(
+                " AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.parked_at IS NOT NULL AND p.key = o.key AND p.seq < o.seq)"
+            ),
+        };
+        // The CTEs carry only what the fence needs; payloads (≈1 KB) are read once,
+        // at the end, through the rows' ctids (locked: they cannot move).
+        let cols = "ctid, id, seq, key";
+        ClaimSql {
+            // $1 floor, $2 limit, $3 ids this relay holds in its other open batch,
+            // $4 keys to leave out (another relay holds their head).
+            //
+            // `due`: events whose retry time has come, wherever they are (the
+            // floor passes events that wait), read through the retry-due index
+            // by `retry_at`: never the pending index below the floor.
+            // `main`: the pending index from the floor, in seq order.
+            // `fence`: per-key order with several relays, and behind events that
+            // wait for a retry. For each key of the batch, the earliest pending
+            // row not in this batch and not held by this relay's other batch
+            // (another relay holds it, or it waits for its retry); our later rows
+            // of that key are deferred. It reads the pending index from the floor
+            // to the batch's last seq, and the waiting events of the batch's keys
+            // through the retry index (by key).
+            //
+            // No statement here lets the planner choose the pending index for a
+            // lookup that is not a range from the floor: with real statistics
+            // (retry_at almost always NULL) it otherwise did, once per row; with
+            // stale ones it read all of it for the waiting events (`waiting`).
+            claim: format!(
+                "WITH due AS MATERIALIZED (
+                   SELECT {cols} FROM {t} o
+                   WHERE o.retry_at IS NOT NULL AND o.retry_at <= now() AND {waiting_o}{strict}
+                   ORDER BY o.retry_at, o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
+                 main AS MATERIALIZED (
+                   SELECT {cols} FROM {t} o
+                   WHERE o.{pending} AND o.seq >= $1 AND o.retry_at IS NULL
+                     AND (o.key IS NULL OR NOT (o.key = ANY($4))){strict}
+                   ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due) FOR UPDATE SKIP LOCKED),
+                 claimed AS (SELECT * FROM due UNION ALL SELECT * FROM main),
+                 fence AS (
+                   SELECT p.key, min(p.seq) AS first FROM (
+                       SELECT key, seq, id FROM {t} WHERE {pending}
+                         AND seq >= $1 AND seq < (SELECT max(seq) FROM claimed)
+                       UNION ALL
+                       SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND {waiting}
+                         AND key IN (SELECT key FROM claimed)
+                   ) p
+                   WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
+                     AND p.id NOT IN (SELECT id FROM claimed)
+                   GROUP BY p.key)
+                 SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
+                        (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us,
+                        f.first AS first_foreign
+                 FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
+                 ORDER BY c.seq"
+            ),
+            // Run right after the claim, in its transaction: the head (lowest
+            // pending seq at or above the floor, held by anyone, not waiting for a
+            // retry) and, when $2 is not 0, who holds the identity sequence's lock
+            // (see floor.rs).
+            probe: format!(
+                "SELECT (SELECT seq FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1 ORDER BY seq LIMIT 1)
+                          AS head,
+                        CASE WHEN $2::oid <> 0 THEN ARRAY(
+                          SELECT virtualtransaction FROM pg_locks
+                          WHERE locktype = 'relation' AND relation = $2::oid
+                            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) END
+                          AS lockers"
+            ),
+            ordering,
+        }
+    }
+}
+
+/// One claimed row with the fence's answer for its key.
+pub(super) struct Row {
+    pub(super) ctid: String,
+    pub(super) event: OutboxEvent,
+    /// The earliest pending `seq` of this key that another relay holds (or that
+    /// waits for its retry), if any.
+    first_foreign: Option<i64>,
+}
+
+impl Row {
+    /// Reads one row of the claim statement, by column name.
+    fn read(row: &tokio_postgres::Row) -> Result<Row, StoreError> {
+        let payload: Option<RawBytes> = row.try_get("payload")?;
+        let headers: RawBytes = row.try_get("headers")?;
+        Ok(Row {
+            ctid: row.try_get("ctid")?,
+            event: OutboxEvent {
+                id: row.try_get("id")?,
+                seq: row.try_get("seq")?,
+                topic: row.try_get("topic")?,
+                key: row.try_get("key")?,
+                payload: payload.map(|p| p.0),
+                headers: headers.0,
+                attempts: row.try_get("attempts")?,
+                created_at_us: row.try_get("created_at_us")?,
+            },
+            first_foreign: row.try_get("first_foreign")?,
+        })
+    }
+}
+
+impl Store {
+    /// Claims up to `limit` pending rows in `seq` order, skipping rows another
+    /// relay holds. Returns `None` when nothing could be claimed (the transaction
+    /// is already closed then).
+    ///
+    /// `own` are rows this relay holds in another, still open batch (pipelining):
+    /// they precede this batch on the same producer, so they do not defer it.
+    ///
+    /// When every row claimed belongs to keys another relay holds, their keys are
+    /// left out for a moment and the claim is tried once more at once, so a hot
+    /// key's backlog held elsewhere does not stall this relay.
+    pub async fn claim(&self, limit: usize, own: &[uuid::Uuid]) -> Result<Option<Claimed>, StoreError> {
+        let mut deferred_before = 0;
+        for attempt in 0..2 {
+            let Some((mut claimed, rows)) = self.claim_once(limit, own).await? else { break };
+            let mut blocked = Vec::new();
+            for r in rows {
+                match r.first_foreign {
+                    Some(first) if r.event.seq > first => {
+                        claimed.deferred += 1;
+                        blocked.extend(r.event.key.clone());
+                    }
+                    _ => claimed.push(r.ctid, r.event),
+                }
+            }
+            self.block_keys(blocked);
+            if claimed.events.is_empty() && attempt == 0 {
+                deferred_before = claimed.deferred;
+                claimed.release().await?;
+                continue;
+            }
+            claimed.deferred += deferred_before;
+            claimed.start_heartbeat(self.shared.keepalive);
+            return Ok(Some(claimed));
+        }
+        // Nothing claimable; report what was deferred, holding nothing.
+        Ok((deferred_before > 0).then(|| Claimed::nothing(self.finish_sql.clone(), deferred_before)))
+    }
+
+    async fn claim_once(&self, limit: usize, own: &[uuid::Uuid]) -> Result<Option<(Claimed, Vec<Row>)>, StoreError> {
+        let started = Instant::now();
+        let client = self.client().await?;
+        let seq_oid = self.sequence_oid(&client).await;
+        let open = self.shared.clock.begin(TxnKind::Batch);
+        let conn = Arc::new(Conn::new(client, self.tls.clone(), open));
+        let (floor, lockers_wanted) = {
+            let f = self.floor();
+            (f.get(), f.wants_lockers())
+        };
+        let oid: u32 = if lockers_wanted { seq_oid.unwrap_or(0) } else { 0 };
+        let blocked = self.blocked_keys();
+        let client = conn.client();
+        let claim_stmt = client.prepare_cached(&self.claim_sql.claim).await?;
+        let probe_stmt = client.prepare_cached(&self.claim_sql.probe).await?;
+        let limit = limit as i64;
+        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&floor, &limit, &own, &blocked];
+        let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&floor, &oid];
+        // One round trip: the three requests are pipelined on the connection.
+        let (begin, rows, probe) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.query(&claim_stmt, &claim_params),
+            client.query_one(&probe_stmt, &probe_params),
+        );
+        begin?;
+        let (rows, probe) = match (rows, probe) {
+            (Ok(r), Ok(p)) => (r, p),
+            (Err(e), _) | (_, Err(e)) => {
+                let e = StoreError::from(e);
+                if e.is_statement_timeout() {
+                    StatementTimedOut { statement: "claim", took: started.elapsed() }.emit();
+                }
+                return Err(e);
+            }
+        };
+        ClaimRan { took: started.elapsed() }.emit();
+        let claimed_at = Instant::now();
+        let head: Option<i64> = probe.try_get("head")?;
+        let lockers: Option<Vec<String>> = probe.try_get("lockers")?;
+        let parsed = rows.iter().map(Row::read).collect::<Result<Vec<_>, _>>()?;
+        let claimed_max = parsed.iter().map(|r| r.event.seq).max();
+        self.floor().observe(floor, claimed_max, head, lockers);
+        if parsed.is_empty() {
+            client.batch_execute("COMMIT").await?;
+            conn.ended();
+            return Ok(None);
+        }
+        Ok(Some((Claimed::open(conn, self.finish_sql.clone(), claimed_at), parsed)))
+    }
+
+    /// The outbox's identity sequence, looked up once. `None` when the table has
+    /// none: then the floor cannot rule out stragglers and stays at the start.
+    async fn sequence_oid(&self, client: &deadpool_postgres::Object) -> Option<u32> {
+        if let Some(known) = *self.shared.seq_oid.lock().unwrap_or_else(|p| p.into_inner()) {
+            return known;
+        }
+        let row = client
+            .query_one("SELECT pg_get_serial_sequence($1, 'seq')::regclass::oid", &[&self.table.quoted()])
+            .await
+            .ok()?;
+        let oid: Option<u32> = row.get(0);
+        if oid.is_none() {
+            tracing::warn!(
+                table = %self.table,
+                "the seq column has no owned sequence: claims cannot skip dead rows safely and scan from the start"
+            );
+        }
+        *self.shared.seq_oid.lock().unwrap_or_else(|p| p.into_inner()) = Some(oid);
+        oid
+    }
+
+    /// Leaves these keys out of this relay's claims for a moment.
+    fn block_keys(&self, keys: Vec<String>) {
+        if keys.is_empty() {
+            return;
+        }
+        let until = Instant::now() + BLOCKED_KEY_TTL;
+        let mut b = self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        b.retain(|_, t| *t > now);
+        for k in keys {
+            if b.len() >= BLOCKED_KEYS_MAX {
+                break;
+            }
+            b.insert(k, until);
+        }
+    }
+
+    fn blocked_keys(&self) -> Vec<String> {
+        let mut b = self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        b.retain(|_, t| *t > now);
+        b.keys().cloned().collect()
+    }
+}
