@@ -12,6 +12,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::event::EVENT_ID_HEADER;
+use crate::sink::RELAY_ID_HEADER;
 use crate::store::PublishedRow;
 
 /// One message read back from Kafka.
@@ -25,6 +26,8 @@ pub struct Seen {
     /// took it (topics with CreateTime, the default) or when the broker
     /// appended it (LogAppendTime).
     pub timestamp_ms: Option<i64>,
+    /// The relay that published it (the `outbox_relay_id` header).
+    pub relay_id: Option<String>,
 }
 
 /// The comparison of rows and messages.
@@ -114,44 +117,6 @@ pub fn compare(expected: &[PublishedRow], seen: &[Seen]) -> Report {
     report
 }
 
-/// Blames every extra copy of an event on the disruption that caused it.
-///
-/// `disruptions` are what was done to the system, as (from, to) in ms since the
-/// epoch, ordered by `from`: a moment (a SIGKILL: from = to) or a window (a
-/// Postgres restart, a frozen relay). A second copy exists because the batch
-/// that sent the first one was not recorded, so a disruption struck after the
-/// first copy was produced and before the next one was: a moment between the
-/// two copies, or a window that overlaps them (a batch sent while Postgres is
-/// going down is not recorded either). Each extra copy goes to the first moment
-/// between the two copies, else to the first window overlapping them: a kill
-/// inside a long window (the freeze, a Kafka outage) keeps its own copies, so
-/// the per-kill bound stays checked there. Returns the copies per disruption (same index) and the copies
-/// no disruption explains (event id, the timestamps of the copy before it and
-/// of itself). Needs one clock for both sides (the relay and the caller on one
-/// machine) and CreateTime topics, so that a copy's timestamp is when it was sent.
-pub fn duplicates_by_disruption(seen: &[Seen], disruptions: &[(i64, i64)]) -> (Vec<usize>, Vec<(Uuid, i64, i64)>) {
-    let mut stamps: HashMap<Uuid, Vec<i64>> = HashMap::new();
-    for m in seen {
-        if let (Some(id), Some(ts)) = (m.id, m.timestamp_ms) {
-            stamps.entry(id).or_default().push(ts);
-        }
-    }
-    let mut per = vec![0; disruptions.len()];
-    let mut unexplained = Vec::new();
-    for (id, ts) in stamps.iter_mut().filter(|(_, t)| t.len() > 1) {
-        ts.sort_unstable();
-        for pair in ts.windows(2) {
-            let moment = disruptions.iter().position(|&(from, to)| from == to && from >= pair[0] && from <= pair[1]);
-            match moment.or_else(|| disruptions.iter().position(|&(from, to)| to >= pair[0] && from <= pair[1])) {
-                Some(i) => per[i] += 1,
-                None => unexplained.push((*id, pair[0], pair[1])),
-            }
-        }
-    }
-    unexplained.sort_unstable_by_key(|u| (u.1, u.0));
-    (per, unexplained)
-}
-
 /// Reads `topics` from the beginning up to their current end with a
 /// read_committed consumer. `properties` are the relay's `kafka.properties`
 /// (security settings apply to the consumer too). Blocking.
@@ -196,17 +161,21 @@ pub fn read_topics(
     loop {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m.map_err(|e| format!("consume: {e}"))?;
-            let id = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == EVENT_ID_HEADER).and_then(|h| h.value))
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .and_then(|s| Uuid::parse_str(s).ok());
+            let header = |name: &str| {
+                m.headers()
+                    .and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value))
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_string)
+            };
+            let id = header(EVENT_ID_HEADER).and_then(|s| Uuid::parse_str(&s).ok());
+            let relay_id = header(RELAY_ID_HEADER);
             seen.push(Seen {
                 id,
                 topic: m.topic().to_string(),
                 partition: m.partition(),
                 offset: m.offset(),
                 timestamp_ms: m.timestamp().to_millis(),
+                relay_id,
             });
             if seen.len() % 100_000 == 0 {
                 progress(seen.len());
@@ -242,37 +211,14 @@ mod tests {
     }
 
     fn seen(r: &PublishedRow, offset: i64) -> Seen {
-        Seen { id: Some(r.id), topic: "t".into(), partition: 0, offset, timestamp_ms: Some(1_000 + offset) }
-    }
-
-    #[test]
-    fn each_extra_copy_is_blamed_on_the_next_disruption() {
-        let rows = [row(1, "a"), row(2, "a"), row(3, "b")];
-        let at = |r: &PublishedRow, ts: i64| Seen { timestamp_ms: Some(ts), ..seen(r, 0) };
-        let msgs = vec![
-            at(&rows[0], 100),
-            at(&rows[1], 101),
-            at(&rows[2], 102),
-            // kill at 150: a1 and a2 again
-            at(&rows[0], 200),
-            at(&rows[1], 201),
-            // kill at 250, broker stop at 300: a1 a third time
-            at(&rows[0], 400),
-            // a copy with no disruption in between
-            at(&rows[2], 103),
-        ];
-        let (per, unexplained) = duplicates_by_disruption(&msgs, &[(150, 150), (250, 250), (300, 300)]);
-        // a1's third copy goes to the first disruption after its second (250)
-        assert_eq!(per, vec![2, 1, 0]);
-        assert_eq!(unexplained.iter().map(|u| (u.1, u.2)).collect::<Vec<_>>(), vec![(102, 103)]);
-        let (per, _) = duplicates_by_disruption(&msgs, &[(150, 150), (300, 300)]);
-        assert_eq!(per, vec![2, 1]);
-        // a window that began before b3's first copy and ended at it (a Postgres
-        // restart while its batch was out) explains its second; a1's and a2's
-        // stay with the kill between their copies, though the window came first
-        let (per, unexplained) = duplicates_by_disruption(&msgs, &[(101, 102), (150, 150)]);
-        assert_eq!(per, vec![1, 2]);
-        assert_eq!(unexplained.iter().map(|u| (u.1, u.2)).collect::<Vec<_>>(), vec![(200, 400)]);
+        Seen {
+            id: Some(r.id),
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: Some(1_000 + offset),
+            relay_id: None,
+        }
     }
 
     #[test]

@@ -1,11 +1,9 @@
 //! The command line: bad input gets one clear line and a distinct exit code,
 //! never a panic; secrets never appear in output.
 
-mod common;
-
 use std::process::Output;
 
-use common::*;
+use outbox_relay_support::*;
 
 fn run(args: &[&str], env: &[(&str, &str)], clear_infra: bool) -> Output {
     let mut cmd = relay_cmd("outbox", env);

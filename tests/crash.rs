@@ -2,13 +2,11 @@
 //! committed event must reach Kafka, in per-key order; duplicates are bounded
 //! by the in-flight batches of the killed relays.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {

@@ -61,11 +61,7 @@ fn dashboards_and_alerts_use_only_exported_metrics() {
 /// The containers of a pod spec: init containers (native sidecars among
 /// them) and regular ones.
 fn pod_containers(spec: &serde_yaml::Value) -> Vec<&serde_yaml::Value> {
-    ["initContainers", "containers"]
-        .iter()
-        .filter_map(|k| spec[*k].as_sequence())
-        .flatten()
-        .collect()
+    ["initContainers", "containers"].iter().filter_map(|k| spec[*k].as_sequence()).flatten().collect()
 }
 
 fn words(c: &serde_yaml::Value) -> Vec<String> {
@@ -116,7 +112,8 @@ fn pod_gates_the_application(name: &str, spec: &serde_yaml::Value) -> Vec<String
         // exits makes the pod unready: the relay must be a native sidecar
         // (restartable init container) without readiness or startup probe.
         if c["restartPolicy"].as_str() != Some("Always") {
-            wrong.push(format!("{name}: relay {cname} is not a native sidecar (initContainers, restartPolicy: Always)"));
+            wrong
+                .push(format!("{name}: relay {cname} is not a native sidecar (initContainers, restartPolicy: Always)"));
         }
         for probe in ["readinessProbe", "startupProbe"] {
             if !c[probe].is_null() {

@@ -2,11 +2,9 @@
 //! protocol, and zombie relays, must leave a read_committed consumer with every
 //! committed event exactly once, in per-key order.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_support::*;
 
 const EOS: (&str, &str) = ("OUTBOX_RELAY__RELAY__DELIVERY", "exactly-once");
 const BATCH: (&str, &str) = ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50");
@@ -112,7 +110,7 @@ async fn zombie(point: &str, expect_committed: bool) {
     );
 
     // The zombie wakes up in the middle of its batch.
-    a.signal("-CONT");
+    a.signal(libc::SIGCONT);
     tokio::time::sleep(Duration::from_secs(3)).await;
     a.assert_running();
     insert(&ob, &topic, 200, 300).await;

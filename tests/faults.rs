@@ -3,16 +3,14 @@
 //! transient errors are retried and never park, authorisation failures park,
 //! a fatal producer state rebuilds the producer. Postgres is the real one.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use outbox_relay::config::Settings;
 use outbox_relay::relay::{Relay, Step};
 use outbox_relay::sink::KafkaSink;
 use outbox_relay::store::Store;
+use outbox_relay_support::*;
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use tokio::sync::Notify;

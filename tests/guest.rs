@@ -3,16 +3,14 @@
 //! rows, no straggler ever skipped, upgrades while running, and every relay
 //! session bounded (statements, idle transactions, a vanished client).
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures_util::future::poll_fn;
 use outbox_relay::config::Settings;
 use outbox_relay::store::{Outcome, Store};
+use outbox_relay_support::*;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 /// Collects the notifications on `channel` that a separate session hears.
@@ -387,7 +385,7 @@ async fn a_frozen_relay_s_batch_goes_to_another_relay_within_the_idle_bound() {
     // A wakes up: its batch is gone. It must notice before it sends (the
     // chaos run's 10 duplicates no disruption explained came from this) and
     // carry on, then stop cleanly.
-    a.signal("-CONT");
+    a.signal(libc::SIGCONT);
     tokio::time::sleep(Duration::from_secs(3)).await;
     a.assert_running();
     let (code, log_a) = a.terminate(Duration::from_secs(30));

@@ -1,13 +1,11 @@
 //! Several relays against one outbox: SKIP LOCKED shares the work and per-key
 //! order still holds, hot keys included.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_relays_keep_per_key_order_with_a_hot_key() {

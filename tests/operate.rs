@@ -1,12 +1,10 @@
 //! The operator's side against the real Postgres and Kafka: status, replay,
 //! cleanup, verify, /metrics and /readyz.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_support::*;
 
 fn cli(ob: &Outbox, args: &[&str]) -> (Option<i32>, String, String) {
     let o = relay_cmd(&ob.table, &[]).args(args).output().expect("run outbox-relay");

@@ -1,41 +1,18 @@
 //! Real outages on the real infrastructure: the Kafka broker stopped mid-load and
-//! started again; PostgreSQL restarted mid-load. Nothing may be lost, parked or
-//! reordered, and /readyz must say "not ready" while a dependency is gone.
+//! started again; PostgreSQL restarted mid-load; relays started while Kafka is
+//! away. Nothing may be lost, parked or reordered; while Kafka is away the
+//! relay holds nothing on the application's database past relay.publish_timeout;
+//! /readyz says "not ready" while a dependency is gone.
 //!
-//! These tests stop shared services, so they hold one lock (cargo runs test
-//! binaries one after another, so no other binary runs meanwhile).
+//! These tests stop shared services: each holds an exclusive lock on what it
+//! stops (`InfraLock`), so no test that uses it runs meanwhile, under any runner.
 
-mod common;
-
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn infra(cmd: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/infra");
-    let out = Command::new(script).arg(cmd).output().expect("run scripts/infra");
-    assert!(out.status.success(), "scripts/infra {cmd}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn kafka_reachable() -> bool {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    c.fetch_metadata(None, Duration::from_secs(2)).is_ok()
-}
+use outbox_relay_support::*;
 
 fn ready(port: u16) -> Option<bool> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    Some(buf.starts_with("HTTP/1.1 200"))
+    http_get(port, "/readyz").map(|(code, _)| code == 200)
 }
 
 async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -46,48 +23,6 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// An application writing small transactions over 20 keys from one connection;
-/// it reconnects after errors (Postgres restarts) and keeps going.
-fn spawn_writer(
-    table: String,
-    topic: String,
-    stop: Arc<AtomicBool>,
-    written: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut n: i64 = 0;
-        while !stop.load(Ordering::Relaxed) {
-            let Ok((mut db, conn)) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls).await else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            tokio::spawn(conn);
-            while !stop.load(Ordering::Relaxed) {
-                let r = async {
-                    let tx = db.transaction().await?;
-                    tx.execute(
-                        &format!(
-                            "INSERT INTO {table} (topic, key, payload)
-                             SELECT $1, 'key-' || (($2::bigint + i) % 20), jsonb_build_object('n', $2::bigint + i)
-                             FROM generate_series(0, 9) i"
-                        ),
-                        &[&topic, &n],
-                    )
-                    .await?;
-                    tx.commit().await
-                }
-                .await;
-                if r.is_err() {
-                    break; // reconnect; the table is the truth about what committed
-                }
-                n += 10;
-                written.fetch_add(10, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    })
-}
-
 async fn check_all_delivered(ob: &Outbox, topic: &str) {
     ob.wait_drained(Duration::from_secs(180)).await;
     let d = delivery(ob, &[topic.to_string()], Duration::from_secs(2)).await;
@@ -96,30 +31,32 @@ async fn check_all_delivered(ob: &Outbox, topic: &str) {
     assert_eq!(ob.count("parked_at IS NOT NULL OR attempts > 0").await, 0, "an outage never counts against events");
 }
 
+fn stop_kafka() {
+    infra_cmd(&["stop-kafka"]);
+    assert!(!kafka_reachable(&brokers()), "Kafka still answers: these tests need the broker run by scripts/infra");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_stopped_mid_load_loses_nothing_and_readyz_flips() {
-    let _serial = SERIAL.lock().await;
-    let ob = Outbox::new("kafkaout").await;
+    let lock = InfraLock::exclusive(&[Resource::Kafka]).await;
+    let ob = Outbox::new_beside("kafkaout", &lock).await;
     let topic = ob.topic("events", 3).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut relay =
         ob.spawn_relay(&[("OUTBOX_RELAY__HTTP__LISTEN", listen.as_str()), ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100")]);
     wait_for("ready", Duration::from_secs(30), || ready(port) == Some(true)).await;
-    let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let writer = spawn_writer(ob.qualified(), topic.clone(), stop.clone(), written.clone());
+    let writers = Writers::start(WriterSpec::small(&ob.qualified(), &topic));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    infra("stop-kafka");
-    assert!(!kafka_reachable(), "Kafka still answers: these tests need the broker run by scripts/infra");
+    stop_kafka();
     wait_for("not ready", Duration::from_secs(30), || ready(port) == Some(false)).await;
     tokio::time::sleep(Duration::from_secs(10)).await; // writes keep committing meanwhile
     relay.assert_running();
-    infra("start-kafka");
+    infra_cmd(&["start-kafka"]);
     wait_for("ready again", Duration::from_secs(60), || ready(port) == Some(true)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    writers.finish().await;
     check_all_delivered(&ob, &topic).await;
     let (code, err) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
@@ -127,10 +64,10 @@ async fn kafka_stopped_mid_load_loses_nothing_and_readyz_flips() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_restarted_mid_load_loses_nothing() {
-    let _serial = SERIAL.lock().await;
-    let ob = Outbox::new("pgout").await;
+    let lock = InfraLock::exclusive(&[Resource::Postgres]).await;
+    let ob = Outbox::new_beside("pgout", &lock).await;
     let topic = ob.topic("events", 3).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut relay = ob.spawn_relay(&[
         ("OUTBOX_RELAY__HTTP__LISTEN", listen.as_str()),
@@ -138,34 +75,17 @@ async fn postgres_restarted_mid_load_loses_nothing() {
         ("OUTBOX_RELAY__RELAY__MAX_BACKOFF", "1s"),
     ]);
     wait_for("ready", Duration::from_secs(30), || ready(port) == Some(true)).await;
-    let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let writer = spawn_writer(ob.qualified(), topic.clone(), stop.clone(), written.clone());
+    let writers = Writers::start(WriterSpec::small(&ob.qualified(), &topic));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    infra("restart-postgres");
+    infra_cmd(&["restart-postgres"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     relay.assert_running();
     wait_for("ready again", Duration::from_secs(60), || ready(port) == Some(true)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
-    assert!(written.load(Ordering::Relaxed) > 0);
+    assert!(writers.finish().await > 0);
     check_all_delivered(&ob, &topic).await;
     let (code, err) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
-}
-
-/// What the relay's sessions hold on the application's database, sampled from
-/// `pg_stat_activity`: the longest any of its transactions with a snapshot or
-/// an xid had been open at a sample.
-async fn longest_relay_transaction(db: &tokio_postgres::Client, app: &str) -> f64 {
-    db.query_one(
-        "SELECT coalesce(max(extract(epoch FROM now() - xact_start)), 0)::float8 FROM pg_stat_activity
-         WHERE application_name = $1 AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)",
-        &[&app],
-    )
-    .await
-    .unwrap()
-    .get(0)
 }
 
 /// The default bound on how long a batch may wait for Kafka (relay.publish_timeout,
@@ -174,34 +94,30 @@ const HOLD_BOUND: f64 = 20.0 + 5.0;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kafka_outage_holds_no_transaction_on_the_database_past_the_bound() {
-    let _serial = SERIAL.lock().await;
-    let ob = Outbox::new("horizon").await;
+    let lock = InfraLock::exclusive(&[Resource::Kafka]).await;
+    let ob = Outbox::new_beside("horizon", &lock).await;
     let topic = ob.topic("events", 3).await;
-    // The relay's sessions carry the table's name, so the sampler sees only them.
-    let url = format!("{}?application_name={}", pg_url(), ob.table);
+    let url = ob.tagged_url();
     let mut relay =
         ob.spawn_relay(&[("OUTBOX_RELAY__POSTGRES__URL", url.as_str()), ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100")]);
-    let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let writer = spawn_writer(ob.qualified(), topic.clone(), stop.clone(), written.clone());
+    let writers = Writers::start(WriterSpec::small(&ob.qualified(), &topic));
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let db = pg().await;
-    infra("stop-kafka");
-    assert!(!kafka_reachable(), "Kafka still answers: these tests need the broker run by scripts/infra");
+    stop_kafka();
     // Kafka stays away for twice the bound while the application keeps writing.
     let outage = Duration::from_secs(50);
     let started = Instant::now();
     let mut longest: f64 = 0.0;
     while started.elapsed() < outage {
-        longest = longest.max(longest_relay_transaction(&db, &ob.table).await);
+        longest = longest.max(longest_transaction(&db, &ob.table).await);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     relay.assert_running();
-    infra("start-kafka");
-    let during = written.load(Ordering::Relaxed);
+    infra_cmd(&["start-kafka"]);
+    let during = writers.written();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    writers.finish().await;
     eprintln!("longest relay transaction during a {outage:?} Kafka outage: {longest:.1} s ({during} events written)");
     assert!(
         longest <= HOLD_BOUND,
@@ -211,4 +127,52 @@ async fn a_kafka_outage_holds_no_transaction_on_the_database_past_the_bound() {
     check_all_delivered(&ob, &topic).await;
     let (code, err) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");
+}
+
+/// A relay (either mode) started while Kafka is away does not exit: it waits,
+/// holding nothing on the database, and relays once Kafka answers. (Before
+/// 0.3, start-up gave up after relay.startup_timeout and exited 69; an
+/// exactly-once relay could also mistake a metadata timeout for an untrusted
+/// decisions topic and exit 64.)
+#[tokio::test(flavor = "multi_thread")]
+async fn relays_started_while_kafka_is_down_wait_and_relay_once_it_returns() {
+    let lock = InfraLock::exclusive(&[Resource::Kafka]).await;
+    let alo = Outbox::new_beside("startdown", &lock).await;
+    let eos = Outbox::new_beside("startdown_eos", &lock).await;
+    let (alo_topic, eos_topic) = (alo.topic("events", 1).await, eos.topic("events", 1).await);
+    alo.insert(&alo_topic, 50, 3).await;
+    eos.insert(&eos_topic, 50, 3).await;
+    stop_kafka();
+    let decisions = format!("{}.commits", eos.table);
+    let short = ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "5s");
+    let (alo_url, eos_url) = (alo.tagged_url(), eos.tagged_url());
+    let mut a = alo.spawn_relay(&[short, ("OUTBOX_RELAY__POSTGRES__URL", alo_url.as_str())]);
+    let mut e = eos.spawn_relay(&[
+        short,
+        ("OUTBOX_RELAY__POSTGRES__URL", eos_url.as_str()),
+        ("OUTBOX_RELAY__RELAY__DELIVERY", "exactly-once"),
+        ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", decisions.as_str()),
+    ]);
+    // Well past relay.startup_timeout: both still run and hold nothing.
+    let db = pg().await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        for ob in [&alo, &eos] {
+            let held = longest_transaction(&db, &ob.table).await;
+            assert!(held < 1.0, "{}: a relay holds a transaction while Kafka is away", ob.table);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    a.assert_running();
+    e.assert_running();
+    assert_eq!(alo.count("published_at IS NOT NULL").await, 0);
+    infra_cmd(&["start-kafka"]);
+    check_all_delivered(&alo, &alo_topic).await;
+    check_all_delivered(&eos, &eos_topic).await;
+    let d = delivery(&eos, std::slice::from_ref(&eos_topic), Duration::from_secs(2)).await;
+    assert_eq!(d.duplicates, 0, "exactly once");
+    for r in [a, e] {
+        let (code, err) = r.terminate(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{err}");
+    }
 }

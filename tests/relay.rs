@@ -2,12 +2,10 @@
 //! tombstones, idle wake-up without NOTIFY, delete mode, graceful shutdown,
 //! poison rows.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn happy_path_delivers_each_event_exactly_once_with_key_value_and_headers() {

@@ -1,11 +1,9 @@
 //! Secrets never reach logs or errors; a least-privilege role is enough to run
 //! the relay, and `check` names a missing grant.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use outbox_relay_support::*;
 
 const SECRET: &str = "Zq9-unusual-Pa55phrase-77";
 

@@ -1,12 +1,10 @@
 //! TLS to the local Postgres, which `scripts/infra` sets up with a self-signed
 //! CA (OUTBOX_RELAY_TEST_PG_CA) and a certificate for localhost / 127.0.0.1.
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use outbox_relay_support::*;
 
 fn ca() -> String {
     let path =

@@ -1,0 +1,230 @@
+//! `drain`, `churn`, `retained`: a preloaded backlog drained by one relay, in
+//! production's shapes (not vacuumed, after a delete burst, next to retained rows).
+
+use super::*;
+
+/// N rows of ≈1 KB JSON over 1k keys and 4 topics, server-side in 4 parallel
+/// chunks. Returns what inserting them cost.
+pub(crate) async fn preload(env: &Env, table: &str, run: &str, n: i64) -> Spent {
+    let db = env.db().await;
+    let meter = Meter::start(&db).await;
+    let chunks = 4;
+    let per = n / chunks;
+    let mut tasks = Vec::new();
+    for c in 0..chunks {
+        let (env, table, run) = (env.clone(), table.to_string(), run.to_string());
+        tasks.push(tokio::spawn(async move {
+            let db = env.db().await;
+            db.execute(
+                &format!(
+                    "INSERT INTO public.{table} (topic, key, payload)
+                     SELECT '{run}.' || (ARRAY['orders','payments','stock','shipping'])[1 + i % 4],
+                            'key-' || (i % 1000),
+                            jsonb_build_object('i', i, 'type', 'OrderPlaced', 'pad', repeat('x', {PAD}))
+                     FROM generate_series($1::bigint, $2::bigint) i"
+                ),
+                &[&(c * per), &((c + 1) * per - 1)],
+            )
+            .await
+            .expect("preload");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("preload task");
+    }
+    meter.stop(&db).await
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub(crate) struct Drain {
+    pub(crate) scenario: String,
+    pub(crate) mode: String,
+    pub(crate) delivery: String,
+    pub(crate) events: i64,
+    pub(crate) events_per_s: f64,
+    /// Dead tuples in the table when the relay started (pg_stat_user_tables).
+    pub(crate) dead_tuples_at_start: i64,
+    pub(crate) relay_cpu_s_per_million: f64,
+    pub(crate) relay_peak_rss_mib: f64,
+    pub(crate) postgres_cpu_us_per_event: f64,
+    pub(crate) wal_bytes_per_event: f64,
+    pub(crate) insert_postgres_cpu_us_per_event: f64,
+    pub(crate) insert_wal_bytes_per_event: f64,
+}
+
+pub(crate) async fn dead_tuples(db: &tokio_postgres::Client, table: &str) -> i64 {
+    // the statistics are flushed with a delay; good enough for a report
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    db.query_one("SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relname = $1", &[&table])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+/// One relay drains `table` (already loaded with `n` rows); timed from its
+/// first finished batch to an empty outbox.
+pub(crate) async fn drain(
+    env: &Env,
+    args: &Args,
+    table: &str,
+    n: i64,
+    mode: &str,
+    delivery: &str,
+) -> (f64, f64, f64, Spent) {
+    let db = env.db().await;
+    let first = env.head(&db, table).await.expect("preloaded");
+    let relay = spawn_relay(env, table, &args.relay_settings(mode, delivery, table));
+    let pid = relay.pid();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut started: Option<(Instant, i64, Meter)> = None;
+    let (t_end, spent) = loop {
+        let head = env.head(&db, table).await;
+        if started.is_none() && head != Some(first) {
+            let left = head.map(|h| n - (h - first)).unwrap_or(0);
+            started = Some((Instant::now(), left, Meter::start(&db).await));
+        }
+        if head.is_none() {
+            let spent = match &started {
+                Some((_, _, m)) => m.stop(&db).await,
+                None => Spent::default(),
+            };
+            break (Instant::now(), spent);
+        }
+        assert!(Instant::now() < deadline, "relay did not drain {n} events in 15 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let cpu = proc_cpu_s(pid);
+    let rss = proc_peak_rss_mib(pid);
+    relay.stop(Duration::from_secs(30));
+    let (t0, left) = started.map(|(t, l, _)| (t, l)).unwrap_or((t_end, n));
+    let rate = left as f64 / (t_end - t0).as_secs_f64().max(1e-3);
+    (rate, cpu / n as f64 * 1e6, rss, spent)
+}
+
+pub(crate) async fn drain_run(env: &Env, args: &Args, scenario: &str, mode: &str, delivery: &str) -> Drain {
+    let n = args.events;
+    let db = env.db().await;
+    let table = env.new_table(&format!("drain_{mode}"));
+    env.topics(&table, &TOPICS, 6, false).await;
+    if scenario.ends_with("autovacuum off") {
+        db.batch_execute(&format!("ALTER TABLE public.{table} SET (autovacuum_enabled = off)")).await.expect("alter");
+    }
+    let insert = preload(env, &table, &table, n).await;
+    match scenario {
+        "vacuumed" => db.batch_execute(&format!("VACUUM ANALYZE public.{table}")).await.expect("vacuum"),
+        "not vacuumed" => {}
+        // diagnostics (--only drain-diag): which part of VACUUM ANALYZE matters
+        "analyzed" | "analyzed, autovacuum off" => {
+            db.batch_execute(&format!("ANALYZE public.{table}")).await.expect("analyze")
+        }
+        "not vacuumed, autovacuum off" => {}
+        "vacuumed, no analyze" => db.batch_execute(&format!("VACUUM public.{table}")).await.expect("vacuum"),
+        "churned" => {
+            // a backlog of the same size published (deleted) a moment ago: its dead
+            // rows are still in front of the new one, no VACUUM in between
+            db.batch_execute(&format!("DELETE FROM public.{table}")).await.expect("delete burst");
+            let _ = preload(env, &table, &table, n).await;
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+    let dead = dead_tuples(&db, &table).await;
+    say(format!("drain: {scenario}, {mode}, {delivery}: {n} events, {dead} dead tuples in the table"));
+    let (rate, cpu, rss, spent) = drain(env, args, &table, n, mode, delivery).await;
+    db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
+    Drain {
+        scenario: scenario.into(),
+        mode: mode.into(),
+        delivery: delivery.into(),
+        events: n,
+        events_per_s: rate,
+        dead_tuples_at_start: dead,
+        relay_cpu_s_per_million: cpu,
+        relay_peak_rss_mib: rss,
+        postgres_cpu_us_per_event: spent.postgres_cpu_s / n as f64 * 1e6,
+        wal_bytes_per_event: spent.wal_bytes as f64 / n as f64,
+        insert_postgres_cpu_us_per_event: insert.postgres_cpu_s / n as f64 * 1e6,
+        insert_wal_bytes_per_event: insert.wal_bytes as f64 / n as f64,
+    }
+}
+
+/// Mark mode into a table that keeps `retained` published rows (what
+/// `relay.retention` keeps), vacuumed as a long-lived table would be; the new
+/// backlog is not vacuumed.
+pub(crate) async fn retained_run(env: &Env, args: &Args) -> Drain {
+    let (n, r) = (args.events / 2, args.retained);
+    let db = env.db().await;
+    let table = env.new_table("retained");
+    env.topics(&table, &TOPICS, 6, false).await;
+    say(format!("retained: loading {r} published rows (≈ what relay.retention = 7d keeps at ~2 ev/s)…"));
+    let chunks = 4;
+    let mut tasks = Vec::new();
+    for c in 0..chunks {
+        let (env, table) = (env.clone(), table.clone());
+        tasks.push(tokio::spawn(async move {
+            env.db()
+                .await
+                .execute(
+                    &format!(
+                        "INSERT INTO public.{table} (topic, key, payload, published_at, created_at)
+                         SELECT 'old.orders', 'key-' || (i % 1000),
+                                jsonb_build_object('i', i, 'type', 'OrderPlaced', 'pad', repeat('x', {PAD})),
+                                now() - (i % 600000) * interval '1 second', now() - (i % 600000) * interval '1 second'
+                         FROM generate_series($1::bigint, $2::bigint) i"
+                    ),
+                    &[&(c * r / chunks), &((c + 1) * r / chunks - 1)],
+                )
+                .await
+                .expect("retained rows");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("retained task");
+    }
+    db.batch_execute(&format!("VACUUM ANALYZE public.{table}")).await.expect("vacuum");
+    let insert = preload(env, &table, &table, n).await;
+    let dead = dead_tuples(&db, &table).await;
+    say(format!("retained: draining {n} new events in mark mode next to {r} retained rows"));
+    let (rate, cpu, rss, spent) = drain(env, args, &table, n, "mark", "at-least-once").await;
+    db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
+    Drain {
+        scenario: format!("{}M retained", r as f64 / 1e6),
+        mode: "mark".into(),
+        delivery: "at-least-once".into(),
+        events: n,
+        events_per_s: rate,
+        dead_tuples_at_start: dead,
+        relay_cpu_s_per_million: cpu,
+        relay_peak_rss_mib: rss,
+        postgres_cpu_us_per_event: spent.postgres_cpu_s / n as f64 * 1e6,
+        wal_bytes_per_event: spent.wal_bytes as f64 / n as f64,
+        insert_postgres_cpu_us_per_event: insert.postgres_cpu_s / n as f64 * 1e6,
+        insert_wal_bytes_per_event: insert.wal_bytes as f64 / n as f64,
+    }
+}
+
+pub(crate) fn print_drains(d: &[Drain]) {
+    println!();
+    println!("drains: one relay, 1 KB JSON events, 1k keys, 4 topics × 6 partitions; per event: Postgres CPU and WAL of the drain next to those of the inserts");
+    println!("  scenario        │ mode   │ delivery      │ dead tuples │ relay ev/s │ vs vacuumed │ PG CPU µs/ev (insert) │ WAL B/ev (insert) │ relay CPU s/1M │ RSS MiB");
+    for x in d {
+        let base = d
+            .iter()
+            .find(|b| b.scenario == "vacuumed" && b.mode == x.mode && b.delivery == x.delivery)
+            .map(|b| b.events_per_s);
+        println!(
+            "  {:<15} │ {:<6} │ {:<13} │ {:>11} │ {:>10.0} │ {:>11} │ {:>10.1} ({:>7.1}) │ {:>8.0} ({:>6.0}) │ {:>14.1} │ {:>7.1}",
+            x.scenario,
+            x.mode,
+            x.delivery,
+            x.dead_tuples_at_start,
+            x.events_per_s,
+            base.map(|b| format!("{:.0}%", x.events_per_s / b * 100.0)).unwrap_or_else(|| "-".into()),
+            x.postgres_cpu_us_per_event,
+            x.insert_postgres_cpu_us_per_event,
+            x.wal_bytes_per_event,
+            x.insert_wal_bytes_per_event,
+            x.relay_cpu_s_per_million,
+            x.relay_peak_rss_mib
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! The benchmark behind `scripts/bench`, on the local Postgres and Kafka, in
+//! production's shape as far as one machine allows: nothing is vacuumed before a
+//! measurement unless the table says so, application writers commit while the
+//! relay works, a long transaction holds the xmin horizon, and the
+//! application's own throughput is reported next to the relay's.
+//!
+//! Sections (all by default; `--only a,b` picks some):
+//!
+//! * `app-cost` — the cost to the application: real `pgbench`, 16 and 64
+//!   clients, `synchronous_commit = on`, one business row plus one event per
+//!   transaction, into the outbox as `migrate` creates it and into a plain copy
+//!   (`LIKE outbox INCLUDING ALL`), alternating; also the 0001/0002 schema with
+//!   its NOTIFY trigger, and the outbox while a relay drains it.
+//! * `idle` — what an idle relay costs Postgres: statements/s, CPU.
+//! * `latency` — commit→ack at fixed offered rates.
+//! * `drain` — a preloaded backlog drained by one relay, vacuumed and not; with
+//!   the SQL-only, store-path and Kafka-only ceilings; WAL and Postgres CPU per
+//!   event next to what the inserts cost.
+//! * `churn` — a drain right after a large delete burst, no VACUUM.
+//! * `retained` — mark mode into a table holding ≥ 1M retained published rows.
+//! * `sustained` — writers and relay together: the highest offered rate the
+//!   relay keeps up with.
+//! * `horizon` — writers at 2k ev/s while a REPEATABLE READ transaction holds
+//!   the horizon for 5 minutes: a latency table per 10 s window.
+//! * `hotkey` — 3 relays, one key with a 10k backlog, other keys at 1k ev/s.
+//!
+//! Prints each table as it completes and writes everything to bench/results/.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use outbox_relay_support::*;
+
+mod app_cost;
+mod ceilings;
+mod drain;
+mod env;
+mod horizon;
+mod hotkey;
+mod idle;
+mod latency;
+mod sustained;
+
+use app_cost::*;
+use ceilings::*;
+use drain::*;
+pub(crate) use env::*;
+use horizon::*;
+use hotkey::*;
+use idle::*;
+use latency::*;
+use serde::Serialize;
+use serde_json::json;
+use sustained::*;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "outbox-relay benchmark (see the module docs or docs/performance.md)")]
+struct Args {
+    /// Sections to run, comma separated (default: all): app-cost, idle, latency,
+    /// drain, churn, retained, sustained, horizon, hotkey (and `ceilings`: only
+    /// the SQL-only and store-path ceilings that `drain` includes).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Events preloaded for each drain.
+    #[arg(long, default_value_t = 200_000)]
+    events: i64,
+    /// Retained published rows for the `retained` section.
+    #[arg(long, default_value_t = 1_100_000)]
+    retained: i64,
+    /// Seconds per pgbench run (app-cost).
+    #[arg(long, default_value_t = 15)]
+    pgbench_secs: u64,
+    /// pgbench client counts (app-cost).
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    clients: Vec<u32>,
+    /// Offered rates for the latency section (events/s).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    rates: Vec<u64>,
+    /// Seconds per latency run.
+    #[arg(long, default_value_t = 60)]
+    latency_secs: u64,
+    /// Seconds of writing before each latency run is measured (not counted).
+    #[arg(long, default_value_t = 15)]
+    latency_warmup_secs: u64,
+    /// How long the horizon section holds its snapshot.
+    #[arg(long, default_value_t = 300)]
+    hold_secs: u64,
+    /// Relay batch size for the drains.
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Skip the exactly-once runs.
+    #[arg(long)]
+    no_exactly_once: bool,
+    /// Extra relay settings, KEY=VALUE (OUTBOX_RELAY__… names), repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+}
+
+impl Args {
+    fn runs(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
+
+    fn relay_settings(&self, mode: &str, delivery: &str, table: &str) -> Vec<(String, String)> {
+        let mut s = settings(&[("OUTBOX_RELAY__RELAY__ON_PUBLISH", mode)]);
+        if delivery == "exactly-once" {
+            s.push(("OUTBOX_RELAY__RELAY__DELIVERY".into(), "exactly-once".into()));
+            s.push(("OUTBOX_RELAY__RELAY__ID".into(), table.into()));
+        }
+        for kv in &self.set {
+            if let Some((k, v)) = kv.split_once('=') {
+                s.push((k.into(), v.into()));
+            }
+        }
+        s
+    }
+}
+
+const TOPICS: [&str; 4] = ["orders", "payments", "stock", "shipping"];
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("bench: {}", msg.as_ref());
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let env = Env::from_infra();
+    let (cores, cpu) = host();
+    let mut report = serde_json::Map::new();
+    if args.runs("app-cost") {
+        let r = app_cost(&env, &args).await;
+        report.insert("app_cost".into(), json!(r));
+    }
+    if args.runs("idle") {
+        say("idle: an idle relay's cost to Postgres…");
+        let r = idle_cost(&env, &args).await;
+        report.insert("idle".into(), json!(r));
+    }
+    if args.runs("latency") {
+        let mut lat = Vec::new();
+        let deliveries: &[&str] =
+            if args.no_exactly_once { &["at-least-once"] } else { &["at-least-once", "exactly-once"] };
+        for d in deliveries {
+            for &rate in &args.rates {
+                say(format!("latency: {rate} events/s, {d}, {} s…", args.latency_secs));
+                lat.push(latency(&env, &args, rate, d).await);
+            }
+        }
+        print_latency(&lat);
+        report.insert("latency".into(), json!(lat));
+    }
+    let mut drains = Vec::new();
+    if args.runs("drain") {
+        let mut runs = vec![
+            ("vacuumed", "delete", "at-least-once"),
+            ("vacuumed", "mark", "at-least-once"),
+            ("not vacuumed", "delete", "at-least-once"),
+            ("not vacuumed", "mark", "at-least-once"),
+        ];
+        if !args.no_exactly_once {
+            runs.extend([("not vacuumed", "delete", "exactly-once"), ("not vacuumed", "mark", "exactly-once")]);
+        }
+        for (scenario, mode, delivery) in runs {
+            drains.push(drain_run(&env, &args, scenario, mode, delivery).await);
+        }
+    }
+    if args.only.iter().any(|s| s == "drain-diag") {
+        for scenario in [
+            "vacuumed",
+            "not vacuumed",
+            "analyzed",
+            "vacuumed, no analyze",
+            "not vacuumed, autovacuum off",
+            "analyzed, autovacuum off",
+        ] {
+            drains.push(drain_run(&env, &args, scenario, "delete", "at-least-once").await);
+        }
+    }
+    if args.runs("drain") || args.only.iter().any(|s| s == "ceilings") {
+        let mut ceilings = Vec::new();
+        for mode in ["delete", "mark"] {
+            say(format!("drain: SQL-only and store-path ceilings, {mode}…"));
+            let sql = sql_only(&env, &args, mode).await;
+            let store = store_path(&env, &args, mode).await;
+            ceilings.push(Ceilings {
+                mode: mode.into(),
+                sql_only_events_per_s: sql,
+                store_path_events_per_s: store,
+                store_path_fraction: store / sql,
+            });
+        }
+        println!();
+        println!("ceilings on a vacuumed table (batch {}): SQL-only = a stored procedure doing the same claims and deletes/marks, no rows leave the server; store path = the relay's own Postgres work (claim with fence and floor probe, finish), pipelined, no Kafka", args.batch_size);
+        println!("  mode   │ SQL-only ev/s │ store path ev/s │ store path / SQL-only");
+        for c in &ceilings {
+            println!(
+                "  {:<6} │ {:>13.0} │ {:>15.0} │ {:>20.0}%",
+                c.mode,
+                c.sql_only_events_per_s,
+                c.store_path_events_per_s,
+                c.store_path_fraction * 100.0
+            );
+        }
+        report.insert("ceilings".into(), json!(ceilings));
+    }
+    if args.runs("churn") {
+        drains.push(drain_run(&env, &args, "churned", "delete", "at-least-once").await);
+        if !args.runs("drain") {
+            drains.push(drain_run(&env, &args, "vacuumed", "delete", "at-least-once").await);
+        }
+    }
+    if args.runs("retained") {
+        drains.push(retained_run(&env, &args).await);
+        if !args.runs("drain") {
+            drains.push(drain_run(&env, &args, "vacuumed", "mark", "at-least-once").await);
+        }
+    }
+    if !drains.is_empty() {
+        print_drains(&drains);
+        report.insert("drains".into(), json!(drains));
+    }
+    if args.runs("sustained") {
+        let mut s = Vec::new();
+        for mode in ["mark", "delete"] {
+            s.push(sustained(&env, &args, mode).await);
+        }
+        print_sustained(&s);
+        report.insert("sustained".into(), json!(s));
+    }
+    if args.runs("horizon") {
+        let mut h = Vec::new();
+        for mode in ["mark", "delete"] {
+            h.push(horizon(&env, &args, mode).await);
+        }
+        print_horizon(&h);
+        report.insert("horizon".into(), json!(h));
+    }
+    if args.runs("hotkey") {
+        say("hotkey: 3 relays, one key with a 10k backlog, other keys at 1k ev/s…");
+        let h = hotkey(&env, &args).await;
+        println!();
+        println!(
+            "hot key: {} relays; one key has a backlog of {} events; other keys offered at {} ev/s for 30 s",
+            h.relays, h.backlog, h.other_rate
+        );
+        println!(
+            "  other keys' insert→ack p50 / p99 / max: {:.1} / {:.1} / {:.1} ms ({} events) · hot key's backlog drained after {:.1} s",
+            h.other_keys_commit_to_ack_ms.p50, h.other_keys_commit_to_ack_ms.p99, h.other_keys_commit_to_ack_ms.max, h.other_keys_commit_to_ack_ms.n, h.hot_key_drained_s
+        );
+        report.insert("hotkey".into(), json!(h));
+    }
+    report.insert("date".into(), json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()));
+    report.insert("cores".into(), json!(cores));
+    report.insert("cpu".into(), json!(cpu));
+    report.insert("args".into(), json!(format!("{args:?}")));
+    let path = save(&args.out_dir, &serde_json::Value::Object(report));
+    println!();
+    println!("host: {cores} cores ({cpu}); results: {}", path.display());
+}

@@ -1,0 +1,396 @@
+//! The chaos run behind `scripts/chaos`: on the real local Postgres and Kafka, an
+//! application writes continuously while several relays run, and everything a
+//! production database and Kafka cluster do to a relay happens to them:
+//!
+//! * relays SIGKILLed at random moments and restarted (≥ 50 times);
+//! * one long-lived relay that is never restarted and is slow (every batch
+//!   takes longer), living through every other disruption;
+//! * a REPEATABLE READ transaction holding the xmin horizon for a minute;
+//! * a relay frozen (SIGSTOP) for 30 s while holding a batch;
+//! * a rolling switch of the other relays to the other delivery mode and back,
+//!   so both modes share the table for a while;
+//! * one broker: Kafka stopped for a minute. `--cluster` (3 brokers, RF 3,
+//!   min.insync.replicas 2) instead: the leader of the busiest partition
+//!   SIGKILLed three times, a rolling restart of all brokers, the transaction
+//!   coordinator SIGKILLed (exactly-once), and two brokers down at once;
+//! * PostgreSQL restarted;
+//! * every poison class.
+//!
+//! Then everything is read back (read_committed) and compared with the table.
+//! Fails unless lost = 0, per-key order violations = 0, every poison row is
+//! parked with the right reason and nothing else is parked, and, in
+//! exactly-once mode, there is no duplicate. Every extra copy is blamed on the
+//! disruption that caused it, by the relay that sent the copy before it (the
+//! `outbox_relay_id` header).
+//!
+//! Files: `relays.rs` (the relays and what was done to them), `plan.rs` (the
+//! disruptions), `kafka.rs` (which broker to kill), `poison.rs`, `report.rs`.
+
+mod kafka;
+mod plan;
+mod poison;
+mod relays;
+mod report;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use outbox_relay::config::Settings;
+use outbox_relay::store::Store;
+use outbox_relay::verify::{compare, read_topics};
+use outbox_relay_support::{create_topics_at, infra, pg_at, InfraLock, Resource, TopicSpec, WriterSpec, Writers};
+use uuid::Uuid;
+
+use plan::{Disruptor, Step};
+use relays::Relays;
+use report::row;
+
+#[derive(Parser, Debug)]
+#[command(about = "outbox-relay chaos run (see the module docs)")]
+pub struct Args {
+    /// Events the application writes.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Seconds over which they are written (default 250; 480 with --cluster).
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Relay instances running at once (relay 0 is the long-lived, slow one).
+    #[arg(long, default_value_t = 3)]
+    relays: usize,
+    /// Minimum number of SIGKILLs.
+    #[arg(long, default_value_t = 50)]
+    kills: usize,
+    /// Seconds the Kafka broker stays down (one broker).
+    #[arg(long, default_value_t = 60)]
+    kafka_outage: u64,
+    /// Seconds a REPEATABLE READ transaction holds the xmin horizon.
+    #[arg(long, default_value_t = 60)]
+    hold: u64,
+    /// Seconds relay 1 stays frozen (SIGSTOP).
+    #[arg(long, default_value_t = 30)]
+    freeze: u64,
+    /// Rows per relay batch.
+    #[arg(long, default_value_t = 200)]
+    batch_size: usize,
+    /// Where relay logs go.
+    #[arg(long, default_value = "target/chaos")]
+    run_dir: PathBuf,
+    /// Run the relays with relay.delivery = "exactly-once"; the run then also
+    /// fails on any duplicate.
+    #[arg(long)]
+    exactly_once: bool,
+    /// Against the 3-broker cluster (`scripts/infra up --brokers 3`), with its
+    /// broker failures instead of the single broker's outage.
+    #[arg(long)]
+    cluster: bool,
+}
+
+const KEYS: u64 = 1000;
+const WRITERS: u64 = 4;
+const TOPICS: [&str; 4] = ["orders", "payments", "stock", "shipping"];
+const PARTITIONS: i32 = 6;
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub fn log(started: Instant, msg: impl AsRef<str>) {
+    eprintln!("[{:>6.1}s] {}", started.elapsed().as_secs_f64(), msg.as_ref());
+}
+
+/// The relays' settings (one table per run).
+fn relay_env(args: &Args, pg_url: &str, brokers: &str, run: &str) -> Vec<(String, String)> {
+    outbox_relay_support::settings(&[
+        ("OUTBOX_RELAY__POSTGRES__URL", pg_url),
+        ("OUTBOX_RELAY__KAFKA__BROKERS", brokers),
+        ("OUTBOX_RELAY__OUTBOX__TABLE", run),
+        ("OUTBOX_RELAY__HTTP__LISTEN", ""),
+        ("OUTBOX_RELAY__RELAY__BATCH_SIZE", &args.batch_size.to_string()),
+        ("OUTBOX_RELAY__RELAY__MAX_ATTEMPTS", "3"),
+        ("OUTBOX_RELAY__RELAY__RETRY_BACKOFF", "500ms"),
+        ("OUTBOX_RELAY__RELAY__MAX_BACKOFF", "2s"),
+        ("OUTBOX_RELAY__RELAY__STARTUP_TIMEOUT", "10m"),
+        ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "10s"),
+        // a frozen relay's batch goes to the others after 10 s
+        ("OUTBOX_RELAY__POSTGRES__IDLE_IN_TRANSACTION_TIMEOUT", "10s"),
+        ("OUTBOX_RELAY__LOG__LEVEL", "info,librdkafka=error"),
+    ])
+}
+
+/// The table and topics, and the relays' config file.
+async fn setup(args: &Args, env: &[(String, String)], brokers: &str, run: &str) -> (Vec<String>, PathBuf) {
+    let migrate = std::process::Command::new(outbox_relay_support::relay_bin())
+        .envs(env.iter().cloned())
+        .arg("migrate")
+        .output()
+        .expect("migrate");
+    assert!(migrate.status.success(), "migrate: {}", String::from_utf8_lossy(&migrate.stderr));
+    let topics: Vec<String> = TOPICS.iter().map(|t| format!("{run}.{t}")).collect();
+    let spec = TopicSpec::new(PARTITIONS).replicated(if args.cluster { 3 } else { 1 });
+    create_topics_at(brokers, &topics, &spec).await;
+    let config = args.run_dir.join(format!("{run}.toml"));
+    std::fs::write(
+        &config,
+        "[kafka.properties]\n\"allow.auto.create.topics\" = \"false\"\n\"topic.metadata.propagation.max.ms\" = \"5000\"\n",
+    )
+    .expect("config");
+    (topics, config)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    // Nothing else may use or stop the infrastructure meanwhile (tests included).
+    let _lock = InfraLock::exclusive(&[Resource::Postgres, Resource::Kafka, Resource::Cluster]).await;
+    let pg_url = infra().pg_url.clone();
+    let brokers = if args.cluster { infra().cluster.clone() } else { infra().brokers.clone() };
+    let duration = args.duration.unwrap_or(if args.cluster { 480 } else { 250 });
+    let run = format!("chaos_{}", &Uuid::new_v4().simple().to_string()[..8]);
+    std::fs::create_dir_all(&args.run_dir).expect("run dir");
+    let started = Instant::now();
+    let mode = if args.exactly_once { "exactly-once" } else { "at-least-once" };
+    let outage =
+        if args.cluster { "3-broker cluster".to_string() } else { format!("Kafka down {} s", args.kafka_outage) };
+    log(
+        started,
+        format!(
+            "run {run}: {} events over {duration} s, {} relays ({mode}), ≥{} kills, {outage}",
+            args.events, args.relays, args.kills
+        ),
+    );
+    let env = relay_env(&args, &pg_url, &brokers, &run);
+    let (topics, config) = setup(&args, &env, &brokers, &run).await;
+    // One directory per run, every incarnation of a relay appended to its
+    // log: what a relay did before a kill or its own exit stays readable.
+    let logs = args.run_dir.join(&run);
+    std::fs::create_dir_all(&logs).expect("log dir");
+    log(started, format!("relay logs in {}", logs.display()));
+    let mut relays = Relays::new(env.clone(), config, logs, args.relays, args.exactly_once);
+
+    // The application: WRITERS connections, each owning a share of the keys, so
+    // seq order is commit order per key. Small transactions of 10 rows.
+    let writers = Writers::start(WriterSpec {
+        pg_url: pg_url.clone(),
+        table: format!("public.{run}"),
+        topics: topics.clone(),
+        connections: WRITERS,
+        per_tx: 10,
+        rate: (args.events / duration).max(1),
+        keys: KEYS,
+        hot_key_share: 0.0,
+        pad: 200,
+        reconnect: true,
+        rollback_share: 0.0,
+        max_events: args.events,
+    });
+    let mut d = Disruptor::new(&args, &run, &pg_url, &brokers, &topics, &env, pg_at(&pg_url).await, started);
+    d.poison(0).await;
+    let revived = disrupt(&args, &mut d, &mut relays, &writers).await;
+    writers.finish().await;
+    log(started, format!("writers done; {} kills; draining", relays.kills));
+    let revived = revived + drain(&env, &mut relays).await;
+    let clean_exits = relays.stop_all();
+    log(started, "drained; reading Kafka back (read_committed)");
+    let ok = verdict(&args, &d, &relays, &env, &brokers, &topics, revived, clean_exits).await;
+    println!("{}", if ok { "chaos: PASS" } else { "chaos: FAIL" });
+    if !ok {
+        std::process::exit(1);
+    }
+}
+
+/// Carries out the plan and the random kills until the writers are done and
+/// the plan is through. Returns how many relays exited by themselves.
+async fn disrupt(args: &Args, d: &mut Disruptor<'_>, relays: &mut Relays, writers: &Writers) -> usize {
+    let plan = plan::plan(args);
+    let plan_end = plan.last().map(|(t, _)| *t).unwrap_or(0);
+    let (mut revived, mut step) = (0, 0);
+    let mut next_kill = Instant::now() + Duration::from_secs(2);
+    loop {
+        let t = d.started.elapsed().as_secs();
+        while step < plan.len() && plan[step].0 <= t {
+            let what: Step = plan[step].1;
+            step += 1;
+            d.step(what, relays).await;
+        }
+        if Instant::now() >= next_kill {
+            let killable = relays.killable();
+            if !killable.is_empty() {
+                relays.kill_and_restart(killable[fastrand::usize(0..killable.len())]);
+                if relays.kills % 10 == 0 {
+                    log(d.started, format!("{} kills; {} rows committed", relays.kills, writers.written()));
+                }
+            }
+            next_kill = Instant::now() + Duration::from_millis(1500 + fastrand::u64(0..1500));
+        }
+        revived += relays.revive();
+        if writers.is_finished() && relays.kills >= args.kills && step >= plan.len() && t >= plan_end {
+            return revived;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until nothing is pending (retrying poison included). Returns how
+/// many relays exited by themselves meanwhile.
+async fn drain(env: &[(String, String)], relays: &mut Relays) -> usize {
+    let store = Store::new(&Settings::load_from(None, env.to_vec()).expect("settings")).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut revived = 0;
+    loop {
+        revived += relays.revive();
+        let b = store.backlog().await.expect("backlog");
+        if b.pending == 0 {
+            return revived;
+        }
+        assert!(Instant::now() < deadline, "still {} pending after 10 minutes", b.pending);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Reads everything back, prints the table, and says whether the run passed.
+#[allow(clippy::too_many_arguments)]
+async fn verdict(
+    args: &Args,
+    d: &Disruptor<'_>,
+    relays: &Relays,
+    env: &[(String, String)],
+    brokers: &str,
+    topics: &[String],
+    revived: usize,
+    clean_exits: usize,
+) -> bool {
+    let store = Store::new(&Settings::load_from(None, env.to_vec()).expect("settings")).expect("store");
+    let rows = store.published_rows(None, None, None).await.expect("published rows");
+    let (b, t) = (brokers.to_string(), topics.to_vec());
+    let seen =
+        tokio::task::spawn_blocking(move || read_topics(&b, &BTreeMap::new(), &t, Duration::from_secs(600), |_| {}))
+            .await
+            .expect("reader")
+            .expect("read topics");
+    let report = compare(&rows, &seen);
+    let mut disruptions = relays.disruptions.clone();
+    disruptions.sort_by_key(|(w, _)| (w.from, w.to));
+    let dups = report::duplicates(&seen, &disruptions);
+    let db = pg_at(&infra().pg_url).await;
+    let run = d.run;
+    let parked: HashMap<Uuid, String> = db
+        .query(&format!("SELECT id, coalesce(last_error, '') FROM public.{run} WHERE parked_at IS NOT NULL"), &[])
+        .await
+        .expect("parked")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let written: i64 = db.query_one(&format!("SELECT count(*) FROM public.{run}"), &[]).await.expect("count").get(0);
+    let prepared_left = store.prepared_any(&store.transactional_prefixes().await).await.map(|p| p.len()).unwrap_or(0);
+    let poison = poison::judge(&d.poison, &parked);
+    let dup_ok = !args.exactly_once || report.duplicate_copies == 0;
+    let ok = report.lost == 0
+        && report.order_violations == 0
+        && poison.ok
+        && poison.wrongly_parked == 0
+        && dup_ok
+        && prepared_left == 0;
+
+    let mode = if args.exactly_once { "exactly-once" } else { "at-least-once" };
+    let cluster = if args.cluster { ", 3-broker cluster (RF 3, min.insync.replicas 2)" } else { ", one broker" };
+    println!();
+    println!(
+        "chaos run {run}  ({:.0} s, {} relays, batch {}, {mode}{cluster})",
+        d.started.elapsed().as_secs_f64(),
+        args.relays,
+        args.batch_size
+    );
+    println!("  ┌──────────────────────────────────────────────────┬────────────┐");
+    row("events written (committed rows)", written);
+    row("  of them published", report.expected);
+    row("  of them poison (injected)", d.poison.len());
+    row("messages delivered for published rows", report.delivered);
+    row("LOST", report.lost);
+    report::print_duplicates(&report, &dups, relays.kills, args.batch_size, args.exactly_once);
+    row("PER-KEY ORDER VIOLATIONS", report.order_violations);
+    row("prepared batches left behind", prepared_left);
+    row("SIGKILLs (random moments)", relays.kills);
+    if args.exactly_once {
+        row("SIGKILLs at protocol crash points", relays.failpoint_kills);
+    }
+    row("relays that exited by themselves", revived);
+    row("clean exits on final SIGTERM", format!("{clean_exits}/{}", args.relays));
+    row("long-lived slow relay (never restarted)", "relay 0");
+    if !args.cluster {
+        row("Kafka outage (s)", args.kafka_outage);
+    }
+    for (k, v) in &d.counts {
+        row(k, v);
+    }
+    row("Postgres restarts", d.pg_restarts);
+    row("wrongly parked (not poison)", poison.wrongly_parked);
+    println!("  ├──────────────────────────────────────────────────┼────────────┤");
+    for (class, (n, ok_n, reason)) in &poison.by_class {
+        row(&format!("parked: {class}"), format!("{ok_n}/{n}"));
+        println!("  │   reason: {reason:<60}");
+    }
+    println!("  └──────────────────────────────────────────────────┴────────────┘");
+    print_latency(d, &rows, &seen);
+    let t0 = now_ms() - d.started.elapsed().as_millis() as i64;
+    report::print_unexplained(&dups, &disruptions, t0);
+    if report.lost > 0 {
+        print_lost(&db, run, &report.lost_ids).await;
+    }
+    ok
+}
+
+fn print_latency(d: &Disruptor<'_>, rows: &[outbox_relay::store::PublishedRow], seen: &[outbox_relay::verify::Seen]) {
+    let latency = report::Latency::new(seen);
+    // The 15 s before the first disruption window (start-up and the first
+    // kills are behind by then).
+    let first = d.windows.values().map(|w| w.0).min().unwrap_or(i64::MAX);
+    let calm = latency.of(rows, first - 15_000, first);
+    println!("  latency, row created → sent by a relay (first copy, ms): p50 / p99 / max");
+    println!(
+        "    {:<46} {:>8.0} / {:>8.0} / {:>8.0}   ({} events)",
+        "written in the 15 s before (kills only)", calm.p50, calm.p99, calm.max, calm.n
+    );
+    for (label, (from, to)) in &d.windows {
+        let q = latency.of(rows, *from, if *to == 0 { i64::MAX } else { *to });
+        let secs = if *to > 0 { (to - from) as f64 / 1000.0 } else { 0.0 };
+        println!(
+            "    {:<46} {:>8.0} / {:>8.0} / {:>8.0}   ({} events, {secs:.0} s)",
+            format!("written while {label}"),
+            q.p50,
+            q.p99,
+            q.max,
+            q.n
+        );
+    }
+}
+
+/// Enough to find the lost events again: `outbox-relay verify` lists them, and
+/// the batch they went out in (same published_at) tells which relay and when.
+async fn print_lost(db: &tokio_postgres::Client, run: &str, ids: &[Uuid]) {
+    println!("  lost events (first {}), with the transaction that published them:", ids.len());
+    let lost = db
+        .query(
+            &format!(
+                "SELECT id::text, seq, topic, coalesce(key, ''), created_at::text, published_at::text, \
+                        (SELECT count(*) FROM public.{run} b WHERE b.published_at = o.published_at) \
+                 FROM public.{run} o WHERE id = ANY($1) ORDER BY seq"
+            ),
+            &[&ids],
+        )
+        .await
+        .unwrap_or_default();
+    for r in lost {
+        println!(
+            "    {} seq {} {} key {} created {} published {} (batch of {})",
+            r.get::<_, String>(0),
+            r.get::<_, i64>(1),
+            r.get::<_, String>(2),
+            r.get::<_, String>(3),
+            r.get::<_, String>(4),
+            r.get::<_, String>(5),
+            r.get::<_, i64>(6)
+        );
+    }
+}
