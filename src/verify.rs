@@ -133,24 +133,7 @@ pub fn read_topics(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false");
     let consumer: BaseConsumer = cfg.create().map_err(|e| format!("kafka consumer: {e}"))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-    for t in topics {
-        let md =
-            consumer.fetch_metadata(Some(t), Duration::from_secs(10)).map_err(|e| format!("metadata of {t}: {e}"))?;
-        let Some(mt) = md.topics().first() else {
-            continue;
-        };
-        for p in mt.partitions() {
-            let (_, high) = consumer
-                .fetch_watermarks(t, p.id(), Duration::from_secs(10))
-                .map_err(|e| format!("watermarks of {t}/{}: {e}", p.id()))?;
-            if high > 0 {
-                ends.insert((t.clone(), p.id()), high);
-                tpl.add_partition_offset(t, p.id(), Offset::Beginning).map_err(|e| e.to_string())?;
-            }
-        }
-    }
+    let (tpl, ends) = partitions_to_read(&consumer, topics)?;
     if ends.is_empty() {
         return Ok(Vec::new());
     }
@@ -200,6 +183,33 @@ pub fn read_topics(
             }
         }
     }
+}
+
+/// Every non-empty partition of `topics` from its beginning, and where it ends now.
+#[allow(clippy::type_complexity)]
+fn partitions_to_read(
+    consumer: &BaseConsumer,
+    topics: &[String],
+) -> Result<(TopicPartitionList, HashMap<(String, i32), i64>), String> {
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for t in topics {
+        let md =
+            consumer.fetch_metadata(Some(t), Duration::from_secs(10)).map_err(|e| format!("metadata of {t}: {e}"))?;
+        let Some(mt) = md.topics().first() else {
+            continue;
+        };
+        for p in mt.partitions() {
+            let (_, high) = consumer
+                .fetch_watermarks(t, p.id(), Duration::from_secs(10))
+                .map_err(|e| format!("watermarks of {t}/{}: {e}", p.id()))?;
+            if high > 0 {
+                ends.insert((t.clone(), p.id()), high);
+                tpl.add_partition_offset(t, p.id(), Offset::Beginning).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok((tpl, ends))
 }
 
 #[cfg(test)]

@@ -100,6 +100,12 @@ pub async fn replay(settings: Settings, args: ReplayArgs) -> Result<(), CliError
             format!("this replays {total} events (more than {CONFIRM_ABOVE}); check with --dry-run, then add --yes"),
         ));
     }
+    replay_all(&store, sel, total, args.batch_size).await
+}
+
+/// Replays in batches with progress; Ctrl-C stops between batches and says how
+/// to continue.
+async fn replay_all(store: &Store, mut sel: Selector, total: i64, batch_size: i64) -> Result<(), CliError> {
     let bar = if std::io::stderr().is_terminal() { ProgressBar::new(total as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} events replayed ({per_sec}, eta {eta})")
@@ -112,7 +118,7 @@ pub async fn replay(settings: Settings, args: ReplayArgs) -> Result<(), CliError
     tokio::pin!(ctrl_c);
     loop {
         let step = tokio::select! {
-            r = store.replay_batch(&sel, args.batch_size) => r.map_err(|e| super::store_error(&store, e))?,
+            r = store.replay_batch(&sel, batch_size) => r.map_err(|e| super::store_error(store, e))?,
             _ = &mut ctrl_c => { interrupted = true; break; }
         };
         let (n, max_seq) = step;

@@ -12,6 +12,43 @@ use crate::store::Store;
 use crate::telemetry::events::{Backlog, TableHealth};
 use crate::telemetry::Emit;
 
+/// The schema rarely changes and its check reads information_schema: every
+/// minute (and after any failure). Reachability every round.
+#[derive(Default)]
+struct SchemaCheck {
+    last: Option<(Instant, Vec<String>)>,
+}
+
+impl SchemaCheck {
+    /// (Postgres reachable, schema usable); each problem goes to `problems`.
+    async fn check(&mut self, store: &Store, problems: &mut Vec<String>) -> (bool, bool) {
+        let fresh = self.last.as_ref().filter(|(t, p)| t.elapsed() < Duration::from_secs(60) && p.is_empty());
+        if fresh.is_some() {
+            return match store.ping().await {
+                Ok(()) => (true, true),
+                Err(e) => {
+                    problems.push(format!("postgres: {e}"));
+                    self.last = None;
+                    (false, false)
+                }
+            };
+        }
+        match store.verify_schema().await {
+            Ok(found) => {
+                let fatal: Vec<String> = found.into_iter().filter(|p| p.fatal).map(|p| p.message).collect();
+                problems.extend(fatal.iter().cloned());
+                let usable = fatal.is_empty();
+                self.last = Some((Instant::now(), fatal));
+                (true, usable)
+            }
+            Err(e) => {
+                problems.push(format!("postgres: {e}"));
+                (false, false)
+            }
+        }
+    }
+}
+
 /// Checks Postgres, the schema and Kafka every `every`, updates `health` and the
 /// backlog gauges. Ends when `shutdown` flips.
 pub fn spawn_monitor<S: Sink>(
@@ -22,34 +59,11 @@ pub fn spawn_monitor<S: Sink>(
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        // The schema rarely changes and its check reads information_schema:
-        // every minute (and after any failure). Reachability every round.
-        let mut last_schema: Option<(Instant, Vec<String>)> = None;
+        let mut schema = SchemaCheck::default();
         let mut last_health: Option<Instant> = None;
         loop {
             let mut problems = Vec::new();
-            let (mut pg_ok, mut schema_ok) = (false, false);
-            let fresh = last_schema.as_ref().filter(|(t, p)| t.elapsed() < Duration::from_secs(60) && p.is_empty());
-            if fresh.is_some() {
-                match store.ping().await {
-                    Ok(()) => (pg_ok, schema_ok) = (true, true),
-                    Err(e) => {
-                        problems.push(format!("postgres: {e}"));
-                        last_schema = None;
-                    }
-                }
-            } else {
-                match store.verify_schema().await {
-                    Ok(found) => {
-                        pg_ok = true;
-                        schema_ok = !found.iter().any(|p| p.fatal);
-                        let fatal: Vec<String> = found.into_iter().filter(|p| p.fatal).map(|p| p.message).collect();
-                        problems.extend(fatal.iter().cloned());
-                        last_schema = Some((Instant::now(), fatal));
-                    }
-                    Err(e) => problems.push(format!("postgres: {e}")),
-                }
-            }
+            let (pg_ok, schema_ok) = schema.check(&store, &mut problems).await;
             let kafka_ok = match sink.ping(Duration::from_secs(5)).await {
                 Ok(()) => true,
                 Err(e) => {

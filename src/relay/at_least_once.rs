@@ -50,6 +50,25 @@ struct InFlight {
     started: Instant,
 }
 
+/// What one round of the loop came to.
+#[derive(Default)]
+struct Round {
+    failure: Option<StoreError>,
+    /// Some events were not delivered for a passing reason.
+    retry: bool,
+    /// Everything claimable belongs to keys another relay holds.
+    deferred_only: bool,
+}
+
+/// What the loop does next.
+enum Next {
+    /// Claim (or finish) at once.
+    Go,
+    Pause(Duration),
+    /// Nothing to do: look for work, waiting longer the longer the outbox is empty.
+    WaitForWork,
+}
+
 enum Started {
     Idle,
     /// Every claimed row waits for another relay's earlier event of its key.
@@ -114,50 +133,63 @@ impl<S: Sink> Relay<S> {
                 }
             };
             let (claimed, finished) = tokio::join!(claim, finish);
-            let (mut deferred_only, mut failure) = (false, None);
+            let mut outcome = Round::default();
             match claimed {
                 Some(Ok(Started::Batch(f))) => inflight = Some(f),
                 Some(Ok(Started::Idle)) | None => {}
-                Some(Ok(Started::Deferred)) => deferred_only = true,
-                Some(Err(e)) => failure = Some(e),
+                Some(Ok(Started::Deferred)) => outcome.deferred_only = true,
+                Some(Err(e)) => outcome.failure = Some(e),
             }
-            let mut retry = false;
             match finished {
-                Some(Ok(finished)) => retry = finished.retry > 0,
-                Some(Err(e)) => failure = failure.or(Some(e)),
+                Some(Ok(finished)) => outcome.retry = finished.retry > 0,
+                Some(Err(e)) => outcome.failure = outcome.failure.or(Some(e)),
                 None => {}
             }
             // 3. keep the pipeline full, back off, or wait for work
-            let pause = if let Some(e) = failure {
-                let delay = backoff.next_delay();
-                BatchFailed { error: &e, transient: e.is_transient(), retry_in: delay, next: "retrying" }.emit();
-                delay
-            } else if !self.gate.is_open() {
-                // Kafka is away: the gate waits for it (once nothing is held).
-                continue;
-            } else if retry {
-                // some events were not delivered for a passing reason: give Kafka a moment
-                backoff.next_delay()
-            } else if inflight.is_some() {
-                backoff.reset();
-                idle.busy();
-                continue;
-            } else if deferred_only {
-                // everything claimable belongs to keys another relay holds the
-                // head of (its keys are left out for a moment); let it finish
-                Duration::from_millis(10 + fastrand::u64(0..20))
-            } else {
-                backoff.reset();
-                if !stopping {
-                    self.wait_for_work(&mut idle, &mut shutdown).await;
+            match self.next(outcome, inflight.is_some(), &mut backoff, &mut idle) {
+                Next::Go => {}
+                Next::WaitForWork => {
+                    if !stopping {
+                        self.wait_for_work(&mut idle, &mut shutdown).await;
+                    }
                 }
-                continue;
-            };
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.changed() => {}
+                Next::Pause(pause) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
             }
         }
+    }
+
+    /// What the loop does after a round.
+    fn next(&self, round: Round, inflight: bool, backoff: &mut Backoff, idle: &mut IdleWait) -> Next {
+        if let Some(e) = round.failure {
+            let delay = backoff.next_delay();
+            BatchFailed { error: &e, transient: e.is_transient(), retry_in: delay, next: "retrying" }.emit();
+            return Next::Pause(delay);
+        }
+        if !self.gate.is_open() {
+            // Kafka is away: the gate waits for it (once nothing is held).
+            return Next::Go;
+        }
+        if round.retry {
+            // some events were not delivered for a passing reason: give Kafka a moment
+            return Next::Pause(backoff.next_delay());
+        }
+        if inflight {
+            backoff.reset();
+            idle.busy();
+            return Next::Go;
+        }
+        if round.deferred_only {
+            // everything claimable belongs to keys another relay holds the
+            // head of (its keys are left out for a moment); let it finish
+            return Next::Pause(Duration::from_millis(10 + fastrand::u64(0..20)));
+        }
+        backoff.reset();
+        Next::WaitForWork
     }
 
     /// Waits until something may be claimable: looks (one cheap statement),

@@ -38,7 +38,7 @@ use super::{Backoff, Counters, IdleWait, KafkaGate, Step};
 use crate::config::{RelayConfig, Settings};
 use crate::failpoint;
 use crate::sink::{Decisions, FailureClass, KafkaSink, SendResult, Sink, SinkError};
-use crate::store::{Finished, Outcome, Store, StoreError, TxnIds};
+use crate::store::{Claimed, Finished, Outcome, Store, StoreError, TxnIds};
 use crate::telemetry::events::{BatchFailed, BatchFinished, EventsDeferred};
 use crate::telemetry::Emit;
 
@@ -255,58 +255,17 @@ impl ExactlyOnceRelay {
             claimed.release().await?;
             return Err(e.into());
         }
-        let sent = self.sink.send(&claimed.events, &HashSet::new(), None).await;
-        let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, &gid);
-        let deadline = tokio::time::Instant::from_std(claimed.claimed_at + self.cfg.publish_timeout);
-        let both = async { (sent.results.await, decision.await) };
-        let (results, decision) = match tokio::time::timeout_at(deadline, both).await {
-            Ok(r) => r,
-            Err(_) => {
-                let late = SendResult::Failed {
-                    class: FailureClass::Transient,
-                    error: "no acknowledgement within relay.publish_timeout".into(),
-                };
-                (vec![late.clone(); claimed.events.len()], late)
-            }
-        };
+        let (results, decision) = self.publish(&claimed, &gid).await;
         failpoint::hit_batch("after-kafka-send", claimed.events.len());
-
         let all_in = decision == SendResult::Delivered
             && results
                 .iter()
                 .all(|r| matches!(r, SendResult::Delivered | SendResult::Invalid { .. } | SendResult::Skipped));
-        let mut outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
-        let n = claimed.events.len();
         if !all_in {
-            // Kafka refused part of the batch: the transaction cannot commit.
-            // Give the rows back first (count the attempt against the refused
-            // events; the rest go again in the next batch, in order), then
-            // abort: an abort waits for Kafka, the database must not.
-            for o in &mut outcomes {
-                if *o == Outcome::Delivered {
-                    *o = Outcome::Retry;
-                }
-            }
-            if let SendResult::Failed { error, .. } = &decision {
-                tracing::warn!(%error, topic = %self.decisions.topic(), "decision record not written");
-            }
-            let transient = std::iter::once(&decision)
-                .chain(&results)
-                .any(|r| matches!(r, SendResult::Failed { class: FailureClass::Transient, .. }));
-            let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
-            let aborted: Vec<SendResult> = results
-                .iter()
-                .map(|r| if *r == SendResult::Delivered { SendResult::Skipped } else { r.clone() })
-                .collect();
-            report(&events, &aborted, &finished, self.cfg.max_attempts);
-            self.counters.add(&finished);
-            if transient {
-                self.gate.close("a Kafka transaction did not complete (Kafka unreachable or slow)");
-            }
-            self.sink.abort(KAFKA_TIMEOUT).await?;
-            return Ok(Step::Batch { claimed: n, finished });
+            return self.give_back(claimed, &results, &decision).await;
         }
-
+        let n = claimed.events.len();
+        let outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
         let prepared = claimed.prepare(&outcomes, self.cfg.max_attempts, &gid).await;
         let (finished, events) = match prepared {
             Ok(p) => p,
@@ -318,23 +277,9 @@ impl ExactlyOnceRelay {
             }
         };
         failpoint::hit("after-prepare");
-
-        if let Err(e) = self.sink.commit(KAFKA_TIMEOUT).await {
-            if e.requires_abort() && self.sink.abort(KAFKA_TIMEOUT).await.is_ok() {
-                self.store.rollback_prepared(&gid).await?;
-                tracing::warn!(error = %e, "Kafka refused to commit the batch; rolled back, retrying it");
-                return Ok(Step::Batch { claimed: n, finished: Finished { retry: n, ..Default::default() } });
-            }
-            // Unknown outcome (or fenced): recovery decides from the record.
-            return Err(e.into());
+        if !self.decide(&gid).await? {
+            return Ok(Step::Batch { claimed: n, finished: Finished { retry: n, ..Default::default() } });
         }
-        failpoint::hit("after-kafka-commit");
-
-        // Committed in Kafka: Postgres must follow, whatever it takes.
-        if !self.store.commit_prepared(&gid).await? {
-            tracing::warn!(%gid, "batch was already resolved by a recovering relay");
-        }
-        failpoint::hit("after-commit-prepared");
         report(&events, &results, &finished, self.cfg.max_attempts);
         self.gate.record_success();
         self.counters.add(&finished);
@@ -350,6 +295,79 @@ impl ExactlyOnceRelay {
         }
         .emit();
         Ok(Step::Batch { claimed: n, finished })
+    }
+
+    /// Produces the batch's events and its decision record in the open Kafka
+    /// transaction and waits for every acknowledgement, at most until
+    /// `relay.publish_timeout` after the claim (missing ones count as transient).
+    async fn publish(&self, claimed: &Claimed, gid: &str) -> (Vec<SendResult>, SendResult) {
+        let sent = self.sink.send(&claimed.events, &HashSet::new(), None).await;
+        let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, gid);
+        let deadline = tokio::time::Instant::from_std(claimed.claimed_at + self.cfg.publish_timeout);
+        let both = async { (sent.results.await, decision.await) };
+        match tokio::time::timeout_at(deadline, both).await {
+            Ok(r) => r,
+            Err(_) => {
+                let late = SendResult::Failed {
+                    class: FailureClass::Transient,
+                    error: "no acknowledgement within relay.publish_timeout".into(),
+                };
+                (vec![late.clone(); claimed.events.len()], late)
+            }
+        }
+    }
+
+    /// Kafka refused part of the batch: the transaction cannot commit. Gives
+    /// the rows back first (counting the attempt against the refused events;
+    /// the rest go again in the next batch, in order), then aborts: an abort
+    /// waits for Kafka, the database must not.
+    async fn give_back(
+        &self,
+        claimed: Claimed,
+        results: &[SendResult],
+        decision: &SendResult,
+    ) -> Result<Step, EosError> {
+        let n = claimed.events.len();
+        let outcomes: Vec<Outcome> =
+            results.iter().map(outcome_of).map(|o| if o == Outcome::Delivered { Outcome::Retry } else { o }).collect();
+        if let SendResult::Failed { error, .. } = decision {
+            tracing::warn!(%error, topic = %self.decisions.topic(), "decision record not written");
+        }
+        let transient = std::iter::once(decision)
+            .chain(results)
+            .any(|r| matches!(r, SendResult::Failed { class: FailureClass::Transient, .. }));
+        let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
+        let aborted: Vec<SendResult> =
+            results.iter().map(|r| if *r == SendResult::Delivered { SendResult::Skipped } else { r.clone() }).collect();
+        report(&events, &aborted, &finished, self.cfg.max_attempts);
+        self.counters.add(&finished);
+        if transient {
+            self.gate.close("a Kafka transaction did not complete (Kafka unreachable or slow)");
+        }
+        self.sink.abort(KAFKA_TIMEOUT).await?;
+        Ok(Step::Batch { claimed: n, finished })
+    }
+
+    /// The decision: commit the Kafka transaction, then `COMMIT PREPARED`.
+    /// `Ok(false)`: Kafka refused the commit and the batch was rolled back on
+    /// both sides (it goes again). An `Err` is an unknown outcome: recovery
+    /// decides from the decision record.
+    async fn decide(&self, gid: &str) -> Result<bool, EosError> {
+        if let Err(e) = self.sink.commit(KAFKA_TIMEOUT).await {
+            if e.requires_abort() && self.sink.abort(KAFKA_TIMEOUT).await.is_ok() {
+                self.store.rollback_prepared(gid).await?;
+                tracing::warn!(error = %e, "Kafka refused to commit the batch; rolled back, retrying it");
+                return Ok(false);
+            }
+            return Err(e.into());
+        }
+        failpoint::hit("after-kafka-commit");
+        // Committed in Kafka: Postgres must follow, whatever it takes.
+        if !self.store.commit_prepared(gid).await? {
+            tracing::warn!(%gid, "batch was already resolved by a recovering relay");
+        }
+        failpoint::hit("after-commit-prepared");
+        Ok(true)
     }
 
     /// A batch must fit in `transaction.timeout.ms` (send, acks, PREPARE and the

@@ -30,6 +30,8 @@ pub(super) struct ClaimSql {
 }
 
 impl ClaimSql {
+    // Long, but one statement: the CTEs of the claim read each other, and the
+    // comments that say why each is written as it is belong beside it.
     pub(super) fn new(table: &TableName, ordering: Ordering) -> ClaimSql {
         let t = table.quoted();
         let pending = "published_at IS NULL AND parked_at IS NULL";
@@ -200,8 +202,17 @@ impl Store {
         let oid: u32 = if lockers_wanted { seq_oid.unwrap_or(0) } else { 0 };
         let blocked = self.blocked_keys();
         let client = conn.client();
-        let claim_stmt = client.prepare_cached(&self.claim_sql.claim).await?;
-        let probe_stmt = client.prepare_cached(&self.claim_sql.probe).await?;
+        // Preparing reads the table's definition, so a lock on the table
+        // blocks it too: time it like the claim.
+        let timed = |e: tokio_postgres::Error| {
+            let e = StoreError::from(e);
+            if e.is_statement_timeout() {
+                StatementTimedOut { statement: "claim", took: started.elapsed() }.emit();
+            }
+            e
+        };
+        let claim_stmt = client.prepare_cached(&self.claim_sql.claim).await.map_err(timed)?;
+        let probe_stmt = client.prepare_cached(&self.claim_sql.probe).await.map_err(timed)?;
         let limit = limit as i64;
         let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&floor, &limit, &own, &blocked];
         let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&floor, &oid];
@@ -214,13 +225,7 @@ impl Store {
         begin?;
         let (rows, probe) = match (rows, probe) {
             (Ok(r), Ok(p)) => (r, p),
-            (Err(e), _) | (_, Err(e)) => {
-                let e = StoreError::from(e);
-                if e.is_statement_timeout() {
-                    StatementTimedOut { statement: "claim", took: started.elapsed() }.emit();
-                }
-                return Err(e);
-            }
+            (Err(e), _) | (_, Err(e)) => return Err(timed(e)),
         };
         ClaimRan { took: started.elapsed() }.emit();
         let claimed_at = Instant::now();

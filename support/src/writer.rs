@@ -79,6 +79,9 @@ pub struct Writers {
     /// When each transaction's COMMIT returned to the writer (µs since the
     /// epoch), by the transaction number in its events' payload (`tx`).
     pub commits: Arc<Mutex<HashMap<i64, i64>>>,
+    /// Each committed transaction: when its COMMIT returned (µs since the
+    /// epoch) and how long it took from BEGIN (ms): the application's latency.
+    pub durations: Arc<Mutex<Vec<(i64, f64)>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     pub started: Instant,
 }
@@ -90,6 +93,7 @@ struct Shared {
     rolled_back: Arc<AtomicU64>,
     rate: Arc<AtomicU64>,
     commits: Arc<Mutex<HashMap<i64, i64>>>,
+    durations: Arc<Mutex<Vec<(i64, f64)>>>,
 }
 
 impl Writers {
@@ -101,6 +105,7 @@ impl Writers {
             written: Arc::default(),
             rolled_back: Arc::default(),
             commits: Arc::default(),
+            durations: Arc::default(),
         });
         let tasks = (0..shared.spec.connections)
             .map(|w| {
@@ -114,6 +119,7 @@ impl Writers {
             rolled_back: shared.rolled_back.clone(),
             rate: shared.rate.clone(),
             commits: shared.commits.clone(),
+            durations: shared.durations.clone(),
             tasks,
             started: Instant::now(),
         }
@@ -189,6 +195,7 @@ impl Shared {
                 let tx_no = (n * s.connections + w) as i64;
                 let keys = self.keys(w, n);
                 let rollback = s.rollback_share > 0.0 && fastrand::f64() < s.rollback_share;
+                let began = Instant::now();
                 let r = async {
                     let tx = db.transaction().await?;
                     tx.execute(&stmt, &[&tx_no, &keys, &s.topics]).await?;
@@ -208,8 +215,12 @@ impl Shared {
                 if rollback {
                     self.rolled_back.fetch_add(s.per_tx, Ordering::Relaxed);
                 } else {
+                    let at = now_us();
                     if let Ok(mut c) = self.commits.lock() {
-                        c.insert(tx_no, now_us());
+                        c.insert(tx_no, at);
+                    }
+                    if let Ok(mut d) = self.durations.lock() {
+                        d.push((at, began.elapsed().as_secs_f64() * 1000.0));
                     }
                     self.written.fetch_add(s.per_tx, Ordering::Relaxed);
                 }

@@ -1,5 +1,7 @@
 //! `status`: backlog, parked events and their errors, throughput, per topic.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::store::{Store, StoreError};
@@ -44,72 +46,12 @@ pub struct Status {
 
 impl Store {
     pub async fn status(&self) -> Result<Status, StoreError> {
-        let t = self.table().quoted();
-        let client = self.client().await?;
-        let mut topics: std::collections::BTreeMap<String, TopicStatus> = Default::default();
-        let entry = |topics: &mut std::collections::BTreeMap<String, TopicStatus>, topic: String| {
-            topics.entry(topic.clone()).or_insert_with(|| TopicStatus { topic, ..Default::default() }).clone()
-        };
-        for r in client
-            .query(
-                &format!(
-                    "SELECT topic, count(*), extract(epoch FROM now() - min(created_at))::float8
-                     FROM {t} WHERE published_at IS NULL AND parked_at IS NULL GROUP BY topic"
-                ),
-                &[],
-            )
-            .await?
-        {
-            let mut s = entry(&mut topics, r.get(0));
-            s.pending = r.get(1);
-            s.oldest_pending_age_s = r.get::<_, Option<f64>>(2).map(|a| a.max(0.0));
-            topics.insert(s.topic.clone(), s);
-        }
-        for r in client
-            .query(&format!("SELECT topic, count(*) FROM {t} WHERE parked_at IS NOT NULL GROUP BY topic"), &[])
-            .await?
-        {
-            let mut s = entry(&mut topics, r.get(0));
-            s.parked = r.get(1);
-            topics.insert(s.topic.clone(), s);
-        }
-        for r in client
-            .query(
-                &format!(
-                    "SELECT topic,
-                            count(*) FILTER (WHERE published_at > now() - interval '1 minute'),
-                            count(*) FILTER (WHERE published_at > now() - interval '5 minutes'),
-                            count(*)
-                     FROM {t} WHERE published_at > now() - interval '15 minutes' GROUP BY topic"
-                ),
-                &[],
-            )
-            .await?
-        {
-            let mut s = entry(&mut topics, r.get(0));
-            s.published_1m = r.get(1);
-            s.published_5m = r.get(2);
-            s.published_15m = r.get(3);
-            topics.insert(s.topic.clone(), s);
-        }
-        let top_errors = client
-            .query(
-                &format!(
-                    "SELECT coalesce(left(last_error, 200), '(no error recorded)'), count(*) FROM {t}
-                     WHERE parked_at IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5"
-                ),
-                &[],
-            )
-            .await?
-            .iter()
-            .map(|r| ErrorCount { error: r.get(0), count: r.get(1) })
-            .collect();
-        let topics: Vec<TopicStatus> = topics.into_values().collect();
+        let topics: Vec<TopicStatus> = self.topic_status().await?.into_values().collect();
+        let top_errors = self.top_errors().await?;
         let oldest = topics
             .iter()
             .filter_map(|t| t.oldest_pending_age_s)
             .fold(None, |m: Option<f64>, a| Some(m.map_or(a, |m| m.max(a))));
-        drop(client);
         let prepared = self.prepared_any(&self.transactional_prefixes().await).await?;
         let health = self.db_health().await?;
         Ok(Status {
@@ -127,6 +69,55 @@ impl Store {
             top_errors,
             topics,
         })
+    }
+
+    /// Pending, parked and recently published rows per topic, each counted
+    /// through its partial index.
+    async fn topic_status(&self) -> Result<BTreeMap<String, TopicStatus>, StoreError> {
+        let t = self.table().quoted();
+        let client = self.client().await?;
+        let mut topics: BTreeMap<String, TopicStatus> = BTreeMap::new();
+        fn entry(topics: &mut BTreeMap<String, TopicStatus>, topic: String) -> &mut TopicStatus {
+            topics.entry(topic.clone()).or_insert_with(|| TopicStatus { topic, ..Default::default() })
+        }
+        let pending = format!(
+            "SELECT topic, count(*), extract(epoch FROM now() - min(created_at))::float8
+             FROM {t} WHERE published_at IS NULL AND parked_at IS NULL GROUP BY topic"
+        );
+        for r in client.query(&pending, &[]).await? {
+            let s = entry(&mut topics, r.get(0));
+            s.pending = r.get(1);
+            s.oldest_pending_age_s = r.get::<_, Option<f64>>(2).map(|a| a.max(0.0));
+        }
+        let parked = format!("SELECT topic, count(*) FROM {t} WHERE parked_at IS NOT NULL GROUP BY topic");
+        for r in client.query(&parked, &[]).await? {
+            entry(&mut topics, r.get(0)).parked = r.get(1);
+        }
+        let published = format!(
+            "SELECT topic,
+                    count(*) FILTER (WHERE published_at > now() - interval '1 minute'),
+                    count(*) FILTER (WHERE published_at > now() - interval '5 minutes'),
+                    count(*)
+             FROM {t} WHERE published_at > now() - interval '15 minutes' GROUP BY topic"
+        );
+        for r in client.query(&published, &[]).await? {
+            let s = entry(&mut topics, r.get(0));
+            s.published_1m = r.get(1);
+            s.published_5m = r.get(2);
+            s.published_15m = r.get(3);
+        }
+        Ok(topics)
+    }
+
+    /// The most common errors of parked rows.
+    async fn top_errors(&self) -> Result<Vec<ErrorCount>, StoreError> {
+        let t = self.table().quoted();
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT coalesce(left(last_error, 200), '(no error recorded)'), count(*) FROM {t}
+             WHERE parked_at IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 5"
+        );
+        Ok(client.query(&sql, &[]).await?.iter().map(|r| ErrorCount { error: r.get(0), count: r.get(1) }).collect())
     }
 
     /// Topics of pending rows and of rows published in the last hour (at most

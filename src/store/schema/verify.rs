@@ -37,10 +37,13 @@ fn warning(message: String) -> SchemaProblem {
 }
 
 pub(crate) async fn verify(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem>, StoreError> {
-    for check in [columns(client, table).await?, privileges(client, table).await?] {
-        if !check.is_empty() {
-            return Ok(check);
-        }
+    let problems = columns(client, table).await?;
+    if !problems.is_empty() {
+        return Ok(problems);
+    }
+    let problems = privileges(client, table).await?;
+    if !problems.is_empty() {
+        return Ok(problems);
     }
     let mut problems = indexes(client, table).await?;
     problems.extend(notify_trigger(client, table).await?);

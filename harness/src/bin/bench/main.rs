@@ -23,6 +23,9 @@
 //! * `horizon` — writers at 2k ev/s while a REPEATABLE READ transaction holds
 //!   the horizon for 5 minutes: a latency table per 10 s window.
 //! * `hotkey` — 3 relays, one key with a 10k backlog, other keys at 1k ev/s.
+//! * `outage` — the application writes at 1k ev/s while Kafka is down for 10
+//!   minutes; catch-up time and rate against a fresh table, the application's
+//!   commits before, during and after, the table afterwards.
 //!
 //! Prints each table as it completes and writes everything to bench/results/.
 
@@ -42,6 +45,7 @@ mod horizon;
 mod hotkey;
 mod idle;
 mod latency;
+mod outage;
 mod sustained;
 
 use app_cost::*;
@@ -52,6 +56,7 @@ use horizon::*;
 use hotkey::*;
 use idle::*;
 use latency::*;
+use outage::*;
 use serde::Serialize;
 use serde_json::json;
 use sustained::*;
@@ -60,8 +65,8 @@ use sustained::*;
 #[command(about = "outbox-relay benchmark (see the module docs or docs/performance.md)")]
 struct Args {
     /// Sections to run, comma separated (default: all): app-cost, idle, latency,
-    /// drain, churn, retained, sustained, horizon, hotkey (and `ceilings`: only
-    /// the SQL-only and store-path ceilings that `drain` includes).
+    /// drain, churn, retained, sustained, horizon, hotkey, outage (and
+    /// `ceilings`: only the SQL-only and store-path ceilings that `drain` includes).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Events preloaded for each drain.
@@ -91,6 +96,12 @@ struct Args {
     /// Relay batch size for the drains.
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
+    /// Seconds Kafka stays down in the outage section.
+    #[arg(long, default_value_t = 600)]
+    outage_secs: u64,
+    /// Events/s the application writes in the outage section.
+    #[arg(long, default_value_t = 1000)]
+    outage_rate: u64,
     /// Skip the exactly-once runs.
     #[arg(long)]
     no_exactly_once: bool,
@@ -130,6 +141,9 @@ fn say(msg: impl AsRef<str>) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    // Nothing else may use or stop the infrastructure meanwhile (tests
+    // included): the figures would be spoilt, and the outage section stops Kafka.
+    let _lock = InfraLock::exclusive(&[Resource::Postgres, Resource::Kafka]).await;
     let env = Env::from_infra();
     let (cores, cpu) = host();
     let mut report = serde_json::Map::new();
@@ -254,6 +268,11 @@ async fn main() {
             h.other_keys_commit_to_ack_ms.p50, h.other_keys_commit_to_ack_ms.p99, h.other_keys_commit_to_ack_ms.max, h.other_keys_commit_to_ack_ms.n, h.hot_key_drained_s
         );
         report.insert("hotkey".into(), json!(h));
+    }
+    if args.runs("outage") {
+        let o = outage(&env, &args).await;
+        print_outage(&o);
+        report.insert("outage".into(), json!(o));
     }
     report.insert("date".into(), json!(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()));
     report.insert("cores".into(), json!(cores));
