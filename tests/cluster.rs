@@ -3,22 +3,18 @@
 //! partition is SIGKILLed under load and comes back. Nothing may be lost,
 //! parked or reordered, in both delivery modes.
 //!
-//! It kills brokers of the shared cluster, so its cases run one after another.
+//! It kills brokers of the shared cluster: it holds the cluster's lock
+//! exclusively (`InfraLock`), so nothing else that uses it runs meanwhile.
 
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_relay_support::*;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
+/// The 3-broker cluster `scripts/infra` runs; fails with instructions otherwise.
 fn cluster() -> String {
-    let b = std::env::var("OUTBOX_RELAY_TEST_CLUSTER")
-        .unwrap_or_else(|_| "127.0.0.1:29101,127.0.0.1:29102,127.0.0.1:29103".into());
+    let b = infra().cluster.clone();
     let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b).create().expect("consumer");
     match c.fetch_metadata(None, Duration::from_secs(10)) {
         Ok(md) if md.brokers().len() == 3 => b,
@@ -33,22 +29,7 @@ fn cluster() -> String {
 }
 
 fn broker(action: &str, n: i32) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/infra");
-    let out = Command::new(script).args(["broker", action, &n.to_string()]).output().expect("scripts/infra broker");
-    assert!(out.status.success(), "scripts/infra broker {action} {n}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-async fn create_replicated_topic(bootstrap: &str, name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin");
-    let t = NewTopic::new(name, partitions, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
-    for r in admin
-        .create_topics(&[t], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
-        .await
-        .expect("create")
-    {
-        r.expect("topic created");
-    }
+    infra_cmd(&["broker", action, &n.to_string()]);
 }
 
 /// The broker leading partition `p` of `topic`.
@@ -74,10 +55,11 @@ async fn wait_in_sync(bootstrap: &str, topic: &str) {
 }
 
 async fn leader_killed_under_load(delivery: &str) {
+    let lock = InfraLock::exclusive(&[Resource::Cluster]).await;
     let bootstrap = cluster();
-    let ob = Outbox::new(if delivery == "exactly-once" { "cluster_eos" } else { "cluster_alo" }).await;
+    let ob = Outbox::new_beside(if delivery == "exactly-once" { "cluster_eos" } else { "cluster_alo" }, &lock).await;
     let topic = format!("{}.events", ob.table);
-    create_replicated_topic(&bootstrap, &topic, 6).await;
+    create_topics_at(&bootstrap, std::slice::from_ref(&topic), &TopicSpec::new(6).replicated(3)).await;
     let decisions = format!("{}.commits", ob.table);
     let env = [
         ("OUTBOX_RELAY__KAFKA__BROKERS", bootstrap.as_str()),
@@ -86,51 +68,23 @@ async fn leader_killed_under_load(delivery: &str) {
         ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", decisions.as_str()),
     ];
     let relay = ob.spawn_relay(&env);
-    let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let writer = {
-        let (stop, written, table, topic) = (stop.clone(), written.clone(), ob.qualified(), topic.clone());
-        tokio::spawn(async move {
-            let mut db = pg().await;
-            let mut n: i64 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let tx = db.transaction().await.unwrap();
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {table} (topic, key, payload)
-                         SELECT $1, 'key-' || ((($2::bigint + i) * 7) % 20), jsonb_build_object('n', $2::bigint + i)
-                         FROM generate_series(0, 9) i"
-                    ),
-                    &[&topic, &n],
-                )
-                .await
-                .unwrap();
-                tx.commit().await.unwrap();
-                n += 10;
-                written.fetch_add(10, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-    };
+    let writers = Writers::start(WriterSpec { rate: 1000, ..WriterSpec::small(&ob.qualified(), &topic) });
     tokio::time::sleep(Duration::from_secs(5)).await;
     // The leader of partition 0 dies without warning, mid-load; the cluster
     // elects another; the relay's idempotent producer moves on; the broker
     // returns after a while and catches up.
     let victim = leader(&bootstrap, &topic, 0);
     broker("kill", victim);
-    eprintln!(
-        "{delivery}: killed broker {victim} (leader of {topic}[0]) after {} events",
-        written.load(Ordering::Relaxed)
-    );
+    eprintln!("{delivery}: killed broker {victim} (leader of {topic}[0]) after {} events", writers.written());
     tokio::time::sleep(Duration::from_secs(10)).await;
     broker("start", victim);
     wait_in_sync(&bootstrap, &topic).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    let written = writers.finish().await;
     ob.wait_drained(Duration::from_secs(120)).await;
     assert_eq!(ob.count("parked_at IS NOT NULL").await, 0, "a leader change is transient: nothing parked");
     let d = delivery_from(&bootstrap, &ob, std::slice::from_ref(&topic), Duration::from_secs(3)).await;
-    assert_eq!(d.seq_of.len() as u64, written.load(Ordering::Relaxed));
+    assert_eq!(d.seq_of.len() as u64, written);
     assert!(d.lost.is_empty(), "{delivery}: lost {} (e.g. {:?})", d.lost.len(), &d.lost[..d.lost.len().min(3)]);
     assert_eq!(d.order_violations, 0, "{delivery}: per-key order");
     if delivery == "exactly-once" {

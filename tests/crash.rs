@@ -2,8 +2,6 @@
 //! committed event must reach Kafka, in per-key order; duplicates are bounded
 //! by the in-flight batches of the killed relays.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_relay_support::*;
@@ -17,32 +15,7 @@ async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {
 
     // The application: small transactions over 20 keys from one connection, so
     // seq order is commit order per key (the documented assumption).
-    let stop = Arc::new(AtomicBool::new(false));
-    let written = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, written, table, topic) = (stop.clone(), written.clone(), ob.qualified(), topic.clone());
-        tokio::spawn(async move {
-            let mut db = pg().await;
-            let mut n: i64 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let tx = db.transaction().await.unwrap();
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {table} (topic, key, payload)
-                         SELECT $1, 'key-' || ((($2::bigint + i) * 7) % 20), jsonb_build_object('n', $2::bigint + i)
-                         FROM generate_series(0, 9) i"
-                    ),
-                    &[&topic, &n],
-                )
-                .await
-                .unwrap();
-                tx.commit().await.unwrap();
-                n += 10;
-                written.fetch_add(10, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-        })
-    };
+    let writers = Writers::start(WriterSpec { rate: 3000, ..WriterSpec::small(&ob.qualified(), &topic) });
 
     let batch = BATCH.to_string();
     let settings = [("OUTBOX_RELAY__RELAY__BATCH_SIZE", batch.as_str())];
@@ -53,16 +26,15 @@ async fn sigkill_mid_load_loses_nothing_and_keeps_per_key_order() {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         relay.assert_running();
         relay.kill9();
-        eprintln!("kill {} after {ms} ms; written so far {}", kill + 1, written.load(Ordering::Relaxed));
+        eprintln!("kill {} after {ms} ms; written so far {}", kill + 1, writers.written());
     }
     let relay = ob.spawn_relay(&settings);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    let written = writers.finish().await;
     ob.wait_drained(Duration::from_secs(120)).await;
 
     let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(3)).await;
-    assert_eq!(d.seq_of.len() as u64, written.load(Ordering::Relaxed), "every committed row is in the table");
+    assert_eq!(d.seq_of.len() as u64, written, "every committed row is in the table");
     assert!(d.lost.is_empty(), "{} events lost, e.g. {:?}", d.lost.len(), &d.lost[..d.lost.len().min(5)]);
     assert_eq!(d.unknown, 0, "a message that was never written");
     assert_eq!(d.order_violations, 0, "per-key order");

@@ -3,8 +3,6 @@
 //! rows, no straggler ever skipped, upgrades while running, and every relay
 //! session bounded (statements, idle transactions, a vanished client).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::poll_fn;
@@ -218,36 +216,6 @@ async fn per_batch_queries_touch_no_more_buffers_with_100k_dead_rows_in_front() 
     }
 }
 
-fn spawn_writer(
-    ob: &Outbox,
-    topic: &str,
-    stop: Arc<AtomicBool>,
-    written: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
-    let (table, topic) = (ob.qualified(), topic.to_string());
-    tokio::spawn(async move {
-        let mut db = pg().await;
-        let mut n: i64 = 0;
-        while !stop.load(Ordering::Relaxed) {
-            let tx = db.transaction().await.unwrap();
-            tx.execute(
-                &format!(
-                    "INSERT INTO {table} (topic, key, payload)
-                     SELECT $1, 'key-' || ((($2::bigint + i) * 7) % 20), jsonb_build_object('n', $2::bigint + i)
-                     FROM generate_series(0, 9) i"
-                ),
-                &[&topic, &n],
-            )
-            .await
-            .unwrap();
-            tx.commit().await.unwrap();
-            n += 10;
-            written.fetch_add(10, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn upgrading_a_0002_table_to_0003_while_a_relay_runs_loses_and_reorders_nothing() {
     let ob = Outbox::new_at("upgrade", Some(2)).await;
@@ -257,20 +225,18 @@ async fn upgrading_a_0002_table_to_0003_while_a_relay_runs_loses_and_reorders_no
     assert!(out.contains("NOTIFY trigger") && out.contains("0003"), "check names the trigger and the fix: {out}");
 
     let relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50")]);
-    let (stop, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
-    let writer = spawn_writer(&ob, &topic, stop.clone(), written.clone());
+    let writers = Writers::start(WriterSpec::small(&ob.qualified(), &topic));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let migrate = relay_cmd(&ob.table, &[]).arg("migrate").output().expect("migrate");
     let out = String::from_utf8_lossy(&migrate.stdout).to_string();
     assert!(migrate.status.success(), "migrate while running: {out}{}", String::from_utf8_lossy(&migrate.stderr));
     assert!(out.contains("0003_no_notify_on_commit.sql"), "{out}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
+    let written = writers.finish().await;
     ob.wait_drained(Duration::from_secs(60)).await;
 
     let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(2)).await;
-    assert_eq!(d.seq_of.len() as u64, written.load(Ordering::Relaxed));
+    assert_eq!(d.seq_of.len() as u64, written);
     assert!(d.lost.is_empty(), "lost {:?}", &d.lost[..d.lost.len().min(5)]);
     assert_eq!((d.order_violations, d.duplicates, d.unknown), (0, 0, 0), "order violations, duplicates, unknown");
     let check = relay_cmd(&ob.table, &[]).arg("check").output().expect("check");
@@ -353,17 +319,7 @@ async fn a_killed_relay_leaves_no_query_running_on_the_server() {
 async fn a_frozen_relay_s_batch_goes_to_another_relay_within_the_idle_bound() {
     let ob = Outbox::new("frozen").await;
     let topic = ob.topic("events", 2).await;
-    pg().await
-        .execute(
-            &format!(
-                "INSERT INTO {} (topic, key, payload)
-                 SELECT $1, 'key-' || (i % 20), jsonb_build_object('n', i) FROM generate_series(1, 200) i",
-                ob.qualified()
-            ),
-            &[&topic],
-        )
-        .await
-        .unwrap();
+    ob.insert(&topic, 200, 20).await;
     let idle = ("OUTBOX_RELAY__POSTGRES__IDLE_IN_TRANSACTION_TIMEOUT", "3s");
     let batch = ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50");
     let id_a = format!("{}-a", ob.table);

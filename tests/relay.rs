@@ -344,17 +344,7 @@ async fn relay_recovers_when_claims_fail_for_a_while() {
 async fn a_producer_failing_fatally_with_two_batches_in_flight_keeps_key_order() {
     let ob = Outbox::new("rebuild").await;
     let topic = ob.topic("events", 2).await;
-    let db = pg().await;
-    db.execute(
-        &format!(
-            "INSERT INTO {} (topic, key, payload)
-             SELECT $1, 'key-' || (i % 5), jsonb_build_object('n', i) FROM generate_series(1, 3000) i",
-            ob.qualified()
-        ),
-        &[&topic],
-    )
-    .await
-    .unwrap();
+    ob.insert(&topic, 3000, 5).await;
     // Right after the 3rd batch is handed to the producer, the producer fails
     // fatally (librdkafka's test hook): the 3rd batch's queued events fail,
     // while the pipeline already claims the 4th, with later events of the same

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use outbox_relay_support::*;
 
 fn ca() -> String {
-    let path =
-        std::env::var("OUTBOX_RELAY_TEST_PG_CA").unwrap_or_else(|_| "/var/tmp/outbox-relay-infra/tls/ca.crt".into());
+    let path = infra().pg_ca.display().to_string();
     assert!(
         std::path::Path::new(&path).is_file(),
         "no test CA at {path}: run scripts/infra up (it enables TLS on the local Postgres)"

@@ -75,13 +75,14 @@ impl Outbox {
             .get(0)
     }
 
-    /// Inserts `n` events on `topic` with keys `k0`..`k<keys-1>` in one transaction.
+    /// Inserts `n` events on `topic` with keys `key-0`..`key-<keys-1>` (`key-(i % keys)` for
+    /// event i = 1..=n) and payload `{"n": i}`, in one transaction.
     pub async fn insert(&self, topic: &str, n: i64, keys: i64) {
         pg().await
             .execute(
                 &format!(
                     "INSERT INTO {} (topic, key, payload)
-                     SELECT $1, 'k' || (i % $3), jsonb_build_object('i', i) FROM generate_series(1, $2::int8) i",
+                     SELECT $1, 'key-' || (i % $3), jsonb_build_object('n', i) FROM generate_series(1, $2::int8) i",
                     self.qualified()
                 ),
                 &[&topic, &n, &keys.max(1)],
