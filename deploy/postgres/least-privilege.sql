@@ -4,8 +4,12 @@
 --
 -- The relay reads pending rows, marks or deletes them, and parks failures:
 --   SELECT, UPDATE, DELETE on the outbox table; USAGE on its schema.
--- It never inserts (the application does), so it needs no INSERT and no rights
--- on the identity sequence. LISTEN needs no grant. `outbox-relay migrate` needs
+-- It never inserts (the application does), so it needs no INSERT and cannot
+-- take sequence values. SELECT on the identity sequence lets it read the
+-- sequence's last value: it then notices a setval() to a lower value at once
+-- (without it, only the periodic sweep finds the rows below its floor; a
+-- restarted sequence, a failover and a recovery are noticed either way). LISTEN
+-- needs no grant. `outbox-relay migrate` needs
 -- DDL rights: run it with your migration role, not with this one.
 -- `outbox-relay check` reports any of these grants that is missing.
 
@@ -19,6 +23,7 @@ $$;
 
 GRANT USAGE ON SCHEMA public TO outbox_relay;
 GRANT SELECT, UPDATE, DELETE ON public.outbox TO outbox_relay;
+GRANT SELECT ON SEQUENCE public.outbox_seq_seq TO outbox_relay;
 
 -- Applications that write events need only INSERT:
 --   GRANT INSERT ON public.outbox TO app_role;

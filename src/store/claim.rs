@@ -103,16 +103,18 @@ impl ClaimSql {
             ),
             // Run right after the claim, in its transaction: the head (lowest
             // pending seq at or above the floor, held by anyone, not waiting for a
-            // retry) and, when $2 is not 0, who holds the identity sequence's lock
-            // (see floor.rs).
+            // retry), when $3, who holds the identity sequence's ($2) lock, and
+            // where sequence values come from (see floor.rs).
             probe: format!(
                 "SELECT (SELECT seq FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1 ORDER BY seq LIMIT 1)
                           AS head,
-                        CASE WHEN $2::oid <> 0 THEN ARRAY(
+                        CASE WHEN $3 AND $2::oid <> 0 THEN ARRAY(
                           SELECT virtualtransaction FROM pg_locks
                           WHERE locktype = 'relation' AND relation = $2::oid
                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) END
-                          AS lockers"
+                          AS lockers,
+                        {source}",
+                source = super::floor::SOURCE_COLUMNS
             ),
             ordering,
         }
@@ -195,11 +197,11 @@ impl Store {
         let seq_oid = self.sequence_oid(&client).await;
         let open = self.shared.clock.begin(TxnKind::Batch);
         let conn = Arc::new(Conn::new(client, self.tls.clone(), open));
-        let (floor, lockers_wanted) = {
+        let (floor, lockers_wanted, generation) = {
             let f = self.floor();
-            (f.get(), f.wants_lockers())
+            (f.get(), f.wants_lockers(), f.generation())
         };
-        let oid: u32 = if lockers_wanted { seq_oid.unwrap_or(0) } else { 0 };
+        let oid: u32 = seq_oid.unwrap_or(0);
         let blocked = self.blocked_keys();
         let client = conn.client();
         // Preparing reads the table's definition, so a lock on the table
@@ -215,7 +217,7 @@ impl Store {
         let probe_stmt = client.prepare_cached(&self.claim_sql.probe).await.map_err(timed)?;
         let limit = limit as i64;
         let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&floor, &limit, &own, &blocked];
-        let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&floor, &oid];
+        let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&floor, &oid, &lockers_wanted];
         // One round trip: the three requests are pipelined on the connection.
         let (begin, rows, probe) = tokio::join!(
             client.batch_execute("BEGIN"),
@@ -231,9 +233,20 @@ impl Store {
         let claimed_at = Instant::now();
         let head: Option<i64> = probe.try_get("head")?;
         let lockers: Option<Vec<String>> = probe.try_get("lockers")?;
+        let source = super::floor::read_source(&probe)?;
         let parsed = rows.iter().map(Row::read).collect::<Result<Vec<_>, _>>()?;
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
-        self.floor().observe(floor, claimed_max, head, lockers);
+        {
+            let mut f = self.floor();
+            // Values went backwards: what this look saw from the old floor says
+            // nothing about the new values; the next claim starts from 0.
+            if !f.check_source(source) {
+                f.observe_since(generation, floor, claimed_max, head, lockers);
+            } else {
+                tracing::warn!(table = %self.table, "the outbox's sequence went backwards (a failover, a recovery, \
+                    a restarted sequence or a lower setval): claims start from the beginning again");
+            }
+        }
         if parsed.is_empty() {
             client.batch_execute("COMMIT").await?;
             conn.ended();
@@ -244,7 +257,7 @@ impl Store {
 
     /// The outbox's identity sequence, looked up once. `None` when the table has
     /// none: then the floor cannot rule out stragglers and stays at the start.
-    async fn sequence_oid(&self, client: &deadpool_postgres::Object) -> Option<u32> {
+    pub(super) async fn sequence_oid(&self, client: &deadpool_postgres::Object) -> Option<u32> {
         if let Some(known) = *self.shared.seq_oid.lock().unwrap_or_else(|p| p.into_inner()) {
             return known;
         }

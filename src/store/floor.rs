@@ -36,9 +36,46 @@
 //! their floor; a periodic sweep covers a lost notification: a statement of
 //! its own, off the claim path, looks for pending rows below the floor).
 //! `check` refuses a sequence with `CACHE > 1`.
+//!
+//! # When the sequence goes backwards
+//!
+//! All of the above assumes sequence values only grow. They do not after a
+//! failover to an asynchronous standby or a point-in-time recovery (the new
+//! server's sequence is behind what the relay saw), an `ALTER SEQUENCE …
+//! RESTART` (or `ALTER TABLE … ALTER COLUMN seq RESTART`), a `TRUNCATE …
+//! RESTART IDENTITY`, or a `setval()` to a lower value: new rows then get `seq`
+//! values below the floor. Every look at the outbox (the claim's probe and an
+//! idle relay's look) also reads where the values come from ([`SeqSource`]):
+//! the server's start time (a failover, a recovery or a restart shows as a new
+//! one), the sequence's storage (a restart or a truncation gives it a new one)
+//! and its last value (a `setval` lowers it). When any of them says the values
+//! went backwards, the floor forgets everything it knew ([`Floor::reset`]) and
+//! the next claim starts from the beginning. A `setval` that lowers the
+//! sequence and is followed, before the relay's next look (at most
+//! `relay.poll_interval`), by enough inserts to pass its old value is the one
+//! case only the sweep finds.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+
+/// The columns of a look at the outbox that say where sequence values come
+/// from ([`SeqSource`]), for the sequence whose oid is `$2` (0: none). Its last
+/// value is read only with SELECT on the sequence (`has_sequence_privilege`):
+/// without it a lower `setval` goes unnoticed until the sweep.
+pub(super) const SOURCE_COLUMNS: &str =
+    "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::int8 AS server_started_us,
+     pg_relation_filenode(NULLIF($2::oid, 0)::regclass) AS seq_filenode,
+     CASE WHEN $2::oid <> 0 AND has_sequence_privilege($2::oid, 'SELECT')
+          THEN pg_sequence_last_value($2::oid::regclass) END AS seq_last_value";
+
+/// Reads [`SOURCE_COLUMNS`] from a row.
+pub(super) fn read_source(row: &tokio_postgres::Row) -> Result<SeqSource, super::StoreError> {
+    Ok(SeqSource {
+        server_started_us: row.try_get("server_started_us")?,
+        filenode: row.try_get("seq_filenode")?,
+        last_value: row.try_get("seq_last_value")?,
+    })
+}
 
 /// How many epochs may be open at once; more would only cost memory.
 const MAX_EPOCHS: usize = 16;
@@ -54,11 +91,37 @@ pub struct Floor {
     swept: Instant,
     /// Set when something below the floor may be pending again (a replay).
     lowered_to: Option<i64>,
+    /// Where sequence values came from at the last look.
+    source: Option<SeqSource>,
+    /// How many resets so far: a look that began before the last reset says
+    /// nothing any more.
+    generation: u64,
+}
+
+/// Where the outbox's sequence values come from, as one look saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqSource {
+    /// `pg_postmaster_start_time()`, µs since the epoch: a new server after a
+    /// failover, a recovery or a restart.
+    pub server_started_us: i64,
+    /// The identity sequence's relfilenode (new after a restart or truncation).
+    pub filenode: Option<u32>,
+    /// Its last value handed out (`None` until the first after a restart).
+    pub last_value: Option<i64>,
 }
 
 impl Default for Floor {
     fn default() -> Self {
-        Floor { floor: 0, visible: 0, max_seen: 0, epochs: Vec::new(), swept: Instant::now(), lowered_to: None }
+        Floor {
+            floor: 0,
+            visible: 0,
+            max_seen: 0,
+            epochs: Vec::new(),
+            swept: Instant::now(),
+            lowered_to: None,
+            source: None,
+            generation: 0,
+        }
     }
 }
 
@@ -74,6 +137,26 @@ impl Floor {
     /// The visibility frontier `V` (for metrics and tests).
     pub fn visible(&self) -> i64 {
         self.visible
+    }
+
+    /// Which reset this floor is at (see [`Floor::observe_since`]).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// [`Floor::observe`] for a look that began at `generation`: ignored when
+    /// the floor was reset meanwhile (it scanned from the old floor).
+    pub fn observe_since(
+        &mut self,
+        generation: u64,
+        started: i64,
+        claimed_max: Option<i64>,
+        head: Option<i64>,
+        lockers: Option<Vec<String>>,
+    ) {
+        if generation == self.generation {
+            self.observe(started, claimed_max, head, lockers);
+        }
     }
 
     /// Does the next probe need the sequence's lockers (an epoch to start or finish)?
@@ -122,6 +205,35 @@ impl Floor {
             Some(_) => self.floor = self.floor.max(candidate),
             None => self.floor = self.floor.max(candidate),
         }
+    }
+
+    /// Records where sequence values come from now. Returns true when they
+    /// went backwards (a new server, a restarted sequence, a lower last value):
+    /// the floor is then reset, and what a look from the old floor saw must
+    /// not be applied.
+    pub fn check_source(&mut self, now: SeqSource) -> bool {
+        let went_back = self.source.is_some_and(|before| {
+            before.server_started_us != now.server_started_us
+                || before.filenode != now.filenode
+                || matches!((before.last_value, now.last_value), (Some(b), Some(n)) if n < b)
+        });
+        self.source = Some(now);
+        if went_back {
+            self.reset();
+        }
+        went_back
+    }
+
+    /// Forgets everything: the next claim starts from the beginning, and the
+    /// floor advances again only on what it sees from then on. (Lowering it
+    /// alone would not do: `visible` and the epochs would put it straight back.)
+    pub fn reset(&mut self) {
+        self.generation += 1;
+        self.floor = 0;
+        self.visible = 0;
+        self.max_seen = 0;
+        self.epochs.clear();
+        self.lowered_to = None;
     }
 
     /// Something at or above `seq` may be pending again (a replay): scan from
@@ -229,6 +341,45 @@ mod tests {
         assert!(f.sweep_due(Duration::ZERO));
         assert_eq!(f.get(), 11, "the claim does not scan from the start: the sweep looks on its own");
         assert!(!f.sweep_due(Duration::from_secs(3600)), "the period restarted");
+    }
+
+    fn source(started: i64, filenode: u32, last: i64) -> SeqSource {
+        SeqSource { server_started_us: started, filenode: Some(filenode), last_value: Some(last) }
+    }
+
+    #[test]
+    fn a_sequence_that_goes_backwards_resets_the_floor_and_keeps_it_down() {
+        let mut f = Floor::default();
+        assert!(!f.check_source(source(1, 10, 1200)));
+        f.observe(f.get(), Some(1200), None, ids(&[]));
+        assert_eq!(f.get(), 1201);
+        // ALTER SEQUENCE … RESTART WITH 950: a new relfilenode, no value yet.
+        assert!(f.check_source(SeqSource { filenode: Some(11), last_value: None, ..source(1, 10, 0) }));
+        assert_eq!(f.get(), 0);
+        // Nothing pending and nobody inserting: the next look must not put the
+        // floor back above the new values (0.2's "lower to 0" did, through V).
+        assert!(!f.check_source(source(1, 11, 950)));
+        f.observe(f.get(), None, Some(950), ids(&["3/9"]));
+        assert!(f.get() <= 950, "floor {} passed the new values", f.get());
+        // A setval() to a lower value, and a failover (a new server start time).
+        let mut g = Floor::default();
+        g.check_source(source(1, 10, 500));
+        g.observe(g.get(), Some(500), None, ids(&[]));
+        assert!(g.check_source(source(1, 10, 300)), "setval lower");
+        assert_eq!(g.get(), 0);
+        g.observe(g.get(), Some(320), None, ids(&[]));
+        assert!(g.check_source(source(2, 10, 320)), "a new server");
+        assert_eq!(g.get(), 0);
+        // Normal growth resets nothing.
+        assert!(!g.check_source(source(2, 10, 5000)));
+        // A claim that began before a reset (the LISTEN connection came back
+        // meanwhile) does not raise the floor again when it ends.
+        let mut h = Floor::default();
+        h.observe(h.get(), Some(700), None, ids(&[]));
+        let (generation, started) = (h.generation(), h.get());
+        h.reset();
+        h.observe_since(generation, started, Some(800), Some(750), ids(&[]));
+        assert_eq!(h.get(), 0);
     }
 
     #[test]

@@ -67,7 +67,10 @@ pub fn spawn_listener(
                         Ok(()) => {
                             tracing::debug!(channel = %channel, "listening for outbox notifications");
                             backoff = Duration::from_millis(200);
-                            store.floor().lower(0);
+                            // Notifications sent while it was away are lost, and a
+                            // reconnect may be to another server (a failover):
+                            // forget the floor, start from the beginning.
+                            store.floor().reset();
                             wake.notify_one();
                             tokio::select! {
                                 reason = &mut lost_rx => {

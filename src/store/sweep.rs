@@ -23,7 +23,10 @@ impl SweepSql {
             // transaction, two index probes (from the floor; the retry index).
             pending: format!(
                 "SELECT EXISTS (SELECT 1 FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1)
-                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at IS NOT NULL AND retry_at <= now() AND {waiting})"
+                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at IS NOT NULL AND retry_at <= now() AND {waiting})
+                          AS pending,
+                        {source}",
+                source = super::floor::SOURCE_COLUMNS
             ),
             // The sweep: the lowest pending row below the floor.
             below_floor: format!(
@@ -37,11 +40,21 @@ impl Store {
     /// Is anything claimable, perhaps? (Pending rows from the floor on, or a
     /// retry that is due; some may be held by other relays.) What an idle relay
     /// asks between claims: much cheaper than a claim that finds nothing.
+    ///
+    /// It also reads where sequence values come from: when they went backwards
+    /// (see floor.rs) the floor is reset and the answer is yes.
     pub async fn anything_pending(&self) -> Result<bool, StoreError> {
         let floor = self.floor().get();
         let client = self.client().await?;
+        let oid: u32 = self.sequence_oid(&client).await.unwrap_or(0);
         let stmt = client.prepare_cached(&self.sweep_sql.pending).await?;
-        Ok(client.query_one(&stmt, &[&floor]).await?.get(0))
+        let row = client.query_one(&stmt, &[&floor, &oid]).await?;
+        if self.floor().check_source(super::floor::read_source(&row)?) {
+            tracing::warn!(table = %self.table, "the outbox's sequence went backwards (a failover, a recovery, \
+                a restarted sequence or a lower setval): claims start from the beginning again");
+            return Ok(true);
+        }
+        Ok(row.try_get("pending")?)
     }
 
     /// The safety net for a replay whose notification was lost (or any row
