@@ -35,6 +35,38 @@ pub(crate) async fn preload(env: &Env, table: &str, run: &str, n: i64) -> Spent 
     meter.stop(&db).await
 }
 
+/// What writing one event costs Postgres the way applications write: one
+/// transaction per event with its business row (app-cost's pgbench script), 16
+/// clients, into a fresh outbox: (Postgres CPU µs, WAL bytes) per event.
+pub(crate) async fn app_write_cost(env: &Env) -> (f64, f64) {
+    static COST: tokio::sync::OnceCell<(f64, f64)> = tokio::sync::OnceCell::const_new();
+    *COST
+        .get_or_init(|| async {
+            let db = env.db().await;
+            db.batch_execute(
+                "CREATE TABLE IF NOT EXISTS bench_app_orders (id bigserial PRIMARY KEY, customer int, total int,
+                 created_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await
+            .expect("business table");
+            let table = env.new_table("app_write");
+            // 16 clients × 2500 transactions = 40k events, after a warm-up
+            pgbench_for(env, &app_script(&table), 16, &["-t", "200"]);
+            let n = 16 * 2500;
+            let meter = Meter::start(&db).await;
+            pgbench_for(env, &app_script(&table), 16, &["-t", "2500"]);
+            let spent = meter.stop(&db).await;
+            db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
+            let cost = (spent.postgres_cpu_s / n as f64 * 1e6, spent.wal_bytes as f64 / n as f64);
+            say(format!(
+                "writing an event the application's way costs {:.1} µs of Postgres CPU and {:.0} B of WAL",
+                cost.0, cost.1
+            ));
+            cost
+        })
+        .await
+}
+
 #[derive(Debug, Serialize, Clone)]
 pub(crate) struct Drain {
     pub(crate) scenario: String,
@@ -50,6 +82,10 @@ pub(crate) struct Drain {
     pub(crate) wal_bytes_per_event: f64,
     pub(crate) insert_postgres_cpu_us_per_event: f64,
     pub(crate) insert_wal_bytes_per_event: f64,
+    /// Writing the event the application's way (one transaction per event with
+    /// its business row): the baseline the relay's cost is held to.
+    pub(crate) app_write_postgres_cpu_us_per_event: f64,
+    pub(crate) app_write_wal_bytes_per_event: f64,
 }
 
 pub(crate) async fn dead_tuples(db: &tokio_postgres::Client, table: &str) -> i64 {
@@ -128,6 +164,7 @@ pub(crate) async fn drain_run(env: &Env, args: &Args, scenario: &str, mode: &str
         other => panic!("unknown scenario {other}"),
     }
     let dead = dead_tuples(&db, &table).await;
+    let app = app_write_cost(env).await;
     say(format!("drain: {scenario}, {mode}, {delivery}: {n} events, {dead} dead tuples in the table"));
     let (rate, cpu, rss, spent) = drain(env, args, &table, n, mode, delivery).await;
     db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
@@ -144,6 +181,8 @@ pub(crate) async fn drain_run(env: &Env, args: &Args, scenario: &str, mode: &str
         wal_bytes_per_event: spent.wal_bytes as f64 / n as f64,
         insert_postgres_cpu_us_per_event: insert.postgres_cpu_s / n as f64 * 1e6,
         insert_wal_bytes_per_event: insert.wal_bytes as f64 / n as f64,
+        app_write_postgres_cpu_us_per_event: app.0,
+        app_write_wal_bytes_per_event: app.1,
     }
 }
 
@@ -183,6 +222,7 @@ pub(crate) async fn retained_run(env: &Env, args: &Args) -> Drain {
     db.batch_execute(&format!("VACUUM ANALYZE public.{table}")).await.expect("vacuum");
     let insert = preload(env, &table, &table, n).await;
     let dead = dead_tuples(&db, &table).await;
+    let app = app_write_cost(env).await;
     say(format!("retained: draining {n} new events in mark mode next to {r} retained rows"));
     let (rate, cpu, rss, spent) = drain(env, args, &table, n, "mark", "at-least-once").await;
     db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
@@ -199,20 +239,29 @@ pub(crate) async fn retained_run(env: &Env, args: &Args) -> Drain {
         wal_bytes_per_event: spent.wal_bytes as f64 / n as f64,
         insert_postgres_cpu_us_per_event: insert.postgres_cpu_s / n as f64 * 1e6,
         insert_wal_bytes_per_event: insert.wal_bytes as f64 / n as f64,
+        app_write_postgres_cpu_us_per_event: app.0,
+        app_write_wal_bytes_per_event: app.1,
     }
 }
 
 pub(crate) fn print_drains(d: &[Drain]) {
     println!();
-    println!("drains: one relay, 1 KB JSON events, 1k keys, 4 topics × 6 partitions; per event: Postgres CPU and WAL of the drain next to those of the inserts");
-    println!("  scenario        │ mode   │ delivery      │ dead tuples │ relay ev/s │ vs vacuumed │ PG CPU µs/ev (insert) │ WAL B/ev (insert) │ relay CPU s/1M │ RSS MiB");
+    if let Some(x) = d.first() {
+        println!(
+            "drains: one relay, 1 KB JSON events, 1k keys, 4 topics × 6 partitions. Per event: Postgres CPU and WAL of the \
+             drain, and its ratio to writing the event the application's way ({:.1} µs, {:.0} B: one transaction per event \
+             with its business row, pgbench, 16 clients); in brackets the bulk preload insert",
+            x.app_write_postgres_cpu_us_per_event, x.app_write_wal_bytes_per_event
+        );
+    }
+    println!("  scenario        │ mode   │ delivery      │ dead tuples │ relay ev/s │ vs vacuumed │ PG CPU µs/ev (× app) (bulk) │ WAL B/ev (× app) (bulk) │ relay CPU s/1M │ RSS MiB");
     for x in d {
         let base = d
             .iter()
             .find(|b| b.scenario == "vacuumed" && b.mode == x.mode && b.delivery == x.delivery)
             .map(|b| b.events_per_s);
         println!(
-            "  {:<15} │ {:<6} │ {:<13} │ {:>11} │ {:>10.0} │ {:>11} │ {:>10.1} ({:>7.1}) │ {:>8.0} ({:>6.0}) │ {:>14.1} │ {:>7.1}",
+            "  {:<15} │ {:<6} │ {:<13} │ {:>11} │ {:>10.0} │ {:>11} │ {:>6.1} ({:>4.2}×) ({:>6.1}) │ {:>6.0} ({:>4.2}×) ({:>6.0}) │ {:>14.1} │ {:>7.1}",
             x.scenario,
             x.mode,
             x.delivery,
@@ -220,8 +269,10 @@ pub(crate) fn print_drains(d: &[Drain]) {
             x.events_per_s,
             base.map(|b| format!("{:.0}%", x.events_per_s / b * 100.0)).unwrap_or_else(|| "-".into()),
             x.postgres_cpu_us_per_event,
+            x.postgres_cpu_us_per_event / x.app_write_postgres_cpu_us_per_event.max(1e-9),
             x.insert_postgres_cpu_us_per_event,
             x.wal_bytes_per_event,
+            x.wal_bytes_per_event / x.app_write_wal_bytes_per_event.max(1e-9),
             x.insert_wal_bytes_per_event,
             x.relay_cpu_s_per_million,
             x.relay_peak_rss_mib
