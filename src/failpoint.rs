@@ -6,8 +6,11 @@
 //! `crash` kills the process with SIGKILL (no clean-up, like a power cut);
 //! `pause` stops it with SIGSTOP (a zombie until someone sends SIGCONT).
 //! An optional `@N` fires on the N-th hit only: `after-claim=crash@3`.
-//! Points: `after-claim`, `after-kafka-send`, `after-prepare`,
-//! `after-kafka-commit`, `after-commit-prepared`.
+//! `delay:<ms>` makes the calling thread stand still that long (the process
+//! freezing, as a VM or cgroup stall would). Points: `after-claim-response`
+//! (the claim's rows arrived, before anything else), `after-claim`,
+//! `after-kafka-send`, `after-prepare`, `after-kafka-commit`,
+//! `after-commit-prepared`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +22,15 @@ pub const POINTS: &[&str] =
     &["after-claim", "after-kafka-send", "after-prepare", "after-kafka-commit", "after-commit-prepared"];
 /// Every point: the protocol's, and `after-send` (at-least-once: a batch was
 /// handed to the producer).
-pub const ALL_POINTS: &[&str] =
-    &["after-claim", "after-send", "after-kafka-send", "after-prepare", "after-kafka-commit", "after-commit-prepared"];
+pub const ALL_POINTS: &[&str] = &[
+    "after-claim-response",
+    "after-claim",
+    "after-send",
+    "after-kafka-send",
+    "after-prepare",
+    "after-kafka-commit",
+    "after-commit-prepared",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -33,6 +43,8 @@ pub enum Action {
     /// Sleep this many milliseconds per event of the batch, on every hit from the
     /// N-th on (a slow batch).
     DelayPerEvent(u64),
+    /// Stand still this many milliseconds, once (a frozen process).
+    Delay(u64),
 }
 
 #[derive(Debug)]
@@ -71,9 +83,10 @@ fn parse(spec: &str) -> Result<HashMap<String, Point>, String> {
             Some(("delay-per-event", ms)) => {
                 Action::DelayPerEvent(ms.parse().map_err(|_| format!("{item:?}: delay-per-event:<ms>"))?)
             }
+            Some(("delay", ms)) => Action::Delay(ms.parse().map_err(|_| format!("{item:?}: delay:<ms>"))?),
             _ => {
                 return Err(format!(
-                    "{item:?}: unknown action {action:?}; use crash, pause, fatal or delay-per-event:<ms>"
+                    "{item:?}: unknown action {action:?}; use crash, pause, fatal, delay:<ms> or delay-per-event:<ms>"
                 ))
             }
         };
@@ -136,6 +149,7 @@ pub fn hit_batch(name: &str, events: usize) -> Option<Action> {
             };
         }
         Action::Fatal => return Some(Action::Fatal),
+        Action::Delay(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
         Action::DelayPerEvent(_) => {}
     }
     None
@@ -159,5 +173,9 @@ mod tests {
             Action::DelayPerEvent(20)
         );
         assert!(parse("after-claim").unwrap_err().contains("point=action"));
+        assert_eq!(
+            parse("after-claim-response=delay:8000").unwrap()["after-claim-response"].action,
+            Action::Delay(8000)
+        );
     }
 }

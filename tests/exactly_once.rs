@@ -435,3 +435,66 @@ async fn a_second_exactly_once_relay_with_the_same_relay_id_is_refused() {
     let (code, log) = b.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// 0.2: a relay whose own batch could not be resolved (its role changed) went
+/// on claiming and writing decisions under the same key; a fast-compacting
+/// decisions topic then kept only the newest, and when the batch was finally
+/// resolved as its own role, its decision read "not committed": it was rolled
+/// back and published twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_with_an_unresolvable_batch_of_its_own_claims_nothing_until_it_is_resolved() {
+    let ob = Outbox::new("eos_ownstuck").await;
+    let topic = ob.topic("events", 1).await;
+    let decisions = format!("{}.commits", ob.table);
+    let spec = TopicSpec::new(1)
+        .with("cleanup.policy", "compact")
+        .with("segment.ms", "1000")
+        .with("min.cleanable.dirty.ratio", "0.01");
+    create_topics_at(&brokers(), std::slice::from_ref(&decisions), &spec).await;
+    let t = ob.qualified();
+    let (r1, r2) = (format!("{}_r1", ob.table), format!("{}_r2", ob.table));
+    pg().await
+        .batch_execute(&format!(
+            "CREATE ROLE {r1} LOGIN PASSWORD 'pw'; CREATE ROLE {r2} LOGIN PASSWORD 'pw';
+             GRANT USAGE ON SCHEMA public TO {r1}, {r2};
+             GRANT SELECT, UPDATE, DELETE ON {t} TO {r1}, {r2};"
+        ))
+        .await
+        .unwrap();
+    let url = |role: &str| pg_url().replace("outbox:outbox@", &format!("{role}:pw@"));
+    let (url1, url2) = (url(&r1), url(&r2));
+    let id = ("OUTBOX_RELAY__RELAY__ID", "stuck");
+    let commits = ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", decisions.as_str());
+    insert(&ob, &topic, 20, 0).await;
+    // As r1: the batch commits in Kafka, then the relay dies before COMMIT PREPARED.
+    let mut first = ob.spawn_relay(&[
+        EOS,
+        BATCH,
+        id,
+        commits,
+        ("OUTBOX_RELAY__POSTGRES__URL", url1.as_str()),
+        ("OUTBOX_RELAY_FAILPOINTS", "after-kafka-commit=crash@1"),
+    ]);
+    first.wait_exit(Duration::from_secs(60));
+    let stuck = prepared(&ob).await;
+    assert_eq!(stuck.len(), 1, "the crash left the committed batch prepared");
+    // The same relay.id as r2 (a role change): it cannot finish r1's batch.
+    let second = ob.spawn_relay(&[EOS, BATCH, id, commits, ("OUTBOX_RELAY__POSTGRES__URL", url2.as_str())]);
+    for i in 1..=12 {
+        insert(&ob, &topic, 10, 1000 + i * 10).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let (code, log) = second.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+    assert!(
+        log.contains(&stuck[0]) && log.contains("claiming nothing until it is"),
+        "the relay says which batch stops it and the fix: {log}"
+    );
+    assert_eq!(ob.count("published_at IS NOT NULL").await, 0, "nothing new was claimed meanwhile");
+    // r1 again: the batch is resolved from its decision record, committed.
+    let third = ob.spawn_relay(&[EOS, BATCH, id, commits, ("OUTBOX_RELAY__POSTGRES__URL", url1.as_str())]);
+    assert_exactly_once(&ob, &topic).await;
+    assert!(prepared(&ob).await.is_empty());
+    let (code, log) = third.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+}

@@ -509,3 +509,40 @@ async fn the_sweep_below_the_floor_finds_a_silently_reset_row_and_no_claim_walks
     );
     assert!(log.contains("below the floor"), "the sweep did not find the reset row:\n{log}");
 }
+
+/// A relay that stands still after the claim's rows reached its socket and
+/// before it looked at them: Postgres counts the claim's idle time from when
+/// it sent them, ends the transaction, and another relay publishes the rows.
+/// The first one must then not send them too. (0.2 dated the claim from after
+/// reading the response and sent the whole batch again.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_frozen_while_its_claimed_rows_sat_unread_does_not_send_them_again() {
+    let ob = Outbox::new("frozen_socket").await;
+    let topic = ob.topic("events", 1).await;
+    ob.insert(&topic, 100, 10).await;
+    let idle = ("OUTBOX_RELAY__POSTGRES__IDLE_IN_TRANSACTION_TIMEOUT", "3s");
+    let batch = ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100");
+    let id_a = format!("{}-a", ob.table);
+    let a = ob.spawn_relay(&[
+        idle,
+        batch,
+        ("OUTBOX_RELAY__RELAY__ID", id_a.as_str()),
+        ("OUTBOX_RELAY_FAILPOINTS", "after-claim-response=delay:8000@1"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !a.log().contains("failpoint after-claim-response") {
+        assert!(Instant::now() < deadline, "relay A never claimed: {}", a.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B takes the rows once Postgres ended A's transaction (after 3 s).
+    let id_b = format!("{}-b", ob.table);
+    let b = ob.spawn_relay(&[idle, batch, ("OUTBOX_RELAY__RELAY__ID", id_b.as_str())]);
+    ob.wait_drained(Duration::from_secs(30)).await;
+    // A wakes after 8 s: it must see the claim is gone.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let msgs = consume(std::slice::from_ref(&topic), 100, Duration::from_secs(30), Duration::from_secs(3));
+    let log = a.log();
+    assert_eq!(msgs.len(), 100, "each event once: relay A sent the batch it had lost again: {log}");
+    assert!(log.contains("lost the claim meanwhile"), "{log}");
+    drop((a, b));
+}

@@ -360,3 +360,49 @@ async fn a_producer_failing_fatally_with_two_batches_in_flight_keeps_key_order()
     assert_eq!(d.order_violations, 0, "per-key order across the producer rebuild");
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// 0.2 handed the keys held by the batch before on to every next batch (the
+/// set only ever grew while the pipeline stayed busy): an event rejected at
+/// send whose key was still "held" was skipped instead of retried when its
+/// retry came, so it never reached `max_attempts`, while the back-off climbed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_event_is_parked_after_its_attempts_and_its_key_flows_on_under_a_steady_backlog() {
+    let ob = Outbox::new("heldkey").await;
+    let topic = ob.topic("events", 1).await;
+    let t = ob.qualified();
+    pg().await
+        .batch_execute(&format!(
+            "INSERT INTO {t} (topic, key, payload) VALUES ('{topic}', 'K', jsonb_build_object('big', repeat('x', 2000000)));
+             INSERT INTO {t} (topic, key, payload) VALUES ('{topic}', 'K', jsonb_build_object('n', 'next'));"
+        ))
+        .await
+        .unwrap();
+    let relay = ob.spawn_relay(&[
+        ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "20"),
+        ("OUTBOX_RELAY__RELAY__RETRY_BACKOFF", "200ms"),
+        ("OUTBOX_RELAY__RELAY__MAX_ATTEMPTS", "3"),
+    ]);
+    // 5,000 rows of other keys arriving steadily keep the pipeline busy.
+    let writers = Writers::start(WriterSpec { rate: 500, keys: 50, ..WriterSpec::small(&t, &topic) });
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    loop {
+        let parked = ob.count("key = 'K' AND parked_at IS NOT NULL").await;
+        let next = ob.count("key = 'K' AND payload->>'n' = 'next' AND published_at IS NOT NULL").await;
+        if parked == 1 && next == 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "after 30 s: big parked {parked}, next published {next}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("big parked and next published after {:.1} s", started.elapsed().as_secs_f64());
+    assert!(writers.finish().await > 0, "other keys kept arriving meanwhile");
+    let attempts: i32 = pg()
+        .await
+        .query_one(&format!("SELECT attempts FROM {t} WHERE parked_at IS NOT NULL"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 3);
+    drop(relay);
+}

@@ -50,6 +50,11 @@ pub enum EosError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Kafka(#[from] SinkError),
+    /// A batch of this relay is still prepared and could not be resolved: the
+    /// relay must not claim (a new decision under its transactional id could
+    /// let compaction drop the one that batch needs).
+    #[error("{0}")]
+    OwnUnresolved(String),
 }
 
 impl EosError {
@@ -58,6 +63,7 @@ impl EosError {
         match self {
             EosError::Store(e) => e.is_transient(),
             EosError::Kafka(e) => e.is_transient(),
+            EosError::OwnUnresolved(_) => false,
         }
     }
 
@@ -406,9 +412,21 @@ impl ExactlyOnceRelay {
     /// batch this relay prepared and did not finish. A batch that cannot be
     /// resolved is logged with its fix and retried later; it does not stop the
     /// relay (its rows stay locked meanwhile).
+    ///
+    /// A batch of its own that cannot be resolved stops the relay from
+    /// claiming (it retries the resolution, saying so): every batch writes a
+    /// new decision record under this relay's transactional id, and the
+    /// decisions topic is compacted, so a new record could let compaction drop
+    /// the one the unresolved batch needs, and whoever resolves it later would
+    /// read "not committed" and roll back a batch Kafka committed.
     pub async fn recover_own(&self) -> Result<(), EosError> {
         self.sink.reset_transactional(KAFKA_TIMEOUT).await?;
-        self.recovery.resolve_own(&self.txn_id, &self.own_prefix).await?;
+        let resolved = self.recovery.resolve_own(&self.txn_id, &self.own_prefix).await?;
+        if let Some((gid, error, fix)) = resolved.unresolved.first() {
+            return Err(EosError::OwnUnresolved(format!(
+                "this relay's batch {gid} is still prepared and cannot be resolved ({error}); claiming nothing until it is: {fix}"
+            )));
+        }
         Ok(())
     }
 

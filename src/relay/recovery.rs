@@ -36,11 +36,13 @@ pub enum ResolveError {
 }
 
 /// What a pass over the prepared batches did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub committed: usize,
     pub rolled_back: usize,
     pub failed: usize,
+    /// The batches that could not be resolved: gid, what went wrong, the fix.
+    pub unresolved: Vec<(String, String, String)>,
 }
 
 pub struct Recovery {
@@ -128,6 +130,7 @@ impl Resolved {
                 };
                 PreparedResolutionFailed { gid: &p.gid, owner_role: &p.owner, age_s: p.age_s, error: &e, fix: &fix }
                     .emit();
+                self.unresolved.push((p.gid.clone(), e.to_string(), fix));
             }
         }
     }

@@ -141,11 +141,18 @@ impl Sink for KafkaSink {
             (epoch, producer) = self.current();
         }
         let acks = Arc::new(BatchAcks::new(events.len()));
-        // Keys whose event failed before reaching Kafka: their later events wait.
+        // Keys whose event failed before reaching Kafka, here or unsent in the
+        // batch before this one: their later events in this batch wait. Handed
+        // on are only the keys of events of *this* batch that did not go out:
+        // a key the predecessor held and this batch has no event of is not held
+        // any more once the predecessor ends (its rows are pending again, and
+        // the claim's fence defers later events of that key).
         let mut failed_keys: HashSet<&str> = hold.iter().map(String::as_str).collect();
+        let mut held_here: HashSet<&str> = HashSet::new();
         for (i, ev) in events.iter().enumerate() {
-            if ev.key.as_deref().is_some_and(|k| failed_keys.contains(k)) {
+            if let Some(k) = ev.key.as_deref().filter(|k| failed_keys.contains(k)) {
                 acks.set(i, SendResult::Skipped);
+                held_here.insert(k);
                 continue;
             }
             let headers = match parse_headers(&ev.headers, &ev.id) {
@@ -153,6 +160,7 @@ impl Sink for KafkaSink {
                 Err(error) => {
                     acks.set(i, SendResult::Invalid { error });
                     failed_keys.extend(ev.key.as_deref());
+                    held_here.extend(ev.key.as_deref());
                     continue;
                 }
             };
@@ -182,6 +190,7 @@ impl Sink for KafkaSink {
                     Err((e, _)) => {
                         acks.set(i, SendResult::Failed { class: classify(&e), error: e.to_string() });
                         failed_keys.extend(ev.key.as_deref());
+                        held_here.extend(ev.key.as_deref());
                         break;
                     }
                 }
@@ -192,7 +201,7 @@ impl Sink for KafkaSink {
             // whatever reached it after its purge must not go out either.
             producer.purge(PurgeConfig::default().queue().inflight());
         }
-        let held_keys = failed_keys.into_iter().map(str::to_string).collect();
+        let held_keys = held_here.into_iter().map(str::to_string).collect();
         let results = async move {
             let results = acks.wait_all().await;
             drop(producer); // kept alive until the last report arrived

@@ -55,8 +55,8 @@ pub type Epoch = u64;
 pub struct Sent {
     /// Resolves once every event has a final result (`[i]` belongs to `events[i]`).
     pub results: BoxFuture<'static, Vec<SendResult>>,
-    /// Keys with an event that failed (or was skipped) before reaching Kafka
-    /// in this batch: the next batch must not send later events of them.
+    /// Keys with an event of this batch that failed (or was skipped) before
+    /// reaching Kafka: the next batch must not send later events of them.
     pub held_keys: HashSet<String>,
     /// Nothing was sent: the producer was replaced (or must be) while an
     /// earlier batch is unfinished. Finish what is in flight, then send again

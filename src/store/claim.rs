@@ -230,7 +230,12 @@ impl Store {
             (Err(e), _) | (_, Err(e)) => return Err(timed(e)),
         };
         ClaimRan { took: started.elapsed() }.emit();
-        let claimed_at = Instant::now();
+        crate::failpoint::hit("after-claim-response");
+        // When the rows were locked, as far as this process can tell: before
+        // the claim was sent. (After the response was read would miss a freeze
+        // while the rows sat in the socket: Postgres counts the transaction's
+        // idle time from when it sent them.)
+        let claimed_at = started;
         let head: Option<i64> = probe.try_get("head")?;
         let lockers: Option<Vec<String>> = probe.try_get("lockers")?;
         let source = super::floor::read_source(&probe)?;
