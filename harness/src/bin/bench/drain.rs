@@ -86,6 +86,71 @@ pub(crate) struct Drain {
     /// its business row): the baseline the relay's cost is held to.
     pub(crate) app_write_postgres_cpu_us_per_event: f64,
     pub(crate) app_write_wal_bytes_per_event: f64,
+    /// Where the drain's Postgres time and WAL went.
+    pub(crate) breakdown: Breakdown,
+}
+
+/// Per statement (pg_stat_statements) and per WAL record type (pg_walinspect)
+/// over a drain, per event.
+#[derive(Debug, Serialize, Clone, Default)]
+pub(crate) struct Breakdown {
+    /// (statement, calls, µs per event, buffers per event, WAL bytes per event)
+    pub(crate) statements: Vec<(String, i64, f64, f64, f64)>,
+    /// (resource manager / record, records per event, WAL bytes per event, of it full-page images)
+    pub(crate) wal: Vec<(String, f64, f64, f64)>,
+}
+
+/// Starts counting: resets pg_stat_statements, returns the WAL position.
+pub(crate) async fn breakdown_start(db: &tokio_postgres::Client) -> String {
+    db.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect; SELECT pg_stat_statements_reset()").await.ok();
+    db.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0)
+}
+
+/// What the statements touching `table` and the WAL since `from` cost, per event.
+pub(crate) async fn breakdown(db: &tokio_postgres::Client, table: &str, from: &str, n: i64) -> Breakdown {
+    let n = n.max(1) as f64;
+    let statements = db
+        .query(
+            "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 70), calls, total_exec_time,
+                    shared_blks_hit + shared_blks_read, wal_bytes::float8
+             FROM pg_stat_statements WHERE query ILIKE '%' || $1 || '%' ORDER BY total_exec_time DESC LIMIT 8",
+            &[&table],
+        )
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let (q, calls, ms, blks, wal): (String, i64, f64, i64, f64) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            (q, calls, ms * 1000.0 / n, blks as f64 / n, wal / n)
+        })
+        .collect();
+    let wal = db
+        .query(
+            "SELECT \"resource_manager/record_type\", count::float8, (record_size + fpi_size)::float8, fpi_size::float8
+             FROM pg_get_wal_stats($1::pg_lsn, pg_current_wal_lsn(), true) WHERE count > 0
+             ORDER BY record_size + fpi_size DESC LIMIT 8",
+            &[&from],
+        )
+        .await
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            let (k, c, b, f): (String, f64, f64, f64) = (r.get(0), r.get(1), r.get(2), r.get(3));
+            (k, c / n, b / n, f / n)
+        })
+        .collect();
+    Breakdown { statements, wal }
+}
+
+pub(crate) fn print_breakdown(label: &str, b: &Breakdown) {
+    println!("  {label}: per event");
+    for (q, calls, us, blks, wal) in &b.statements {
+        println!("    {us:>7.2} µs {blks:>6.1} buffers {wal:>7.0} B WAL  {calls:>7} calls  {q}");
+    }
+    for (k, c, bytes, fpi) in &b.wal {
+        println!("    WAL {k:<28} {c:>6.2} records {bytes:>7.0} B (of it full-page images {fpi:>6.0} B)");
+    }
 }
 
 pub(crate) async fn dead_tuples(db: &tokio_postgres::Client, table: &str) -> i64 {
@@ -106,9 +171,10 @@ pub(crate) async fn drain(
     n: i64,
     mode: &str,
     delivery: &str,
-) -> (f64, f64, f64, Spent) {
+) -> (f64, f64, f64, Spent, Breakdown) {
     let db = env.db().await;
     let first = env.head(&db, table).await.expect("preloaded");
+    let lsn = breakdown_start(&db).await;
     let relay = spawn_relay(env, table, &args.relay_settings(mode, delivery, table));
     let pid = relay.pid();
     let deadline = Instant::now() + Duration::from_secs(900);
@@ -132,9 +198,10 @@ pub(crate) async fn drain(
     let cpu = proc_cpu_s(pid);
     let rss = proc_peak_rss_mib(pid);
     relay.stop(Duration::from_secs(30));
+    let b = breakdown(&db, table, &lsn, n).await;
     let (t0, left) = started.map(|(t, l, _)| (t, l)).unwrap_or((t_end, n));
     let rate = left as f64 / (t_end - t0).as_secs_f64().max(1e-3);
-    (rate, cpu / n as f64 * 1e6, rss, spent)
+    (rate, cpu / n as f64 * 1e6, rss, spent, b)
 }
 
 pub(crate) async fn drain_run(env: &Env, args: &Args, scenario: &str, mode: &str, delivery: &str) -> Drain {
@@ -166,9 +233,10 @@ pub(crate) async fn drain_run(env: &Env, args: &Args, scenario: &str, mode: &str
     let dead = dead_tuples(&db, &table).await;
     let app = app_write_cost(env).await;
     say(format!("drain: {scenario}, {mode}, {delivery}: {n} events, {dead} dead tuples in the table"));
-    let (rate, cpu, rss, spent) = drain(env, args, &table, n, mode, delivery).await;
+    let (rate, cpu, rss, spent, breakdown) = drain(env, args, &table, n, mode, delivery).await;
     db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
     Drain {
+        breakdown,
         scenario: scenario.into(),
         mode: mode.into(),
         delivery: delivery.into(),
@@ -224,9 +292,10 @@ pub(crate) async fn retained_run(env: &Env, args: &Args) -> Drain {
     let dead = dead_tuples(&db, &table).await;
     let app = app_write_cost(env).await;
     say(format!("retained: draining {n} new events in mark mode next to {r} retained rows"));
-    let (rate, cpu, rss, spent) = drain(env, args, &table, n, "mark", "at-least-once").await;
+    let (rate, cpu, rss, spent, breakdown) = drain(env, args, &table, n, "mark", "at-least-once").await;
     db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
     Drain {
+        breakdown,
         scenario: format!("{}M retained", r as f64 / 1e6),
         mode: "mark".into(),
         delivery: "at-least-once".into(),
@@ -277,5 +346,9 @@ pub(crate) fn print_drains(d: &[Drain]) {
             x.relay_cpu_s_per_million,
             x.relay_peak_rss_mib
         );
+    }
+    println!("where the drains' Postgres time and WAL went (pg_stat_statements, statements naming the table; pg_walinspect, all WAL in the drain, autovacuum included)");
+    for x in d {
+        print_breakdown(&format!("{}, {}, {}", x.scenario, x.mode, x.delivery), &x.breakdown);
     }
 }
