@@ -1,9 +1,6 @@
 //! `app-cost`: what the outbox costs the application's commits (real pgbench),
 //! against a plain table, the old NOTIFY trigger, and with a relay draining.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use super::*;
 
 #[derive(Debug, Serialize, Clone)]
@@ -21,92 +18,8 @@ pub(crate) struct AppCost {
     pub(crate) ratio_old_trigger: f64,
     /// Outbox with a relay draining / plain copy (mixes the outbox's own cost in).
     pub(crate) ratio_with_relay: f64,
-    /// Runs into the outbox without a relay, alternating with the relay runs.
-    pub(crate) outbox_without_relay_tps: Vec<f64>,
-    /// Outbox with a relay draining / the same outbox without one: the relay's cost.
-    pub(crate) ratio_relay_vs_none: f64,
-    /// Events pending when each relay run ended (the relay kept up if ~0).
-    pub(crate) behind_at_end: Vec<i64>,
-    /// What the application's sessions waited on, sampled every 50 ms: share
-    /// of samples per wait event, with and without the relay.
-    pub(crate) app_waits_with_relay: Vec<(String, f64)>,
-    pub(crate) app_waits_without_relay: Vec<(String, f64)>,
-}
-
-/// Samples what pgbench's sessions wait on until `stop`: share per wait event.
-fn sample_waits(env: &Env, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<Vec<(String, f64)>> {
-    let env = env.clone();
-    tokio::spawn(async move {
-        let db = env.db().await;
-        let mut counts: HashMap<String, u64> = HashMap::new();
-        let mut total = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let rows = db
-                .query(
-                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU (running)') FROM pg_stat_activity
-                     WHERE application_name = 'pgbench' AND state = 'active'",
-                    &[],
-                )
-                .await
-                .unwrap_or_default();
-            for r in rows {
-                *counts.entry(r.get(0)).or_default() += 1;
-                total += 1;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let mut v: Vec<(String, f64)> = counts.into_iter().map(|(k, n)| (k, n as f64 / total.max(1) as f64)).collect();
-        v.sort_by(|a, b| b.1.total_cmp(&a.1));
-        v.truncate(6);
-        v
-    })
-}
-
-/// The application into the outbox with and without a relay draining it,
-/// alternating (N R R N): tps of each, what was pending when each relay run
-/// ended, and what the application waited on in each.
-async fn relay_draining(env: &Env, args: &Args, outbox: &str, clients: u32) -> RelayDraining {
-    let db = env.db().await;
-    let mut r = RelayDraining::default();
-    for with in [false, true, true, false] {
-        let relay = with.then(|| spawn_relay(env, outbox, &args.relay_settings("delete", "at-least-once", outbox)));
-        if with {
-            tokio::time::sleep(Duration::from_secs(10)).await; // the relay drains what is left first
-        }
-        db.batch_execute("CHECKPOINT").await.ok();
-        let stop = Arc::new(AtomicBool::new(false));
-        let sampler = sample_waits(env, stop.clone());
-        let script = app_script(outbox);
-        let (e, c, secs) = (env.clone(), clients, args.pgbench_secs);
-        let tps = tokio::task::spawn_blocking(move || pgbench(&e, &script, c, secs)).await.expect("pgbench");
-        stop.store(true, Ordering::Relaxed);
-        let waits = sampler.await.unwrap_or_default();
-        if let Some(relay) = relay {
-            r.behind.push(env.pending(&db, outbox).await);
-            relay.stop(Duration::from_secs(30));
-            r.with.push(tps);
-            r.waits_with = waits;
-        } else {
-            // no relay: what the run wrote is deleted, so the next run starts alike
-            db.batch_execute(&format!("DELETE FROM public.{outbox}")).await.ok();
-            r.without.push(tps);
-            r.waits_without = waits;
-        }
-        say(format!(
-            "app-cost: {clients} clients, outbox {} a relay: {tps:.0} tps",
-            if with { "with" } else { "without" }
-        ));
-    }
-    r
-}
-
-#[derive(Default)]
-struct RelayDraining {
-    with: Vec<f64>,
-    without: Vec<f64>,
-    behind: Vec<i64>,
-    waits_with: Vec<(String, f64)>,
-    waits_without: Vec<(String, f64)>,
+    /// The same outbox with and without a relay draining it (delete mode).
+    pub(crate) relay: RelayDraining,
 }
 
 pub(crate) fn pgbench(env: &Env, script: &str, clients: u32, secs: u64) -> f64 {
@@ -207,8 +120,9 @@ pub(crate) async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
         }
         // The same into the outbox while a relay publishes what it gets
         // (delete mode), alternating with runs without one.
-        let rd = relay_draining(env, args, &outbox, clients).await;
+        let rd = relay_draining(env, args, &outbox, clients, "delete").await;
         let r = rd.with.clone();
+        let relay = rd;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         results.push(AppCost {
             clients,
@@ -217,11 +131,7 @@ pub(crate) async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
             pair_ratios: o.iter().zip(&p).map(|(o, p)| o / p).collect(),
             ratio_old_trigger: mean(&t) / mean(&p),
             ratio_with_relay: mean(&r) / mean(&p),
-            ratio_relay_vs_none: mean(&rd.with) / mean(&rd.without),
-            outbox_without_relay_tps: rd.without,
-            behind_at_end: rd.behind,
-            app_waits_with_relay: rd.waits_with,
-            app_waits_without_relay: rd.waits_without,
+            relay,
             outbox_tps: o,
             plain_tps: p,
             old_trigger_tps: t,
@@ -250,32 +160,6 @@ pub(crate) async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
             a.ratio_with_relay
         );
     }
-    println!();
-    println!("the application while one relay drains (delete mode), alternating runs without and with it (N R R N), the relay started 10 s before its runs; {} s runs", args.pgbench_secs);
-    println!(
-        "  clients │ outbox, no relay tps │ outbox, relay draining tps │ ratio │ pending when each relay run ended"
-    );
-    for a in &results {
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-        println!(
-            "  {:>7} │ {:>20.0} │ {:>26.0} │ {:>5.2} │ {:?}",
-            a.clients,
-            mean(&a.outbox_without_relay_tps),
-            mean(&a.outbox_with_relay_tps),
-            a.ratio_relay_vs_none,
-            a.behind_at_end
-        );
-        let fmt = |w: &[(String, f64)]| {
-            w.iter().map(|(k, s)| format!("{k} {:.0}%", s * 100.0)).collect::<Vec<_>>().join(", ")
-        };
-        println!(
-            "    application sessions waited on (share of samples): without the relay: {}",
-            fmt(&a.app_waits_without_relay)
-        );
-        println!(
-            "                                                      with the relay:    {}",
-            fmt(&a.app_waits_with_relay)
-        );
-    }
+    print_relay_cost(&results.iter().map(|a| a.relay.clone()).collect::<Vec<_>>());
     results
 }

@@ -128,7 +128,7 @@ pub(crate) async fn breakdown(db: &tokio_postgres::Client, table: &str, from: &s
     let wal = db
         .query(
             "SELECT \"resource_manager/record_type\", count::float8, (record_size + fpi_size)::float8, fpi_size::float8
-             FROM pg_get_wal_stats($1::pg_lsn, pg_current_wal_lsn(), true) WHERE count > 0
+             FROM pg_get_wal_stats($1::text::pg_lsn, pg_current_wal_lsn(), true) WHERE count > 0
              ORDER BY record_size + fpi_size DESC LIMIT 8",
             &[&from],
         )

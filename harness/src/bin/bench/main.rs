@@ -46,6 +46,7 @@ mod hotkey;
 mod idle;
 mod latency;
 mod outage;
+mod relay_cost;
 mod sustained;
 
 use app_cost::*;
@@ -57,6 +58,7 @@ use hotkey::*;
 use idle::*;
 use latency::*;
 use outage::*;
+use relay_cost::*;
 use serde::Serialize;
 use serde_json::json;
 use sustained::*;
@@ -65,7 +67,7 @@ use sustained::*;
 #[command(about = "outbox-relay benchmark (see the module docs or docs/performance.md)")]
 struct Args {
     /// Sections to run, comma separated (default: all): app-cost, idle, latency,
-    /// drain, churn, retained, sustained, horizon, hotkey, outage (and
+    /// relay-cost, drain, churn, retained, sustained, horizon, hotkey, outage (and
     /// `ceilings`: only the SQL-only and store-path ceilings that `drain` includes).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -150,6 +152,11 @@ async fn main() {
     if args.runs("app-cost") {
         let r = app_cost(&env, &args).await;
         report.insert("app_cost".into(), json!(r));
+    }
+    if args.runs("relay-cost") {
+        let r = relay_cost(&env, &args).await;
+        print_relay_cost(&r);
+        report.insert("relay_cost".into(), json!(r));
     }
     if args.runs("idle") {
         say("idle: an idle relay's cost to Postgres…");
