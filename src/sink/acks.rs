@@ -72,16 +72,54 @@ impl BatchAcks {
 }
 
 /// Routes delivery reports to their batch; librdkafka logs to `tracing`.
-pub struct RelayContext;
+#[derive(Default)]
+pub struct RelayContext {
+    /// Client errors by kind: when each was last logged, and how many since.
+    quiet: Mutex<std::collections::HashMap<String, (Instant, u64)>>,
+}
+
+/// Client errors of one kind are logged at most once per this long: while
+/// Kafka is away librdkafka reports "all brokers down" and every failed
+/// reconnect dozens of times a second, and the relay reports the outage itself.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+impl RelayContext {
+    /// `Some(suppressed since the last line)` when this kind may be logged now.
+    fn may_log(&self, kind: String) -> Option<u64> {
+        let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match quiet.get_mut(&kind) {
+            Some((last, n)) if now.duration_since(*last) < ERROR_LOG_INTERVAL => {
+                *n += 1;
+                None
+            }
+            Some((last, n)) => {
+                let suppressed = std::mem::take(n);
+                *last = now;
+                Some(suppressed)
+            }
+            None => {
+                quiet.insert(kind, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
 
 impl ClientContext for RelayContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
         match level {
             L::Emerg | L::Alert | L::Critical | L::Error => {
-                tracing::error!(target: "librdkafka", fac, "{log_message}")
+                if let Some(suppressed) = self.may_log(format!("log/{fac}")) {
+                    tracing::error!(target: "librdkafka", fac, suppressed, "{log_message}")
+                }
             }
-            L::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            L::Warning => {
+                if let Some(suppressed) = self.may_log(format!("log/{fac}")) {
+                    tracing::warn!(target: "librdkafka", fac, suppressed, "{log_message}")
+                }
+            }
             L::Notice | L::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
             L::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
         }
@@ -89,8 +127,12 @@ impl ClientContext for RelayContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         // Broker-down noise repeats while Kafka is away; the relay reports the
-        // stalled batch itself, so keep these at warn.
-        tracing::warn!(target: "librdkafka", %error, "{reason}");
+        // stalled batch and the outage itself, so keep these at warn, one line
+        // per kind per ERROR_LOG_INTERVAL with the count of those left out.
+        let kind = format!("error/{:?}", error.rdkafka_error_code());
+        if let Some(suppressed) = self.may_log(kind) {
+            tracing::warn!(target: "librdkafka", %error, suppressed, "{reason}");
+        }
     }
 }
 

@@ -116,12 +116,12 @@ impl KafkaSink {
             acks.set(i, SendResult::Skipped);
         }
         let held_keys = events.iter().filter_map(|e| e.key.clone()).collect();
-        Sent { results: async move { acks.take() }.boxed(), held_keys, stalled: true, epoch }
+        Sent { results: async move { acks.take() }.boxed(), held_keys, stalled: true, epoch, first_sent: None }
     }
 }
 
 pub(super) fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
-    config.create_with_context(RelayContext).map_err(|e| SinkError::config("cannot create the producer", e))
+    config.create_with_context(RelayContext::default()).map_err(|e| SinkError::config("cannot create the producer", e))
 }
 
 impl Sink for KafkaSink {
@@ -149,6 +149,7 @@ impl Sink for KafkaSink {
         // the claim's fence defers later events of that key).
         let mut failed_keys: HashSet<&str> = hold.iter().map(String::as_str).collect();
         let mut held_here: HashSet<&str> = HashSet::new();
+        let mut first_sent = None;
         for (i, ev) in events.iter().enumerate() {
             if let Some(k) = ev.key.as_deref().filter(|k| failed_keys.contains(k)) {
                 acks.set(i, SendResult::Skipped);
@@ -181,7 +182,10 @@ impl Sink for KafkaSink {
             }
             loop {
                 match producer.send(record) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        first_sent = first_sent.or(Some(i));
+                        break;
+                    }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         // Back-pressure: the local queue drains as Kafka acks.
                         record = back;
@@ -208,7 +212,7 @@ impl Sink for KafkaSink {
             results
         }
         .boxed();
-        Sent { results, held_keys, stalled: false, epoch }
+        Sent { results, held_keys, stalled: false, epoch, first_sent }
     }
 
     fn abandon(&self, reason: &'static str) {
