@@ -6,11 +6,12 @@
 use std::time::{Duration, Instant};
 
 use super::StartError;
-use crate::store::{describe, IdLease, Store};
+use crate::store::{describe, IdLease, Store, LEASE_EXPIRY};
 
 /// Takes the lease on `txn_id`. A second relay with the same `relay.id` waits
-/// (its twin may be a process that is just stopping) until `startup_timeout`,
-/// then is refused.
+/// (its twin may be a process that is just stopping, or a host that vanished:
+/// its lease expires within [`LEASE_EXPIRY`]) until `startup_timeout`, but at
+/// least `LEASE_EXPIRY`, then is refused.
 pub(super) async fn take(
     store: &Store,
     relay_id: &str,
@@ -18,11 +19,13 @@ pub(super) async fn take(
     startup_timeout: Duration,
 ) -> Result<IdLease, StartError> {
     let deadline = super::startup::deadline(startup_timeout);
+    let lease_deadline = Instant::now() + LEASE_EXPIRY;
     let waiting = || deadline.is_none_or(|d| Instant::now() < d);
+    let twin_may_expire = || waiting() || Instant::now() < lease_deadline;
     loop {
         match store.lease_transactional_id(txn_id).await {
             Ok(Some(lease)) => return Ok(lease),
-            Ok(None) if waiting() => {
+            Ok(None) if twin_may_expire() => {
                 tracing::warn!(relay = %relay_id, transactional_id = %txn_id,
                     "another live relay uses this relay.id; waiting for it to stop (each exactly-once relay needs its own relay.id)");
                 tokio::time::sleep(Duration::from_secs(2)).await;

@@ -178,7 +178,8 @@ async fn start_exactly_once(
     let lease = lease::take(store, &relay_id, &txn_id, settings.relay.startup_timeout).await?;
     lease::two_phase_commit(store, settings.relay.startup_timeout).await?;
     let relay = ExactlyOnceRelay::new(settings, store.clone(), sink.clone(), wake, txn_ids)
-        .map_err(|e| StartError::Config(e.to_string()))?;
+        .map_err(|e| StartError::Config(e.to_string()))?
+        .with_lease(lease.state());
     let relay = Arc::new(relay);
     let (gate, counters) = (relay.gate(), relay.counters.clone());
     let task = tokio::spawn(async move {

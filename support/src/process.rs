@@ -89,6 +89,16 @@ impl RelayProcess {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Waits until the kept stderr contains `needle`; panics with the log
+    /// after `timeout`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(std::time::Instant::now() < deadline, "no {needle:?} within {timeout:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Sends `sig` to the process (SIGSTOP, SIGCONT, SIGTERM…).
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {

@@ -29,8 +29,22 @@ pub fn relay_bin() -> PathBuf {
 /// no HTTP endpoint, `relay.id` = the table, a 20 s start-up bound, then the
 /// `OUTBOX_RELAY__…` pairs of `extra` on top.
 pub fn relay_cmd(table: &str, extra: &[(&str, &str)]) -> Command {
+    with_relay_env(Command::new(relay_bin()), table, extra)
+}
+
+/// [`relay_cmd`] inside network namespace `netns` (`ip netns exec`, root;
+/// see `scripts/infra netns`), reaching Postgres at `pg_host` instead.
+pub fn relay_cmd_in_netns(netns: &str, pg_host: &str, table: &str, extra: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(relay_bin());
+    let url = infra().pg_url.replace("127.0.0.1", pg_host).replace("localhost", pg_host);
+    let mut pairs = vec![("OUTBOX_RELAY__POSTGRES__URL", url.as_str())];
+    pairs.extend_from_slice(extra);
+    with_relay_env(cmd, table, &pairs)
+}
+
+fn with_relay_env(mut cmd: Command, table: &str, extra: &[(&str, &str)]) -> Command {
     let i = infra();
-    let mut cmd = Command::new(relay_bin());
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("OUTBOX_RELAY__POSTGRES__URL", &i.pg_url)
