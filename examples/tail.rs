@@ -25,20 +25,50 @@ struct Args {
     /// Start at the end instead of the beginning of the topic.
     #[arg(long)]
     from_end: bool,
+    /// Create the topic first, with this many partitions, if it does not exist
+    /// (the relay never creates event topics).
+    #[arg(long)]
+    create: Option<i32>,
+    /// With --create: only create the topic, then exit.
+    #[arg(long, requires = "create")]
+    create_only: bool,
     #[arg(long, env = "OUTBOX_RELAY__KAFKA__BROKERS")]
     brokers: String,
 }
 
+/// Creates `topic` unless it exists (as an operator would before the first event).
+fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<(), Box<dyn std::error::Error>> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    for r in rt.block_on(admin.create_topics([&new], &AdminOptions::new()))? {
+        match r {
+            Ok(_) => eprintln!("created topic {topic} ({partitions} partitions)"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => return Err(format!("cannot create topic {t}: {e}").into()),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if let Some(partitions) = args.create {
+        create_topic(&args.brokers, &args.topic, partitions)?;
+        if args.create_only {
+            return Ok(());
+        }
+    }
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", "outbox-relay-tail")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .create()?;
-    // Wait for the topic (the relay's first event may create it); a topic that
-    // did not exist when we started holds only new events, so read it all.
+    // Wait for the topic (someone else may be creating it); a topic that did
+    // not exist when we started holds only new events, so read it all.
     let started = Instant::now();
     let mut existed = true;
     let partitions = loop {

@@ -187,10 +187,15 @@ async fn check_reports_the_exactly_once_prerequisites() {
     }
 }
 
+/// The decisions topic disappears while a batch is prepared (deleted by
+/// mistake, or relay.commits_topic changed). Its record is gone, and a missing
+/// record is no evidence that the batch did not commit: the relay recreates the
+/// topic, decides from the event the batch's gid names (not in its topic: the
+/// batch crashed before its Kafka commit), and publishes it once.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_decisions_topic_is_created_compacted_and_is_never_recreated_under_prepared_batches() {
+async fn a_deleted_decisions_topic_is_recreated_and_the_prepared_batch_decided_from_its_events() {
     let ob = Outbox::new("eos_decisions").await;
-    let topic = ob.topic("events", 1).await;
+    let topic = ob.topic("events", 2).await;
     let decisions = format!("{}.commits", ob.table);
     let d = ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", decisions.as_str());
     insert(&ob, &topic, 20, 0).await;
@@ -201,19 +206,50 @@ async fn the_decisions_topic_is_created_compacted_and_is_never_recreated_under_p
     assert_eq!(cfg.get("cleanup.policy").map(String::as_str), Some("compact"), "{cfg:?}");
     assert!(cfg.contains_key("min.insync.replicas"), "{cfg:?}");
     assert_eq!(prepared(&ob).await.len(), 1, "the crash left one batch prepared");
-    // The decisions topic disappears while a batch is prepared (deleted by
-    // mistake, or relay.commits_topic changed): its decision may be lost, so the
-    // relay must not start over with a new, empty topic.
     delete_topic(&decisions).await;
-    let out = relay_cmd(&ob.table, &[EOS, BATCH, d]).arg("run").output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{err}");
-    assert!(err.contains("does not exist, but prepared exactly-once batches of this table do"), "{err}");
-    assert_eq!(prepared(&ob).await.len(), 1, "nothing was resolved without its decision");
-    // Clean up: the batch never committed in Kafka (it crashed before).
-    for gid in prepared(&ob).await {
-        pg().await.batch_execute(&format!("ROLLBACK PREPARED '{gid}'")).await.unwrap();
-    }
+    let relay = ob.spawn_relay(&[EOS, BATCH, d]);
+    assert_exactly_once(&ob, &topic).await;
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("looking for the batch's event in its topic"), "{log}");
+    assert!(log.contains("committed=false"), "decided from the event topic: {log}");
+    let cfg = kafka_topic_config(&decisions).await;
+    assert_eq!(cfg.get("cleanup.policy").map(String::as_str), Some("compact"), "recreated right: {cfg:?}");
+}
+
+/// #21 item 3: one relay runs while the decisions topic is deleted, and another
+/// relay's batch, committed in Kafka, is still prepared. The topic must not
+/// come back empty through broker auto-create, and the batch must end
+/// committed (its events are in their topic), never rolled back and published
+/// twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decisions_topic_deleted_under_a_committed_prepared_batch_never_turns_it_into_a_rollback() {
+    let ob = Outbox::new("eos_decgone").await;
+    let topic = ob.topic("events", 2).await;
+    let decisions = format!("{}.commits", ob.table);
+    let d = ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", decisions.as_str());
+    let recovery = ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "10s");
+    insert(&ob, &topic, 100, 0).await;
+    let (id_a, id_b) = (format!("{}-a", ob.table), format!("{}-b", ob.table));
+    let mut a = ob.spawn_relay(&[
+        EOS,
+        BATCH,
+        d,
+        ("OUTBOX_RELAY__RELAY__ID", &id_a),
+        ("OUTBOX_RELAY_FAILPOINTS", "after-kafka-commit=crash@1"),
+    ]);
+    a.wait_exit(Duration::from_secs(60));
+    assert_eq!(prepared(&ob).await.len(), 1, "A's committed batch is left prepared:\n{}", a.log());
+    let b = ob.spawn_relay(&[EOS, BATCH, d, recovery, ("OUTBOX_RELAY__RELAY__ID", &id_b)]);
+    b.wait_log("exactly-once ready", Duration::from_secs(60));
+    delete_topic(&decisions).await;
+    insert(&ob, &topic, 100, 100).await;
+    assert_exactly_once(&ob, &topic).await;
+    let (code, log) = b.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("resolving a stale prepared batch") && log.contains("committed=true"), "{log}");
+    let cfg = kafka_topic_config(&decisions).await;
+    assert_eq!(cfg.get("cleanup.policy").map(String::as_str), Some("compact"), "recreated by the relay: {cfg:?}");
 }
 
 /// The database id part of this test database's transactional ids.
@@ -245,6 +281,9 @@ async fn a_batch_another_role_prepared_is_reported_with_its_fix_and_the_others_a
     let owner = format!("outbox-relay/{}/{t}/gone-relay", database_id().await);
     let gid_other = format!("{owner}/{:032x}", 1);
     let gid_own = format!("{owner}/{:032x}", 2);
+    // The gone relay's history in the decisions topic (it wrote its start
+    // marker, and no decision of these batches): evidence they did not commit.
+    produce(&decisions, &owner, &format!("{}gone", outbox_relay::sink::START_MARKER)).await;
     // Batches of a relay that is gone: one prepared under another role (before a
     // password rotation, say), one under the relay's own role.
     let as_other = pg().await;

@@ -240,9 +240,8 @@ async fn check_transactions(settings: &Settings, store: &Store, sink: &KafkaSink
         }
     }
     let topic = &settings.relay.commits_topic;
-    let prepared = !store.prepared_any(&store.transactional_prefixes().await).await.unwrap_or_default().is_empty();
     match Decisions::new(settings) {
-        Ok(d) => match d.inspect(prepared).await.map(|(brokers, state)| {
+        Ok(d) => match d.inspect().await.map(|(brokers, state)| {
             if let Some(warning) = crate::sink::few_brokers_warning(brokers) {
                 println!("warning {warning}");
             }

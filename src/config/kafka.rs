@@ -111,6 +111,11 @@ fn check_property(name: &str, value: &str, delivery: Delivery) -> Result<(), Con
             "is managed by the relay: a message that runs out of retries can be overtaken by a later event of its \
              key; transient failures are retried until relay.publish_timeout; remove it",
         )),
+        "allow.auto.create.topics" if v != "false" && delivery == Delivery::ExactlyOnce => Err(ConfigError::key(
+            &key,
+            "must stay false in exactly-once mode: the producer writes the decisions topic, and one deleted by \
+             mistake would come back empty, with the broker's defaults; create topics yourself",
+        )),
         "delivery.report.only.error" if v != "false" => {
             Err(ConfigError::key(&key, "must be false: the relay marks an event published only on its delivery report"))
         }
@@ -144,6 +149,8 @@ mod tests {
         assert!(check_property("max.in.flight.requests.per.connection", "10", ALO).is_err());
         assert!(check_property("transactional.id", "x", ALO).is_err());
         assert!(check_property("compression.type", "zstd", ALO).is_ok());
+        assert!(check_property("allow.auto.create.topics", "true", ALO).is_ok());
+        assert!(check_property("allow.auto.create.topics", "true", Delivery::ExactlyOnce).is_err());
     }
 
     #[test]

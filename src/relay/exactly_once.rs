@@ -38,7 +38,7 @@ use super::{Backoff, Counters, IdleWait, KafkaGate, Step};
 use crate::config::{RelayConfig, Settings};
 use crate::failpoint;
 use crate::sink::{Decisions, FailureClass, KafkaSink, SendResult, Sink, SinkError};
-use crate::store::{Claimed, Finished, Outcome, Store, StoreError, TxnIds};
+use crate::store::{batch_gid, Claimed, Finished, LeaseState, Outcome, Store, StoreError, TxnIds};
 use crate::telemetry::events::{BatchFailed, BatchFinished, EventsDeferred};
 use crate::telemetry::Emit;
 
@@ -55,6 +55,9 @@ pub enum EosError {
     /// let compaction drop the one that batch needs).
     #[error("{0}")]
     OwnUnresolved(String),
+    /// Another relay with this relay's id took the id lease: stop.
+    #[error("another relay with relay.id {0:?} took the exactly-once id lease while this one had lost it (a Postgres restart or network fault); this relay stops: every exactly-once relay needs its own relay.id")]
+    LeaseTaken(String),
 }
 
 impl EosError {
@@ -63,13 +66,13 @@ impl EosError {
         match self {
             EosError::Store(e) => e.is_transient(),
             EosError::Kafka(e) => e.is_transient(),
-            EosError::OwnUnresolved(_) => false,
+            EosError::OwnUnresolved(_) | EosError::LeaseTaken(_) => false,
         }
     }
 
     /// A prerequisite no retry can fix: the relay must not run as it is.
     pub fn is_prerequisite(&self) -> bool {
-        matches!(self, EosError::Kafka(e) if e.is_prerequisite())
+        matches!(self, EosError::Kafka(e) if e.is_prerequisite()) || matches!(self, EosError::LeaseTaken(_))
     }
 }
 
@@ -89,6 +92,9 @@ pub struct ExactlyOnceRelay {
     txn_id: String,
     /// `<txn_id>/`: the prefix of its batches' prepared-transaction ids.
     own_prefix: String,
+    /// The id lease (the daemon's); `None`: not checked (tests).
+    lease: Option<watch::Receiver<LeaseState>>,
+    relay_id: String,
     pub counters: Arc<Counters>,
 }
 
@@ -122,8 +128,38 @@ impl ExactlyOnceRelay {
             gate: Arc::new(KafkaGate::new(settings.relay.max_backoff)),
             own_prefix: format!("{txn_id}/"),
             txn_id,
+            lease: None,
+            relay_id: settings.relay_id(),
             counters: Arc::default(),
         })
+    }
+
+    /// Claims only while this lease is held (see `store::IdLease`).
+    pub fn with_lease(mut self, lease: watch::Receiver<LeaseState>) -> ExactlyOnceRelay {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Waits while the id lease is lost (a Postgres restart: the keeper takes
+    /// it again); `Err` once another relay took it. `Ok(false)`: shutdown.
+    async fn lease_held(&self, shutdown: &mut watch::Receiver<bool>) -> Result<bool, EosError> {
+        let Some(mut lease) = self.lease.clone() else { return Ok(true) };
+        loop {
+            let state = *lease.borrow_and_update();
+            match state {
+                LeaseState::Held => return Ok(true),
+                LeaseState::Taken => return Err(EosError::LeaseTaken(self.relay_id.clone())),
+                LeaseState::Lost => {}
+            }
+            tokio::select! {
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        return Err(EosError::LeaseTaken(self.relay_id.clone()));
+                    }
+                }
+                _ = shutdown.changed() => return Ok(false),
+            }
+        }
     }
 
     /// Whether the loop currently claims (Kafka answers).
@@ -137,8 +173,7 @@ impl ExactlyOnceRelay {
     /// topic is a prerequisite error ([`EosError::is_prerequisite`]); Kafka
     /// being unreachable or slow is transient.
     pub async fn start(&self) -> Result<(), EosError> {
-        let prepared = self.store.prepared_any(&self.recovery.txn_ids().prefixes()).await?;
-        let brokers = self.decisions.ensure_topic(!prepared.is_empty()).await?;
+        let brokers = self.decisions.ensure_topic().await?;
         if let Some(warning) = crate::sink::few_brokers_warning(brokers) {
             tracing::warn!(brokers, "{warning}");
         }
@@ -149,7 +184,18 @@ impl ExactlyOnceRelay {
     /// Runs until `shutdown` flips to true (between batches), or until a
     /// prerequisite no retry can fix turns up at start-up: then it returns
     /// that error (the daemon stops with it).
-    pub async fn run(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), EosError> {
+    ///
+    /// It stops at once (wherever it is, waiting for Kafka included) with
+    /// [`EosError::LeaseTaken`] when another relay took its id lease.
+    pub async fn run(&self, shutdown: watch::Receiver<bool>) -> Result<(), EosError> {
+        let Some(mut lease) = self.lease.clone() else { return self.run_loop(shutdown).await };
+        tokio::select! {
+            result = self.run_loop(shutdown) => result,
+            _ = lease.wait_for(|s| *s == LeaseState::Taken) => Err(EosError::LeaseTaken(self.relay_id.clone())),
+        }
+    }
+
+    async fn run_loop(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), EosError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
         let mut idle = IdleWait::new(self.cfg.poll_interval);
         let mut started = false;
@@ -160,12 +206,16 @@ impl ExactlyOnceRelay {
                 return Ok(());
             }
             self.store.sweep_if_due(self.cfg.sweep_interval);
+            if !self.lease_held(&mut shutdown).await? {
+                continue;
+            }
             // Nothing held between batches: wait here while Kafka is away.
             if !self.gate.wait_open(&*self.sink, &mut shutdown).await {
                 continue;
             }
             let pause = if !started || must_recover {
-                let attempt = if started { self.recover_own().await } else { self.start().await };
+                // start() again after an error: the decisions topic may be gone.
+                let attempt = self.start().await;
                 match attempt {
                     Ok(()) => {
                         (started, must_recover) = (true, false);
@@ -254,23 +304,32 @@ impl ExactlyOnceRelay {
             claimed.release().await?;
             return Ok(Step::Deferred { rows: 0 });
         }
-        let gid = format!("{}{}", self.own_prefix, uuid::Uuid::new_v4().simple());
         failpoint::hit("after-claim");
 
         if let Err(e) = self.sink.begin().await {
             claimed.release().await?;
             return Err(e.into());
         }
-        let (results, decision) = self.publish(&claimed, &gid).await;
+        let (gid, results, decision) = self.publish(&claimed).await;
         failpoint::hit_batch("after-kafka-send", claimed.events.len());
         let all_in = decision == SendResult::Delivered
             && results
                 .iter()
                 .all(|r| matches!(r, SendResult::Delivered | SendResult::Invalid { .. } | SendResult::Skipped));
-        if !all_in {
-            return self.give_back(claimed, &results, &decision).await;
-        }
         let n = claimed.events.len();
+        if !all_in {
+            let finished = self.give_back(claimed, &results).await?;
+            // The decision record was refused (the topic deleted, say): set up
+            // again (the topic, a producer) before the next batch.
+            match decision {
+                SendResult::Failed { error, class } if class != FailureClass::Transient => {
+                    let what = format!("the decision record to {} ({class:?})", self.decisions.topic());
+                    return Err(SinkError::unavailable(what, error).into());
+                }
+                _ => {}
+            }
+            return Ok(Step::Batch { claimed: n, finished });
+        }
         let outcomes: Vec<Outcome> = results.iter().map(outcome_of).collect();
         let prepared = claimed.prepare(&outcomes, self.cfg.max_attempts, &gid).await;
         let (finished, events) = match prepared {
@@ -306,19 +365,21 @@ impl ExactlyOnceRelay {
     /// Produces the batch's events and its decision record in the open Kafka
     /// transaction and waits for every acknowledgement, at most until
     /// `relay.publish_timeout` after the claim (missing ones count as transient).
-    async fn publish(&self, claimed: &Claimed, gid: &str) -> (Vec<SendResult>, SendResult) {
+    /// Returns the batch's gid too: it names the first event handed to Kafka.
+    async fn publish(&self, claimed: &Claimed) -> (String, Vec<SendResult>, SendResult) {
         let sent = self.sink.send(&claimed.events, &HashSet::new(), None).await;
-        let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, gid);
+        let gid = batch_gid(&self.txn_id, sent.first_sent.map(|i| claimed.events[i].id));
+        let decision = self.sink.send_decision(self.decisions.topic(), &self.txn_id, &gid);
         let deadline = tokio::time::Instant::from_std(claimed.claimed_at + self.cfg.publish_timeout);
         let both = async { (sent.results.await, decision.await) };
         match tokio::time::timeout_at(deadline, both).await {
-            Ok(r) => r,
+            Ok((results, decision)) => (gid, results, decision),
             Err(_) => {
                 let late = SendResult::Failed {
                     class: FailureClass::Transient,
                     error: "no acknowledgement within relay.publish_timeout".into(),
                 };
-                (vec![late.clone(); claimed.events.len()], late)
+                (gid, vec![late.clone(); claimed.events.len()], late)
             }
         }
     }
@@ -327,21 +388,10 @@ impl ExactlyOnceRelay {
     /// the rows back first (counting the attempt against the refused events;
     /// the rest go again in the next batch, in order), then aborts: an abort
     /// waits for Kafka, the database must not.
-    async fn give_back(
-        &self,
-        claimed: Claimed,
-        results: &[SendResult],
-        decision: &SendResult,
-    ) -> Result<Step, EosError> {
-        let n = claimed.events.len();
+    async fn give_back(&self, claimed: Claimed, results: &[SendResult]) -> Result<Finished, EosError> {
         let outcomes: Vec<Outcome> =
             results.iter().map(outcome_of).map(|o| if o == Outcome::Delivered { Outcome::Retry } else { o }).collect();
-        if let SendResult::Failed { error, .. } = decision {
-            tracing::warn!(%error, topic = %self.decisions.topic(), "decision record not written");
-        }
-        let transient = std::iter::once(decision)
-            .chain(results)
-            .any(|r| matches!(r, SendResult::Failed { class: FailureClass::Transient, .. }));
+        let transient = results.iter().any(|r| matches!(r, SendResult::Failed { class: FailureClass::Transient, .. }));
         let (finished, events) = claimed.finish(&outcomes, self.cfg.max_attempts).await?;
         let aborted: Vec<SendResult> =
             results.iter().map(|r| if *r == SendResult::Delivered { SendResult::Skipped } else { r.clone() }).collect();
@@ -351,7 +401,7 @@ impl ExactlyOnceRelay {
             self.gate.close("a Kafka transaction did not complete (Kafka unreachable or slow)");
         }
         self.sink.abort(KAFKA_TIMEOUT).await?;
-        Ok(Step::Batch { claimed: n, finished })
+        Ok(finished)
     }
 
     /// The decision: commit the Kafka transaction, then `COMMIT PREPARED`.
@@ -413,6 +463,9 @@ impl ExactlyOnceRelay {
     /// resolved is logged with its fix and retried later; it does not stop the
     /// relay (its rows stay locked meanwhile).
     ///
+    /// Then it writes its start marker to the decisions topic (see
+    /// `Decisions::verdict`).
+    ///
     /// A batch of its own that cannot be resolved stops the relay from
     /// claiming (it retries the resolution, saying so): every batch writes a
     /// new decision record under this relay's transactional id, and the
@@ -427,6 +480,9 @@ impl ExactlyOnceRelay {
                 "this relay's batch {gid} is still prepared and cannot be resolved ({error}); claiming nothing until it is: {fix}"
             )));
         }
+        // Nothing of this relay is prepared: from here on a batch whose
+        // decision record is missing while this marker is there did not commit.
+        self.decisions.mark_start(&self.txn_id, KAFKA_TIMEOUT).await?;
         Ok(())
     }
 

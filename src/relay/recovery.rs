@@ -7,21 +7,33 @@
 //! switched to at-least-once) would be held forever. So every relay, whatever
 //! its mode, resolves this table's prepared batches once they are older than
 //! `relay.recovery_timeout`: fence the owner's transactional id (its open Kafka
-//! transaction ends for good), read the decision record, then `COMMIT PREPARED`
-//! or `ROLLBACK PREPARED`.
+//! transaction ends for good), read the decision, then `COMMIT PREPARED` or
+//! `ROLLBACK PREPARED`.
+//!
+//! Only positive evidence decides. The decisions topic gives it while it
+//! holds the owner's history ([`Verdict`]); when it does not (deleted and
+//! recreated, or another `relay.commits_topic`), the event the gid names is
+//! looked up in its own topic ([`find_event`]). With neither, the batch stays
+//! prepared and is reported with its fix: a missing record is never read as
+//! "not committed".
 //!
 //! Each batch is resolved on its own: one that cannot be (a permission error
 //! after a password rotation, a missing decisions topic) is logged with its gid
 //! and the fix, counted, and retried later; the others are still resolved.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use crate::sink::{Decisions, KafkaSink, SinkError};
-use crate::store::{Prepared, Store, StoreError, TxnIds};
+use crate::sink::{find_event, Decisions, Found, KafkaSink, SinkError, Verdict};
+use crate::store::{gid_event, GidEvent, Prepared, Store, StoreError, TxnIds};
 use crate::telemetry::events::{PreparedResolutionFailed, PreparedResolved};
 use crate::telemetry::Emit;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How far before its `PREPARE` a batch's events are looked for: its Kafka
+/// transaction began at most `relay.publish_timeout` (≤ 10 min) earlier, and
+/// the producer's clock may be behind the database's.
+const EVIDENCE_LOOKBACK: Duration = Duration::from_secs(30 * 60);
 
 /// Why one prepared batch could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +45,9 @@ pub enum ResolveError {
     /// The decision is known; carrying it out failed.
     #[error("{verb} failed: {source}")]
     Finish { verb: &'static str, source: StoreError },
+    /// Nothing shows whether the batch's Kafka transaction committed.
+    #[error("its decision cannot be established: {0}")]
+    NoEvidence(String),
 }
 
 /// What a pass over the prepared batches did.
@@ -93,10 +108,14 @@ impl Recovery {
         Ok(done)
     }
 
-    /// The owner is fenced: read the decision and finish the Postgres side.
-    /// Returns whether the batch committed.
+    /// The owner is fenced: establish the decision and finish the Postgres
+    /// side. Returns whether the batch committed.
     async fn resolve(&self, owner: &str, p: &Prepared) -> Result<bool, ResolveError> {
-        let committed = self.decisions.was_committed(owner, &p.gid, Duration::from_secs(120)).await?;
+        let committed = match self.decisions.verdict(owner, &p.gid, Duration::from_secs(120)).await? {
+            Verdict::Committed => true,
+            Verdict::NotCommitted => false,
+            Verdict::NoHistory(why) => self.decide_from_event_topic(p, &why).await?,
+        };
         let (verb, done) = if committed {
             ("COMMIT PREPARED", self.store.commit_prepared(&p.gid).await)
         } else {
@@ -105,6 +124,32 @@ impl Recovery {
         let done = done.map_err(|source| ResolveError::Finish { verb, source })?;
         PreparedResolved { gid: &p.gid, committed, resolved_here: done }.emit();
         Ok(committed)
+    }
+
+    /// The decisions topic has no history of the owner: is the event the gid
+    /// names in its topic (committed)?
+    async fn decide_from_event_topic(&self, p: &Prepared, why: &str) -> Result<bool, ResolveError> {
+        let id = match gid_event(&p.gid) {
+            GidEvent::Sent(id) => id,
+            // Nothing but the decision record could have gone out: either way
+            // is the same to Kafka's readers, and rolled back the rows go again.
+            GidEvent::NoneSent => return Ok(false),
+            GidEvent::Unknown => {
+                return Err(ResolveError::NoEvidence(format!(
+                    "{why}, and the gid names none of the batch's events (a relay before 0.3 prepared it)"
+                )))
+            }
+        };
+        let Some(topic) = self.store.event_topic(id).await? else {
+            return Err(ResolveError::NoEvidence(format!("{why}, and event {id} of the batch is not in the table")));
+        };
+        let since = SystemTime::now() - Duration::from_secs_f64(p.age_s.max(0.0)) - EVIDENCE_LOOKBACK;
+        tracing::warn!(gid = %p.gid, %topic, event_id = %id, "{why}: looking for the batch's event in its topic");
+        match find_event(self.decisions.client_config(), &topic, id, since, Duration::from_secs(300)).await? {
+            Found::Yes => Ok(true),
+            Found::No => Ok(false),
+            Found::Unknown(w) => Err(ResolveError::NoEvidence(format!("{why}, and for event {id}: {w}"))),
+        }
     }
 }
 
@@ -119,6 +164,12 @@ impl Resolved {
                     ResolveError::Finish { verb, source } if source.code() == Some("42501") => format!(
                         "only the role that prepared it ({owner}) or a superuser may finish it: connect as {owner} and \
                          run {verb} '{gid}' (the decision record says so); or run the relay as {owner} again",
+                        owner = p.owner,
+                        gid = p.gid
+                    ),
+                    ResolveError::NoEvidence(_) => format!(
+                        "find out whether the batch's events reached Kafka (read_committed); then, as {owner}, run \
+                         COMMIT PREPARED '{gid}' if they did, ROLLBACK PREPARED '{gid}' if not",
                         owner = p.owner,
                         gid = p.gid
                     ),

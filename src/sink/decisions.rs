@@ -19,6 +19,21 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use super::SinkError;
 use crate::config::Settings;
 
+/// The value prefix of a relay's start marker (see [`Decisions::mark_start`]);
+/// never a gid.
+pub const START_MARKER: &str = "start/";
+
+/// What the decisions topic says about one prepared batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its decision record is there: the Kafka transaction committed.
+    Committed,
+    /// The relay's history is there and this batch's record is not: it did not commit.
+    NotCommitted,
+    /// The topic holds nothing under the relay's key: no evidence either way.
+    NoHistory(String),
+}
+
 /// What [`Decisions::inspect`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DecisionsTopic {
@@ -65,6 +80,11 @@ impl Decisions {
         &self.topic
     }
 
+    /// The relay's Kafka client settings (brokers, security).
+    pub fn client_config(&self) -> &ClientConfig {
+        &self.base
+    }
+
     /// Makes sure the decisions topic can be trusted, or says why not.
     ///
     /// A decision that is lost turns a crash in the commit window into a
@@ -74,17 +94,19 @@ impl Decisions {
     /// like the event topics (replication factor min(3, brokers),
     /// `min.insync.replicas` min(2, replication factor)).
     ///
-    /// A missing topic is created with those settings, unless `prepared_exist`:
-    /// then decisions of those batches could be missing (the topic was deleted),
-    /// and the relay must not silently start over with an empty one.
+    /// A missing topic is created with those settings, also while batches
+    /// are prepared (the topic was deleted, or `relay.commits_topic` changed):
+    /// their decisions are then not in it, and recovery never reads a missing
+    /// record as "not committed" without the relay's history beside it (see
+    /// [`Decisions::verdict`]); it asks the event topics instead.
     /// Returns how many brokers the cluster lists.
-    pub async fn ensure_topic(&self, prepared_exist: bool) -> Result<usize, SinkError> {
-        match self.inspect(prepared_exist).await? {
+    pub async fn ensure_topic(&self) -> Result<usize, SinkError> {
+        match self.inspect().await? {
             (brokers, DecisionsTopic::Trusted) => Ok(brokers),
             (_, DecisionsTopic::Missing { replication_factor, min_insync_replicas }) => {
                 self.create(replication_factor, min_insync_replicas).await?;
                 // Another relay may have created it a moment ago: check what exists.
-                match self.inspect(prepared_exist).await? {
+                match self.inspect().await? {
                     (_, DecisionsTopic::Untrusted(why)) => Err(SinkError::prerequisite(why)),
                     (brokers, _) => Ok(brokers),
                 }
@@ -95,23 +117,12 @@ impl Decisions {
 
     /// How many brokers the cluster lists, and whether the decisions topic can
     /// be trusted (see [`Decisions::ensure_topic`]).
-    pub async fn inspect(&self, prepared_exist: bool) -> Result<(usize, DecisionsTopic), SinkError> {
+    pub async fn inspect(&self) -> Result<(usize, DecisionsTopic), SinkError> {
         let timeout = Duration::from_secs(10);
         let (brokers, info) = super::topics::describe(&self.base, &self.topic, timeout).await?;
         let want_rf = brokers.clamp(1, 3);
         let want_isr = want_rf.min(2);
         let Some(info) = info else {
-            if prepared_exist {
-                return Ok((
-                    brokers,
-                    DecisionsTopic::Untrusted(format!(
-                        "the decisions topic {} does not exist, but prepared exactly-once batches of this table do: \
-                     their decisions may be lost (was the topic deleted, or relay.commits_topic changed?). \
-                     Restore the topic or set relay.commits_topic back; see docs/exactly-once.md, \"Assumptions\"",
-                        self.topic
-                    )),
-                ));
-            }
             return Ok((
                 brokers,
                 DecisionsTopic::Missing { replication_factor: want_rf, min_insync_replicas: want_isr },
@@ -193,23 +204,35 @@ impl Decisions {
         Ok(info.map_or(0, |i| i.partitions))
     }
 
-    /// Did the Kafka transaction of batch `gid` (relay `transactional_id`)
-    /// commit? Call only after fencing that transactional id, so the answer
-    /// cannot change any more.
+    /// What the decisions topic says about batch `gid` of relay
+    /// `transactional_id`. Call only after fencing that transactional id, so
+    /// the answer cannot change any more.
+    ///
+    /// Only positive evidence counts: the batch's own record says it
+    /// committed; a later record under the relay's key (an earlier batch's
+    /// decision, or the marker every relay writes when it starts, see
+    /// [`Decisions::mark_start`]) says the history is intact and the record is
+    /// not there, so it did not commit. Nothing under the key at all (a topic
+    /// that was deleted and recreated, or another `relay.commits_topic`) says
+    /// nothing: [`Verdict::NoHistory`].
     ///
     /// How it knows it has read far enough: it appends a probe record (outside
     /// any transaction) and reads the partition with `read_committed` until the
     /// probe appears. A read_committed reader gets the probe only once every
     /// transaction with records before it has ended, and the decision record
     /// (if any) precedes the probe, because fencing waited for the transaction.
-    pub async fn was_committed(&self, transactional_id: &str, gid: &str, timeout: Duration) -> Result<bool, SinkError> {
-        // Never let the probe create the topic: an empty new topic would answer
-        // "not committed" for every batch.
-        if self.partitions(Duration::from_secs(10)).await? != 1 {
-            return Err(SinkError::prerequisite(format!(
-                "the decisions topic {} is missing or not a single partition: cannot read the decision of {gid}",
-                self.topic
-            )));
+    pub async fn verdict(&self, transactional_id: &str, gid: &str, timeout: Duration) -> Result<Verdict, SinkError> {
+        // Never let the probe create the topic (the clients also refuse to
+        // auto-create): an empty new topic holds no history.
+        match self.partitions(Duration::from_secs(10)).await? {
+            1 => {}
+            0 => return Ok(Verdict::NoHistory(format!("the decisions topic {} does not exist", self.topic))),
+            n => {
+                return Ok(Verdict::NoHistory(format!(
+                    "the decisions topic {} has {n} partitions, not 1: its records cannot be read in order",
+                    self.topic
+                )))
+            }
         }
         let probe_key = format!("probe/{}", uuid::Uuid::new_v4());
         let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic).partition(0).key(&probe_key);
@@ -219,12 +242,7 @@ impl Decisions {
             .await
             .map_err(|(e, _)| SinkError::kafka(format!("cannot write the probe to {}", self.topic), e))?;
         let probe_offset = delivery.offset;
-        let mut cfg = self.base.clone();
-        cfg.set("group.id", format!("outbox-relay-recovery-{}", uuid::Uuid::new_v4()))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "50");
+        let cfg = super::consumer_config(&self.base, "outbox-relay-recovery");
         let (topic, key, gid) = (self.topic.clone(), transactional_id.to_string(), gid.to_string());
         tokio::task::spawn_blocking(move || {
             let c: BaseConsumer = cfg.create().map_err(|e| SinkError::config("kafka consumer", e))?;
@@ -233,15 +251,23 @@ impl Decisions {
                 .map_err(|e| SinkError::kafka("decisions partition", e))?;
             c.assign(&tpl).map_err(|e| SinkError::kafka("assign", e))?;
             let deadline = Instant::now() + timeout;
-            let mut committed = false;
+            let (mut committed, mut history) = (false, false);
             while Instant::now() < deadline {
                 let Some(m) = c.poll(Duration::from_millis(100)) else { continue };
                 let m = m.map_err(|e| SinkError::kafka(format!("reading {topic}"), e))?;
-                if m.key() == Some(key.as_bytes()) && m.payload() == Some(gid.as_bytes()) {
-                    committed = true;
+                if m.key() == Some(key.as_bytes()) {
+                    history = true;
+                    committed |= m.payload() == Some(gid.as_bytes());
                 }
                 if m.offset() >= probe_offset {
-                    return Ok(committed);
+                    return Ok(match (committed, history) {
+                        (true, _) => Verdict::Committed,
+                        (false, true) => Verdict::NotCommitted,
+                        (false, false) => Verdict::NoHistory(format!(
+                            "the decisions topic {topic} holds no record of {key} (was it deleted and recreated, \
+                             or relay.commits_topic changed?)"
+                        )),
+                    });
                 }
             }
             Err(SinkError::unavailable(
@@ -253,5 +279,20 @@ impl Decisions {
         })
         .await
         .map_err(|e| SinkError::unavailable("decisions task", e))?
+    }
+
+    /// Writes the start marker of relay `transactional_id` (after its own
+    /// batches are resolved, before it prepares anything): from then on the
+    /// topic holds a record under its key, so a missing decision of any later
+    /// batch is evidence that the batch did not commit.
+    pub async fn mark_start(&self, transactional_id: &str, timeout: Duration) -> Result<(), SinkError> {
+        let value = format!("{START_MARKER}{}", uuid::Uuid::new_v4().simple());
+        let record: FutureRecord<'_, str, str> =
+            FutureRecord::to(&self.topic).partition(0).key(transactional_id).payload(&value);
+        self.probe
+            .send(record, timeout)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| SinkError::kafka(format!("cannot write the start marker to {}", self.topic), e))
     }
 }

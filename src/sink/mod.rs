@@ -11,6 +11,7 @@
 mod acks;
 mod decisions;
 mod error;
+mod evidence;
 mod kafka;
 mod producer;
 pub mod topics;
@@ -23,8 +24,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use rdkafka::ClientConfig;
 
-pub use decisions::{few_brokers_warning, Decisions, DecisionsTopic};
+pub use decisions::{few_brokers_warning, Decisions, DecisionsTopic, Verdict, START_MARKER};
 pub use error::{classify, classify_code, FailureClass, SinkError};
+pub use evidence::{find_event, Found};
 pub use kafka::KafkaSink;
 pub use producer::{producer_config, RELAY_ID_HEADER};
 
@@ -64,6 +66,9 @@ pub struct Sent {
     pub stalled: bool,
     /// The producer epoch the batch went to.
     pub epoch: Epoch,
+    /// The first event handed to the producer (not held, not invalid): if the
+    /// batch's Kafka transaction commits, that event is in it.
+    pub first_sent: Option<usize>,
 }
 
 /// Where batches go.
@@ -119,6 +124,21 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> Cl
         }
     }
     cfg.set("bootstrap.servers", brokers);
+    // Reading or describing a topic must never create it (an empty decisions
+    // topic created by accident holds no history).
+    cfg.set("allow.auto.create.topics", "false");
+    cfg
+}
+
+/// A `read_committed` consumer of `base`'s cluster in a group of its own,
+/// committing nothing: for reading a few partitions from given offsets.
+pub(crate) fn consumer_config(base: &ClientConfig, name: &str) -> ClientConfig {
+    let mut cfg = base.clone();
+    cfg.set("group.id", format!("{name}-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", "50");
     cfg
 }
 

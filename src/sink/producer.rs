@@ -47,6 +47,10 @@ pub fn producer_config(settings: &Settings, transactional_id: Option<&str>) -> B
     set("topic.metadata.refresh.interval.ms", "30000");
     set("reconnect.backoff.max.ms", "2000");
     set("socket.keepalive.enable", "true");
+    // A missing topic is an error, not a new topic with the broker's defaults
+    // (an empty decisions topic would hold no history). At-least-once tables
+    // may opt in for their event topics; exactly-once refuses it (config).
+    set("allow.auto.create.topics", "false");
     for (k, v) in &settings.kafka.properties {
         set(k, v);
     }

@@ -37,12 +37,12 @@ pub use error::StoreError;
 pub use finish::{Claimed, EventFailure, Finished, Outcome, Parked};
 pub use floor::Floor;
 pub use health::{DbHealth, HorizonHolder};
-pub use lease::IdLease;
+pub use lease::{IdLease, LeaseState, LEASE_EXPIRY};
 pub use listen::spawn_listener;
 pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus, CLEANUP_BATCH};
 pub use prepared::Prepared;
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
-pub use txn_ids::{database_id, TxnIds};
+pub use txn_ids::{batch_gid, database_id, gid_event, GidEvent, TxnIds};
 
 use crate::config::{OnPublish, Ordering, Settings, TableName};
 

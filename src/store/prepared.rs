@@ -75,4 +75,12 @@ impl Store {
             .await?;
         Ok((row.get(0), row.get(1)))
     }
+
+    /// The topic of event `id` (its row is still there, whatever a prepared
+    /// batch did to it: the batch has not committed).
+    pub async fn event_topic(&self, id: uuid::Uuid) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT topic FROM {} WHERE id = $1", self.table().quoted());
+        Ok(client.query_opt(&sql, &[&id]).await?.map(|r| r.get(0)))
+    }
 }

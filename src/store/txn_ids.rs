@@ -6,7 +6,10 @@
 //! services with their own databases can then share a Kafka cluster even when
 //! their relays have the same `relay.id` (StatefulSet pods are `outbox-relay-0`
 //! everywhere): their transactional ids differ by construction, so they never
-//! fence each other. A batch's gid is `<transactional.id>/<32 hex>`.
+//! fence each other. A batch's gid is `<transactional.id>/<32 hex>.<event>`:
+//! `<event>` is the 32 hex digits of one event the batch handed to Kafka, or
+//! `0` when it handed none (see [`batch_gid`]); gids of relays before 0.3 end
+//! after the first 32 hex digits.
 //!
 //! Versions before 0.2 used `outbox-relay/<schema.table>/<relay.id>`. Prepared
 //! batches under that *legacy* prefix are still found and resolved (with the
@@ -49,6 +52,45 @@ impl TxnIds {
             return None;
         }
         gid.rsplit_once('/').map(|(owner, _)| owner)
+    }
+}
+
+/// Postgres keeps at most 199 bytes of a gid.
+const MAX_GID: usize = 199;
+
+/// The gid of a new batch of relay `transactional_id`. `sent`: one event the
+/// batch handed to Kafka: if the batch's Kafka transaction committed, that
+/// event is in its topic, which recovery can check when the decision record
+/// is gone (`sink::find_event`).
+pub fn batch_gid(transactional_id: &str, sent: Option<uuid::Uuid>) -> String {
+    let batch = uuid::Uuid::new_v4().simple().to_string();
+    let event = sent.map_or_else(|| "0".to_string(), |id| id.simple().to_string());
+    let gid = format!("{transactional_id}/{batch}.{event}");
+    if gid.len() <= MAX_GID {
+        gid
+    } else {
+        // Too long a table name and relay id: no evidence beyond the decision record.
+        format!("{transactional_id}/{batch}")
+    }
+}
+
+/// What a gid says about the events its batch handed to Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GidEvent {
+    /// This event was handed to Kafka.
+    Sent(uuid::Uuid),
+    /// None was: nothing but the decision record could have been committed.
+    NoneSent,
+    /// The gid does not say (a relay before 0.3, or too long a name).
+    Unknown,
+}
+
+pub fn gid_event(gid: &str) -> GidEvent {
+    let batch = gid.rsplit_once('/').map_or(gid, |(_, b)| b);
+    match batch.split_once('.') {
+        Some((_, "0")) => GidEvent::NoneSent,
+        Some((_, event)) => uuid::Uuid::try_parse(event).map_or(GidEvent::Unknown, GidEvent::Sent),
+        None => GidEvent::Unknown,
     }
 }
 
@@ -104,6 +146,21 @@ mod tests {
         assert_eq!(database_id(7712336889926938944, "orders"), database_id(7712336889926938944, "orders"));
         assert_eq!(database_id(1, "db"), "4baf4cf11c35");
         assert!(a.prefix.starts_with("outbox-relay/") && a.prefix.ends_with("/public.outbox/"));
+    }
+
+    #[test]
+    fn a_gid_names_the_event_its_batch_sent() {
+        let ids = TxnIds::new("0123456789ab", &TableName::parse("public.outbox").unwrap());
+        let owner = ids.transactional_id("r1");
+        let event = uuid::Uuid::new_v4();
+        let gid = batch_gid(&owner, Some(event));
+        assert_eq!(gid_event(&gid), GidEvent::Sent(event));
+        assert_eq!(ids.owner_of(&gid), Some(owner.as_str()));
+        assert_eq!(gid_event(&batch_gid(&owner, None)), GidEvent::NoneSent);
+        assert_eq!(gid_event(&format!("{owner}/{}", "f".repeat(32))), GidEvent::Unknown);
+        let long = format!("{}/{}", "x".repeat(150), "r");
+        assert_eq!(gid_event(&batch_gid(&long, Some(event))), GidEvent::Unknown, "kept under 200 bytes");
+        assert!(batch_gid(&long, Some(event)).len() <= MAX_GID);
     }
 
     #[test]

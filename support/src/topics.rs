@@ -105,3 +105,14 @@ pub fn partitions_of(bootstrap: &str, topic: &str) -> usize {
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     md.topics().first().map_or(0, |t| t.partitions().len())
 }
+
+/// Writes one record (`key`, `value`) to partition 0 of `topic` and waits for
+/// its acknowledgement.
+pub async fn produce(topic: &str, key: &str, value: &str) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("producer");
+    p.send(FutureRecord::to(topic).partition(0).key(key).payload(value), Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
