@@ -164,13 +164,37 @@ async fn check_reports_the_exactly_once_prerequisites() {
     // The local broker is a single one, which can lose a committed transaction
     // when it stops (docs/exactly-once.md, "Assumptions"): a warning, not a problem.
     assert!(text.contains("warning exactly-once on a cluster of 1 broker(s)"), "{text}");
+    // Item 8: the slots for the relays it sees, the standby, the ids a clone shares.
+    assert!(text.contains("relays seen: "), "{text}");
+    assert!(text.contains("ok      no standby streams from this server"), "{text}");
+    assert!(text.contains("exactly-once ids outbox-relay/") && text.contains("physical clone"), "{text}");
+
+    // An event topic with unclean leader election can drop a committed
+    // transaction's events: a problem in exactly-once.
+    let unclean = format!("{}.unclean", ob.table);
+    create_topics_at(
+        &brokers(),
+        std::slice::from_ref(&unclean),
+        &TopicSpec::new(1).with("unclean.leader.election.enable", "true"),
+    )
+    .await;
+    insert(&ob, &unclean, 1, 0).await;
+    let out = relay_cmd(&ob.table, &[EOS]).arg("check").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains(&format!("PROBLEM topic {unclean} has unclean.leader.election.enable=true")), "{text}");
 
     // A decisions topic with more than one partition cannot order the
     // decisions, and one with cleanup.policy=delete expires them: check names
-    // both, and the relay refuses to start at once (exit 64) on either.
+    // both, and the relay refuses to start at once (exit 64) on either; so is
+    // one whose out-of-sync replicas may become leader.
+    let unclean_decisions = format!("{}.decisions_unclean", ob.table);
+    let spec = TopicSpec::new(1).with("cleanup.policy", "compact").with("unclean.leader.election.enable", "true");
+    create_topics_at(&brokers(), std::slice::from_ref(&unclean_decisions), &spec).await;
     for (bad, partitions, why) in [
         (ob.topic("decisions2", 2).await, 2, "2 partitions (must be 1)"),
         (ob.topic("decisions_delete", 1).await, 1, "cleanup.policy=delete"),
+        (unclean_decisions, 1, "unclean.leader.election.enable=true"),
     ] {
         let topic = ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", bad.as_str());
         let out = relay_cmd(&ob.table, &[EOS, topic]).arg("check").output().unwrap();

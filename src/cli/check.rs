@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::{exit, CliError};
 use crate::config::{Delivery, Settings};
 use crate::sink::{Decisions, DecisionsTopic, KafkaSink, Sink};
-use crate::store::{describe, Store};
+use crate::store::{describe, RelaysSeen, Replication, Store};
 
 /// Every check; with `start_gate`, only what must hold for the relay to start
 /// (config, Postgres, schema; exactly-once: two-phase commit), never Kafka —
@@ -88,32 +88,144 @@ async fn check_kafka(settings: &Settings, store: &Store, table_usable: bool) -> 
         return 1;
     }
     println!("ok      kafka reachable ({})", settings.kafka_brokers());
+    let mut problems = 0;
     if table_usable {
-        check_event_topics(settings, store).await;
+        problems += check_event_topics(settings, store).await;
     }
     if settings.relay.delivery == Delivery::ExactlyOnce {
-        return check_transactions(settings, store, &sink).await;
+        problems += check_transactions(settings, store, &sink).await;
     }
-    0
+    problems
 }
 
-/// Exactly-once needs Postgres two-phase commit. Returns the number of problems.
+/// Exactly-once needs Postgres two-phase commit with a slot for every relay,
+/// a standby that cannot lose commits, and ids no clone shares. Returns the
+/// number of problems.
 async fn check_two_phase_commit(store: &Store) -> usize {
-    match store.max_prepared_transactions().await {
-        Ok(0) => {
-            println!(
-                "PROBLEM exactly-once needs two-phase commit but max_prepared_transactions = 0 — set it in \
-                 postgresql.conf to at least the number of relays (e.g. 64) and restart Postgres"
-            );
-            return 1;
-        }
-        Ok(n) => println!("ok      postgres two-phase commit enabled (max_prepared_transactions = {n})"),
+    let max = match store.max_prepared_transactions().await {
+        Ok(n) => n,
         Err(e) => {
             println!("PROBLEM cannot read max_prepared_transactions: {e}");
             return 1;
         }
+    };
+    let mut problems = 0;
+    match store.exactly_once_relays_seen().await {
+        Ok(seen) => {
+            let (problem, line) = prepared_slots(max, seen);
+            problems += usize::from(problem);
+            println!("{} {line}", if problem { "PROBLEM" } else { "ok     " });
+        }
+        Err(e) => {
+            let (problem, line) = prepared_slots(max, RelaysSeen { leases: 0, prepared_owners: 0 });
+            problems += usize::from(problem);
+            println!("{} {line}", if problem { "PROBLEM" } else { "ok     " });
+            println!("warning cannot count the exactly-once relays of this server: {e}");
+        }
     }
-    0
+    match store.replication().await {
+        Ok(r) => {
+            for (level, line) in replication_lines(&r) {
+                println!("{level} {line}");
+            }
+        }
+        Err(e) => println!("warning cannot read the replication settings: {e}"),
+    }
+    if let Ok(ids) = store.txn_ids().await {
+        println!(
+            "ok      exactly-once ids {}<relay.id> (from the system identifier and database name: a physical \
+             clone made by a snapshot restore or pg_basebackup has the same ones; a clone that relays must use \
+             relay.id values of its own)",
+            ids.prefix
+        );
+    }
+    problems
+}
+
+/// Whether `max_prepared_transactions` leaves a slot for every relay seen
+/// and one more (this relay, or a rolling restart's new one); the line to print.
+fn prepared_slots(max: i64, seen: RelaysSeen) -> (bool, String) {
+    let want = seen.relays() + 1;
+    let counted = format!("{} holding an id lease, {} with prepared batches", seen.leases, seen.prepared_owners);
+    if max == 0 {
+        return (
+            true,
+            format!(
+                "exactly-once needs two-phase commit but max_prepared_transactions = 0 — set it in \
+                 postgresql.conf to at least the number of exactly-once relays plus one ({want} now; e.g. 64) and \
+                 restart Postgres"
+            ),
+        );
+    }
+    if max < want {
+        return (
+            true,
+            format!(
+                "max_prepared_transactions = {max} but this server has {} exactly-once relay(s) ({counted}) and \
+                 needs one slot each plus one for the next: set it to at least {want} and restart Postgres \
+                 (a relay that finds no slot fails its PREPARE and retries)",
+                seen.relays()
+            ),
+        );
+    }
+    (false, format!("postgres two-phase commit enabled (max_prepared_transactions = {max}; relays seen: {counted})"))
+}
+
+/// What the replication settings mean for the guarantees: a failover to an
+/// asynchronous standby can lose committed transactions (and move the
+/// sequence back; see docs/exactly-once.md).
+fn replication_lines(r: &Replication) -> Vec<(&'static str, String)> {
+    let sync_names = r.synchronous_standby_names.trim();
+    let in_sync = r.standbys.iter().filter(|(_, s)| matches!(s.as_deref(), Some("sync" | "quorum"))).count();
+    let hidden = r.standbys.iter().filter(|(_, s)| s.is_none()).count();
+    let mut out = Vec::new();
+    if sync_names.is_empty() {
+        if r.standbys.is_empty() {
+            out.push(("ok     ", "no standby streams from this server".to_string()));
+        } else {
+            out.push((
+                "warning",
+                format!(
+                    "{} asynchronous standby(s) and synchronous_standby_names is empty: a failover to one can lose \
+                     committed transactions, whose events may already be in Kafka (see docs/exactly-once.md, \
+                     \"Failover\"); configure a synchronous standby for exactly-once",
+                    r.standbys.len()
+                ),
+            ));
+        }
+        return out;
+    }
+    if matches!(r.synchronous_commit.as_str(), "off" | "local") {
+        out.push((
+            "warning",
+            format!(
+                "synchronous_standby_names is set but synchronous_commit = {}: commits do not wait for the \
+                 standby, so a failover can still lose them; use on or remote_apply",
+                r.synchronous_commit
+            ),
+        ));
+    }
+    if in_sync > 0 {
+        out.push(("ok     ", format!("synchronous standby: {in_sync} in sync ({sync_names})")));
+    } else if hidden > 0 {
+        out.push((
+            "warning",
+            format!(
+                "synchronous_standby_names = '{sync_names}' but this role cannot see the standbys' sync_state \
+                 (grant pg_monitor to check it)"
+            ),
+        ));
+    } else {
+        out.push((
+            "warning",
+            format!(
+                "synchronous_standby_names = '{sync_names}' but no standby is in sync ({} connected): commits \
+                 wait for one",
+                r.standbys.len()
+            ),
+        ));
+    }
+    out
 }
 
 /// Prepared exactly-once batches of this table, in any mode: they hold their
@@ -186,18 +298,23 @@ async fn check_db_health(store: &Store) -> usize {
 
 /// The event topics this outbox writes to (those of pending rows and of the
 /// last hour's published ones): warns when one is replicated less than a
-/// production cluster allows (replication factor < 3, min.insync.replicas < 2).
-async fn check_event_topics(settings: &Settings, store: &Store) {
+/// production cluster allows (replication factor < 3, min.insync.replicas < 2)
+/// or has unclean leader election on. Exactly-once counts an unclean election
+/// as a problem: it can drop a committed transaction's events and markers.
+/// Returns the number of problems.
+async fn check_event_topics(settings: &Settings, store: &Store) -> usize {
+    let exactly_once = settings.relay.delivery == Delivery::ExactlyOnce;
+    let mut problems = 0;
     let topics = match store.recent_topics(50).await {
         Ok(t) => t,
         Err(e) => {
             println!("warning cannot list the outbox's topics: {e}");
-            return;
+            return 0;
         }
     };
     if topics.is_empty() {
         println!("ok      no pending or recently published events: no event topic to check yet");
-        return;
+        return 0;
     }
     let base = crate::sink::client_config(settings.kafka_brokers(), &settings.kafka.properties);
     let mut warned = 0;
@@ -206,7 +323,12 @@ async fn check_event_topics(settings: &Settings, store: &Store) {
             Ok((brokers, Some(info))) => {
                 for w in crate::sink::topics::event_topic_warnings(topic, &info, brokers) {
                     warned += 1;
-                    println!("warning {w}");
+                    if exactly_once && w.contains("unclean.leader.election.enable=true") {
+                        problems += 1;
+                        println!("PROBLEM {w}");
+                    } else {
+                        println!("warning {w}");
+                    }
                 }
             }
             Ok((_, None)) => println!("warning topic {topic} does not exist (events for it are retried, then parked)"),
@@ -216,6 +338,7 @@ async fn check_event_topics(settings: &Settings, store: &Store) {
     if warned == 0 {
         println!("ok      event topics replicated as the cluster allows ({})", topics.join(", "));
     }
+    problems
 }
 
 /// Exactly-once needs Kafka transactions and the decisions topic. Returns the
@@ -270,4 +393,38 @@ async fn check_transactions(settings: &Settings, store: &Store, sink: &KafkaSink
         }
     }
     problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_prepared_transactions_needs_a_slot_per_relay_seen_and_one_more() {
+        let seen = RelaysSeen { leases: 3, prepared_owners: 5 };
+        let (problem, line) = prepared_slots(5, seen);
+        assert!(problem && line.contains("at least 6"), "{line}");
+        assert!(!prepared_slots(6, seen).0);
+        assert!(prepared_slots(0, RelaysSeen { leases: 0, prepared_owners: 0 }).0);
+        assert!(!prepared_slots(1, RelaysSeen { leases: 0, prepared_owners: 0 }).0);
+    }
+
+    #[test]
+    fn an_asynchronous_standby_or_an_unsynced_synchronous_one_is_named() {
+        let r = |names: &str, commit: &str, standbys: Vec<(&str, Option<&str>)>| Replication {
+            synchronous_standby_names: names.into(),
+            synchronous_commit: commit.into(),
+            standbys: standbys.into_iter().map(|(a, s)| (a.to_string(), s.map(str::to_string))).collect(),
+        };
+        let lines = |r: Replication| replication_lines(&r);
+        assert_eq!(lines(r("", "on", vec![]))[0].0, "ok     ");
+        let async_one = lines(r("", "on", vec![("s1", Some("async"))]));
+        assert!(async_one[0].0 == "warning" && async_one[0].1.contains("asynchronous"), "{async_one:?}");
+        let synced = lines(r("s1", "on", vec![("s1", Some("sync"))]));
+        assert_eq!(synced, vec![("ok     ", "synchronous standby: 1 in sync (s1)".to_string())]);
+        assert_eq!(lines(r("s1", "on", vec![("s1", None)]))[0].0, "warning");
+        assert_eq!(lines(r("s1", "on", vec![]))[0].0, "warning");
+        let local = lines(r("s1", "local", vec![("s1", Some("sync"))]));
+        assert!(local[0].1.contains("synchronous_commit = local"), "{local:?}");
+    }
 }

@@ -147,6 +147,11 @@ impl Decisions {
         if info.min_insync_replicas < want_isr {
             wrong.push(format!("min.insync.replicas={} (must be at least {want_isr})", info.min_insync_replicas));
         }
+        if info.unclean_leader_election {
+            wrong.push(
+                "unclean.leader.election.enable=true (must be false: an unclean election drops decisions)".into(),
+            );
+        }
         if wrong.is_empty() {
             return Ok((brokers, DecisionsTopic::Trusted));
         }
@@ -154,7 +159,7 @@ impl Decisions {
             brokers,
             DecisionsTopic::Untrusted(format!(
                 "the decisions topic {} cannot be trusted: {}. Fix it (kafka-configs --alter --entity-type topics \
-             --entity-name {} --add-config cleanup.policy=compact,min.insync.replicas={want_isr}; partitions and \
+             --entity-name {} --add-config cleanup.policy=compact,min.insync.replicas={want_isr},unclean.leader.election.enable=false; partitions and \
              replication need a new topic: stop the relays, let no batch stay prepared, create it with 1 partition, \
              replication factor {want_rf}), or point relay.commits_topic at a correct one while no batch is prepared",
                 self.topic,
@@ -171,6 +176,7 @@ impl Decisions {
         let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(rf as i32))
             .set("cleanup.policy", "compact")
             .set("min.insync.replicas", &isr)
+            .set("unclean.leader.election.enable", "false")
             .set("segment.ms", "600000")
             .set("min.cleanable.dirty.ratio", "0.1");
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

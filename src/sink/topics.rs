@@ -19,6 +19,9 @@ pub struct TopicInfo {
     pub replication_factor: usize,
     pub cleanup_policy: String,
     pub min_insync_replicas: usize,
+    /// `unclean.leader.election.enable`: an out-of-sync replica may become
+    /// leader, dropping records the old leader had acknowledged.
+    pub unclean_leader_election: bool,
 }
 
 /// The brokers in the cluster, and `topic` if it exists.
@@ -72,6 +75,7 @@ pub async fn describe(
             replication_factor,
             cleanup_policy: value("cleanup.policy"),
             min_insync_replicas: value("min.insync.replicas").parse().unwrap_or(1),
+            unclean_leader_election: value("unclean.leader.election.enable") == "true",
         }),
     ))
 }
@@ -119,7 +123,19 @@ pub fn event_topic_warnings(topic: &str, info: &TopicInfo, brokers: usize) -> Ve
             info.min_insync_replicas
         ));
     }
+    if info.unclean_leader_election {
+        out.push(unclean_election_warning(topic));
+    }
     out
+}
+
+/// The line for a topic whose out-of-sync replicas may become leader.
+pub fn unclean_election_warning(topic: &str) -> String {
+    format!(
+        "topic {topic} has unclean.leader.election.enable=true: an out-of-sync replica can become leader and \
+         drop events (and transaction markers) the old leader acknowledged; set it to false (kafka-configs --alter \
+         --entity-type topics --entity-name {topic} --add-config unclean.leader.election.enable=false)"
+    )
 }
 
 #[cfg(test)]
@@ -140,14 +156,21 @@ mod tests {
     }
 
     #[test]
-    fn event_topics_below_rf3_or_min_isr2_are_named() {
-        let ok =
-            TopicInfo { partitions: 6, replication_factor: 3, cleanup_policy: "delete".into(), min_insync_replicas: 2 };
+    fn event_topics_below_rf3_or_min_isr2_or_with_unclean_election_are_named() {
+        let ok = TopicInfo {
+            partitions: 6,
+            replication_factor: 3,
+            cleanup_policy: "delete".into(),
+            min_insync_replicas: 2,
+            unclean_leader_election: false,
+        };
         assert!(event_topic_warnings("orders", &ok, 3).is_empty());
         let rf1 = TopicInfo { replication_factor: 1, ..ok.clone() };
         assert!(event_topic_warnings("orders", &rf1, 3)[0].contains("replication factor 1"));
         assert!(event_topic_warnings("orders", &rf1, 1).is_empty(), "a one-broker cluster cannot do better");
-        let isr1 = TopicInfo { min_insync_replicas: 1, ..ok };
+        let isr1 = TopicInfo { min_insync_replicas: 1, ..ok.clone() };
         assert!(event_topic_warnings("orders", &isr1, 3)[0].contains("min.insync.replicas = 1"));
+        let unclean = TopicInfo { unclean_leader_election: true, ..ok };
+        assert!(event_topic_warnings("orders", &unclean, 1)[0].contains("unclean.leader.election.enable=true"));
     }
 }

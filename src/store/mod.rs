@@ -40,7 +40,7 @@ pub use health::{DbHealth, HorizonHolder};
 pub use lease::{IdLease, LeaseState, LEASE_EXPIRY};
 pub use listen::spawn_listener;
 pub use ops::{ErrorCount, PublishedRow, ReplayRow, Selector, Status, TopicStatus, CLEANUP_BATCH};
-pub use prepared::Prepared;
+pub use prepared::{Prepared, RelaysSeen, Replication};
 pub use schema::{render_migration, Migration, SchemaProblem, MIGRATIONS};
 pub use txn_ids::{batch_gid, database_id, gid_event, GidEvent, TxnIds};
 

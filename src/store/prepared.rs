@@ -18,6 +18,30 @@ pub(super) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// What [`Store::exactly_once_relays_seen`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct RelaysSeen {
+    pub leases: i64,
+    pub prepared_owners: i64,
+}
+
+impl RelaysSeen {
+    /// The relays seen: the larger of the two counts (a live relay is in both
+    /// while its batch is prepared).
+    pub fn relays(&self) -> i64 {
+        self.leases.max(self.prepared_owners)
+    }
+}
+
+/// What [`Store::replication`] found.
+#[derive(Debug, Clone)]
+pub struct Replication {
+    pub synchronous_standby_names: String,
+    pub synchronous_commit: String,
+    /// `(application_name, sync_state)` per standby.
+    pub standbys: Vec<(String, Option<String>)>,
+}
+
 impl Store {
     /// Prepared transactions in this database whose id starts with one of `prefixes`.
     pub async fn prepared_any(&self, prefixes: &[String]) -> Result<Vec<Prepared>, StoreError> {
@@ -64,6 +88,47 @@ impl Store {
         let client = self.client().await?;
         let row = client.query_one("SELECT current_setting('max_prepared_transactions')::int8", &[]).await?;
         Ok(row.get(0))
+    }
+
+    /// Exactly-once relays this server can see, in any of its databases: those
+    /// holding an id lease now (an advisory lock of an `outbox-relay` session),
+    /// and the owners of prepared batches (a dead relay's batch keeps its slot
+    /// until it is resolved). Each needs a `max_prepared_transactions` slot.
+    /// Sessions of other roles may hide their `application_name` from an
+    /// unprivileged role: this is a lower bound.
+    pub async fn exactly_once_relays_seen(&self) -> Result<RelaysSeen, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(DISTINCT l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                          WHERE l.locktype = 'advisory' AND l.granted
+                            AND a.application_name LIKE 'outbox-relay%')::int8,
+                        (SELECT count(DISTINCT regexp_replace(gid, '/[^/]*$', '')) FROM pg_prepared_xacts
+                          WHERE gid LIKE 'outbox-relay/%')::int8",
+                &[],
+            )
+            .await?;
+        Ok(RelaysSeen { leases: row.get(0), prepared_owners: row.get(1) })
+    }
+
+    /// The server's replication: `synchronous_standby_names`,
+    /// `synchronous_commit`, and its standbys with their `sync_state` (`None`
+    /// when this role may not see it: it needs `pg_monitor`).
+    pub async fn replication(&self) -> Result<Replication, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')",
+                &[],
+            )
+            .await?;
+        let standbys = client
+            .query("SELECT coalesce(application_name, ''), sync_state FROM pg_stat_replication", &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        Ok(Replication { synchronous_standby_names: row.get(0), synchronous_commit: row.get(1), standbys })
     }
 
     /// The role this store connects as, and whether it is a superuser (who may
