@@ -244,3 +244,57 @@ fn systemd_unit_runs_the_relay_hardened_with_a_stop_timeout() {
     let dockerfile = read("deploy/Dockerfile");
     assert!(dockerfile.contains("USER 10001") && dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/outbox-relay\"]"));
 }
+
+/// Names with the metrics' prefix that are not metrics: the relay-id header and
+/// the default decisions topic.
+const NOT_METRICS: &[&str] = &["outbox_relay_id", "outbox_relay_commits"];
+
+/// Metrics renamed in a release: the upgrade notes name the old name. Each must
+/// no longer be exported.
+const RENAMED: &[&str] = &["outbox_relay_commit_to_ack_seconds"];
+
+/// The docs name only metrics the relay exports and alerts the rules define,
+/// and docs/operations.md lists every exported metric: a rename in the code
+/// fails here instead of leaving an operator with a query that returns nothing.
+#[test]
+fn docs_name_only_exported_metrics_and_defined_alerts_and_list_every_metric() {
+    let exported = exported_metrics();
+    let alerts = read("deploy/prometheus/alerts.yaml");
+    let defined: BTreeSet<String> =
+        alerts.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).map(|a| a.trim().to_string()).collect();
+    assert!(defined.len() >= 10, "{defined:?}");
+    let mut docs = vec!["README.md".to_string()];
+    for e in std::fs::read_dir(format!("{ROOT}/docs")).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".md") {
+            docs.push(format!("docs/{name}"));
+        }
+    }
+    for file in &docs {
+        let text = read(file);
+        let unknown: Vec<_> = used_metrics(&text)
+            .into_iter()
+            .filter(|m| !NOT_METRICS.contains(&m.as_str()) && !RENAMED.contains(&m.as_str()) && !exported.contains(m))
+            .collect();
+        assert!(unknown.is_empty(), "{file} names metrics the relay does not export: {unknown:?}");
+        let named_alerts: BTreeSet<String> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric()))
+            .filter(|w| w.starts_with("Outbox") && w.len() > 12 && w.chars().nth(6).is_some_and(|c| c.is_uppercase()))
+            .map(str::to_string)
+            .collect();
+        let undefined: Vec<_> = named_alerts.difference(&defined).collect();
+        assert!(
+            undefined.is_empty(),
+            "{file} names alerts deploy/prometheus/alerts.yaml does not define: {undefined:?}"
+        );
+    }
+    for old in RENAMED {
+        assert!(!exported.contains(*old), "{old} is exported again: take it out of RENAMED");
+    }
+    let ops = used_metrics(&read("docs/operations.md"));
+    let undocumented: Vec<_> = exported.difference(&ops).collect();
+    assert!(undocumented.is_empty(), "docs/operations.md does not list: {undocumented:?}");
+    let runbook = read("docs/operations.md");
+    let no_runbook: Vec<_> = defined.iter().filter(|a| !runbook.contains(&format!("### {a}"))).collect();
+    assert!(no_runbook.is_empty(), "docs/operations.md has no runbook entry for: {no_runbook:?}");
+}

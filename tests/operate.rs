@@ -225,7 +225,7 @@ async fn metrics_move_when_events_flow_and_readyz_reports_ready() {
     ob.wait_drained(Duration::from_secs(30)).await;
     let body = http_get(port, "/metrics").1;
     assert_eq!(metric(&body, &published) - before, 25.0, "{body}");
-    assert!(metric(&body, "outbox_relay_commit_to_ack_seconds_count") >= 25.0, "{body}");
+    assert!(metric(&body, "outbox_relay_created_to_ack_seconds_count") >= 25.0, "{body}");
     assert!(body.contains("outbox_relay_batch_duration_seconds_bucket"), "histograms: {body}");
     assert!(body.contains("outbox_relay_ready 1"), "{body}");
     drop(relay);

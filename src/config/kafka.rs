@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -23,6 +24,17 @@ pub struct KafkaConfig {
     /// `relay.publish_timeout` bounds how long a batch waits for Kafka instead).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// The SASL password (librdkafka's `sasl.password`), e.g. from
+    /// `OUTBOX_RELAY__KAFKA__SASL_PASSWORD`. Never logged.
+    #[serde(default)]
+    pub sasl_password: Option<String>,
+    /// A file holding the SASL password (a mounted Secret); one trailing
+    /// newline is ignored.
+    #[serde(default)]
+    pub sasl_password_file: Option<PathBuf>,
+    /// A file holding the password of the client's TLS key (`ssl.key.password`).
+    #[serde(default)]
+    pub ssl_key_password_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -35,7 +47,13 @@ impl fmt::Debug for KafkaConfig {
                 (k.as_str(), shown)
             })
             .collect();
-        f.debug_struct("KafkaConfig").field("brokers", &self.brokers).field("properties", &props).finish()
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("properties", &props)
+            .field("sasl_password", &self.sasl_password.as_ref().map(|_| "<redacted>"))
+            .field("sasl_password_file", &self.sasl_password_file)
+            .field("ssl_key_password_file", &self.ssl_key_password_file)
+            .finish()
     }
 }
 
@@ -74,6 +92,51 @@ impl KafkaConfig {
         }
         Ok(())
     }
+
+    /// Moves the secrets given by key or file into `properties`, where every
+    /// Kafka client of the relay takes them from. One source per secret.
+    pub(super) fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        let sasl_sources = [
+            self.properties.contains_key("sasl.password"),
+            self.sasl_password.is_some(),
+            self.sasl_password_file.is_some(),
+        ];
+        if sasl_sources.iter().filter(|s| **s).count() > 1 {
+            return Err(ConfigError::key(
+                "kafka.sasl_password",
+                "is given more than once (kafka.sasl_password, kafka.sasl_password_file, kafka.properties.\"sasl.password\"): keep one",
+            ));
+        }
+        if let Some(p) = self.sasl_password.take() {
+            self.properties.insert("sasl.password".into(), p);
+        }
+        if let Some(path) = &self.sasl_password_file {
+            let p = read_secret("kafka.sasl_password_file", path)?;
+            self.properties.insert("sasl.password".into(), p);
+        }
+        if let Some(path) = &self.ssl_key_password_file {
+            if self.properties.contains_key("ssl.key.password") {
+                return Err(ConfigError::key(
+                    "kafka.ssl_key_password_file",
+                    "and kafka.properties.\"ssl.key.password\" are both set: keep one",
+                ));
+            }
+            let p = read_secret("kafka.ssl_key_password_file", path)?;
+            self.properties.insert("ssl.key.password".into(), p);
+        }
+        Ok(())
+    }
+}
+
+/// A secret from a file: its contents without one trailing newline.
+fn read_secret(key: &str, path: &std::path::Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::key(key, format!("cannot be read ({}): {e}", path.display())))?;
+    let secret = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    if secret.is_empty() {
+        return Err(ConfigError::key(key, format!("names an empty file ({})", path.display())));
+    }
+    Ok(secret.to_string())
 }
 
 /// Properties the guarantees depend on may be restated, never weakened.
@@ -140,6 +203,43 @@ mod tests {
     use super::*;
 
     const ALO: Delivery = Delivery::AtLeastOnce;
+
+    #[test]
+    fn kafka_secrets_come_from_a_file_or_an_env_var_once_and_are_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let sasl = dir.path().join("sasl");
+        std::fs::write(&sasl, "s3cr3t-sasl\n").unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "s3cr3t-key").unwrap();
+        let sasl_s = sasl.to_str().unwrap();
+        let s = crate::config::tests::load_env(&[
+            ("OUTBOX_RELAY__KAFKA__SASL_PASSWORD_FILE", sasl_s),
+            ("OUTBOX_RELAY__KAFKA__SSL_KEY_PASSWORD_FILE", key.to_str().unwrap()),
+        ])
+        .unwrap();
+        assert_eq!(s.kafka.properties["sasl.password"], "s3cr3t-sasl", "one trailing newline dropped");
+        assert_eq!(s.kafka.properties["ssl.key.password"], "s3cr3t-key");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+
+        let s = crate::config::tests::load_env(&[("OUTBOX_RELAY__KAFKA__SASL_PASSWORD", "s3cr3t-env")]).unwrap();
+        assert_eq!(s.kafka.properties["sasl.password"], "s3cr3t-env");
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+
+        let both = crate::config::tests::load_env(&[
+            ("OUTBOX_RELAY__KAFKA__SASL_PASSWORD", "a"),
+            ("OUTBOX_RELAY__KAFKA__SASL_PASSWORD_FILE", sasl_s),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(both.contains("more than once") && !both.contains("s3cr3t"), "{both}");
+        let missing = dir.path().join("nope");
+        let err =
+            crate::config::tests::load_env(&[("OUTBOX_RELAY__KAFKA__SASL_PASSWORD_FILE", missing.to_str().unwrap())])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("kafka.sasl_password_file") && err.contains("cannot be read"), "{err}");
+    }
 
     #[test]
     fn guarantee_properties_cannot_be_weakened() {

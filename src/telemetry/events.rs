@@ -130,7 +130,7 @@ pub struct EventAcked {
 
 impl Emit for EventAcked {
     fn emit(self) {
-        histogram!(COMMIT_TO_ACK).record(self.since_created.as_secs_f64());
+        histogram!(CREATED_TO_ACK).record(self.since_created.as_secs_f64());
     }
 }
 

@@ -12,7 +12,7 @@ pub const BATCHES: &str = "outbox_relay_batches_total";
 pub const BATCH_ERRORS: &str = "outbox_relay_batch_errors_total";
 pub const BATCH_SIZE: &str = "outbox_relay_batch_size";
 pub const BATCH_DURATION: &str = "outbox_relay_batch_duration_seconds";
-pub const COMMIT_TO_ACK: &str = "outbox_relay_commit_to_ack_seconds";
+pub const CREATED_TO_ACK: &str = "outbox_relay_created_to_ack_seconds";
 pub const PENDING: &str = "outbox_relay_pending_events";
 pub const OLDEST_PENDING_AGE: &str = "outbox_relay_oldest_pending_age_seconds";
 pub const PARKED_NOW: &str = "outbox_relay_parked_events";
@@ -42,7 +42,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Full(COMMIT_TO_ACK.into()), LATENCY_BUCKETS)
+                .set_buckets_for_metric(Matcher::Full(CREATED_TO_ACK.into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_DURATION.into()), LATENCY_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), SIZE_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(CLAIM_DURATION.into()), LATENCY_BUCKETS))
@@ -64,7 +64,7 @@ fn describe() {
     describe_counter!(BATCH_ERRORS, "Batches that failed on the Postgres side (retried).");
     describe_histogram!(BATCH_SIZE, Unit::Count, "Events per claimed batch.");
     describe_histogram!(BATCH_DURATION, Unit::Seconds, "Claim to commit, per batch.");
-    describe_histogram!(COMMIT_TO_ACK, Unit::Seconds, "From the row's created_at to Kafka's acknowledgement.");
+    describe_histogram!(CREATED_TO_ACK, Unit::Seconds, "From the row's created_at (now() in the writing transaction: its start, not its commit) to Kafka's acknowledgement.");
     describe_gauge!(PENDING, Unit::Count, "Rows waiting to be published.");
     describe_gauge!(OLDEST_PENDING_AGE, Unit::Seconds, "Age of the oldest pending row (0 when none).");
     describe_gauge!(PARKED_NOW, Unit::Count, "Rows parked, waiting for an operator (outbox-relay replay).");
