@@ -132,7 +132,8 @@ pub fn read_topics(
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "false");
-    let consumer: BaseConsumer = cfg.create().map_err(|e| format!("kafka consumer: {e}"))?;
+    let consumer: BaseConsumer<crate::sink::RelayContext> =
+        cfg.create_with_context(crate::sink::RelayContext::default()).map_err(|e| format!("kafka consumer: {e}"))?;
     let (tpl, ends) = partitions_to_read(&consumer, topics)?;
     if ends.is_empty() {
         return Ok(Vec::new());
@@ -188,7 +189,7 @@ pub fn read_topics(
 /// Every non-empty partition of `topics` from its beginning, and where it ends now.
 #[allow(clippy::type_complexity)]
 fn partitions_to_read(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<crate::sink::RelayContext>,
     topics: &[String],
 ) -> Result<(TopicPartitionList, HashMap<(String, i32), i64>), String> {
     let mut tpl = TopicPartitionList::new();

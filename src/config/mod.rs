@@ -96,6 +96,9 @@ macro_rules! string_enum {
 }
 pub(crate) use string_enum;
 
+/// The environment variables that set one librdkafka property each.
+const KAFKA_PROPERTY_ENV: &str = "OUTBOX_RELAY__KAFKA__PROPERTIES__";
+
 impl Settings {
     /// Loads and validates the configuration: `file` (or `outbox-relay.toml` when it
     /// exists), then `OUTBOX_RELAY__…` environment variables on top.
@@ -108,8 +111,17 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
+        // librdkafka's property names have dots, which the layered source would
+        // read as nesting: `OUTBOX_RELAY__KAFKA__PROPERTIES__SSL_CA_LOCATION`
+        // is `kafka.properties."ssl.ca.location"` (lower case, `_` → `.`).
+        let (props, env): (Vec<_>, Vec<_>) =
+            env.into_iter().partition(|(k, _)| k.starts_with(KAFKA_PROPERTY_ENV) && k.len() > KAFKA_PROPERTY_ENV.len());
         let raw = layered(file, env)?;
         let mut settings: Settings = raw.try_deserialize().map_err(|e| ConfigError(format!("config: {e}")))?;
+        for (k, v) in props {
+            let name = k[KAFKA_PROPERTY_ENV.len()..].to_ascii_lowercase().replace('_', ".");
+            settings.kafka.properties.insert(name, v);
+        }
         settings.kafka.resolve_secrets()?;
         settings.validate()?;
         Ok(settings)
@@ -325,6 +337,20 @@ mod tests {
             load_env(&[("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT", "7s"), ("OUTBOX_RELAY__HTTP__LISTEN", "")]).unwrap();
         assert_eq!(s.relay.publish_timeout, Duration::from_secs(7));
         assert_eq!(s.http.listen, "");
+    }
+
+    #[test]
+    fn kafka_properties_come_from_the_environment_with_underscores_for_dots() {
+        let s = load_env(&[
+            ("OUTBOX_RELAY__KAFKA__PROPERTIES__SSL_CA_LOCATION", "/ca.pem"),
+            ("OUTBOX_RELAY__KAFKA__PROPERTIES__security.protocol", "SSL"),
+        ])
+        .unwrap();
+        assert_eq!(s.kafka.properties["ssl.ca.location"], "/ca.pem");
+        assert_eq!(s.kafka.properties["security.protocol"], "SSL");
+        // Still guarded like the file's.
+        let err = load_env(&[("OUTBOX_RELAY__KAFKA__PROPERTIES__ACKS", "1")]).unwrap_err().to_string();
+        assert!(err.contains("acks"), "{err}");
     }
 
     #[test]

@@ -74,8 +74,8 @@ impl BatchAcks {
 /// Routes delivery reports to their batch; librdkafka logs to `tracing`.
 #[derive(Default)]
 pub struct RelayContext {
-    /// Client errors by kind: when each was last logged, and how many since.
-    quiet: Mutex<std::collections::HashMap<String, (Instant, u64)>>,
+    /// The last time the brokers refused the relay's credentials or TLS, and why.
+    refused: Mutex<Option<(Instant, String)>>,
 }
 
 /// Client errors of one kind are logged at most once per this long: while
@@ -84,9 +84,21 @@ pub struct RelayContext {
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 impl RelayContext {
+    /// Why the brokers refused the relay's credentials or its TLS handshake, if
+    /// they did within `within`: a wrong password is then named as such, not
+    /// as "cannot reach the brokers".
+    pub fn refused_recently(&self, within: Duration) -> Option<String> {
+        let r = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        r.as_ref().filter(|(at, _)| at.elapsed() <= within).map(|(_, why)| why.clone())
+    }
+
     /// `Some(suppressed since the last line)` when this kind may be logged now.
+    /// One budget for the whole process: the producer, the decisions probe and
+    /// the admin clients all see the same outage and say it once between them.
     fn may_log(&self, kind: String) -> Option<u64> {
-        let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        static QUIET: Mutex<Option<std::collections::HashMap<String, (Instant, u64)>>> = Mutex::new(None);
+        let mut guard = QUIET.lock().unwrap_or_else(|p| p.into_inner());
+        let quiet = guard.get_or_insert_with(Default::default);
         let now = Instant::now();
         match quiet.get_mut(&kind) {
             Some((last, n)) if now.duration_since(*last) < ERROR_LOG_INTERVAL => {
@@ -105,6 +117,8 @@ impl RelayContext {
         }
     }
 }
+
+impl rdkafka::consumer::ConsumerContext for RelayContext {}
 
 impl ClientContext for RelayContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -129,7 +143,12 @@ impl ClientContext for RelayContext {
         // Broker-down noise repeats while Kafka is away; the relay reports the
         // stalled batch and the outage itself, so keep these at warn, one line
         // per kind per ERROR_LOG_INTERVAL with the count of those left out.
-        let kind = format!("error/{:?}", error.rdkafka_error_code());
+        use rdkafka::types::RDKafkaErrorCode as C;
+        let code = error.rdkafka_error_code();
+        if matches!(code, Some(C::Authentication | C::SaslAuthenticationFailed | C::SSL)) {
+            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), reason.to_string()));
+        }
+        let kind = format!("error/{code:?}");
         if let Some(suppressed) = self.may_log(kind) {
             tracing::warn!(target: "librdkafka", %error, suppressed, "{reason}");
         }

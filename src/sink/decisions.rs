@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -59,7 +58,7 @@ pub fn few_brokers_warning(brokers: usize) -> Option<String> {
 pub struct Decisions {
     topic: String,
     base: ClientConfig,
-    probe: FutureProducer,
+    probe: FutureProducer<super::RelayContext>,
 }
 
 impl Decisions {
@@ -71,7 +70,7 @@ impl Decisions {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "0")
-            .create()
+            .create_with_context(super::RelayContext::default())
             .map_err(|e| SinkError::config("cannot create the decisions producer", e))?;
         Ok(Decisions { topic: settings.relay.commits_topic.clone(), base, probe })
     }
@@ -170,8 +169,10 @@ impl Decisions {
     }
 
     async fn create(&self, rf: usize, isr: usize) -> Result<(), SinkError> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.base.create().map_err(|e| SinkError::config("cannot create the admin client", e))?;
+        let admin: AdminClient<super::RelayContext> = self
+            .base
+            .create_with_context(super::RelayContext::default())
+            .map_err(|e| SinkError::config("cannot create the admin client", e))?;
         let isr = isr.to_string();
         let topic = NewTopic::new(&self.topic, 1, TopicReplication::Fixed(rf as i32))
             .set("cleanup.policy", "compact")
@@ -251,7 +252,9 @@ impl Decisions {
         let cfg = super::consumer_config(&self.base, "outbox-relay-recovery");
         let (topic, key, gid) = (self.topic.clone(), transactional_id.to_string(), gid.to_string());
         tokio::task::spawn_blocking(move || {
-            let c: BaseConsumer = cfg.create().map_err(|e| SinkError::config("kafka consumer", e))?;
+            let c: BaseConsumer<super::RelayContext> = cfg
+                .create_with_context(super::RelayContext::default())
+                .map_err(|e| SinkError::config("kafka consumer", e))?;
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic, 0, Offset::Beginning)
                 .map_err(|e| SinkError::kafka("decisions partition", e))?;

@@ -101,6 +101,16 @@ impl SinkError {
         SinkError { context: context.into(), kind: Kind::Unavailable(why.to_string()) }
     }
 
+    /// The brokers refused the relay's credentials or its TLS handshake. Still
+    /// retried (credentials may be mid-rotation), but named for what it is.
+    pub(crate) fn refused(why: impl fmt::Display) -> SinkError {
+        SinkError::unavailable(
+            "the brokers refused the relay's credentials or TLS handshake (check sasl.mechanism, sasl.username, \
+             the password from kafka.sasl_password or kafka.sasl_password_file, and ssl.ca.location)",
+            why,
+        )
+    }
+
     pub(crate) fn config(context: impl Into<String>, why: impl fmt::Display) -> SinkError {
         SinkError { context: context.into(), kind: Kind::Config(why.to_string()) }
     }

@@ -54,7 +54,9 @@ pub async fn find_event(
     let topic = topic.to_string();
     let since_ms = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = cfg.create().map_err(|e| SinkError::config("kafka consumer", e))?;
+        let c: BaseConsumer<super::RelayContext> = cfg
+            .create_with_context(super::RelayContext::default())
+            .map_err(|e| SinkError::config("kafka consumer", e))?;
         let deadline = Instant::now() + timeout;
         let (start, ends, retention_passed) = ranges(&c, &topic, info.partitions, since_ms, timeout)?;
         if !ends.is_empty() {
@@ -106,7 +108,7 @@ type Ranges = (TopicPartitionList, HashMap<i32, i64>, bool);
 /// where its end is now, and whether retention has already removed messages
 /// from that time (then absence proves nothing).
 fn ranges(
-    c: &BaseConsumer,
+    c: &BaseConsumer<super::RelayContext>,
     topic: &str,
     partitions: usize,
     since_ms: i64,

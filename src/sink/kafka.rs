@@ -246,11 +246,12 @@ impl Sink for KafkaSink {
     async fn ping(&self, timeout: Duration) -> Result<(), SinkError> {
         let producer = self.producer();
         tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, timeout)
-                .map(|_| ())
-                .map_err(|e| SinkError::kafka("cannot reach the brokers", e))
+            producer.client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| {
+                match producer.context().refused_recently(timeout + Duration::from_secs(5)) {
+                    Some(why) => SinkError::refused(why),
+                    None => SinkError::kafka("cannot reach the brokers", e),
+                }
+            })
         })
         .await
         .map_err(|e| SinkError::unavailable("metadata task", e))?

@@ -9,6 +9,7 @@
 //! The sink knows Kafka and outbox events; it knows nothing of Postgres.
 
 mod acks;
+pub(crate) use acks::RelayContext;
 mod decisions;
 mod error;
 mod evidence;

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
@@ -33,7 +32,9 @@ pub async fn describe(
     let cfg = base.clone();
     let name = topic.to_string();
     let (brokers, layout) = tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = cfg.create().map_err(|e| SinkError::config("kafka client", e))?;
+        let c: BaseConsumer<super::RelayContext> = cfg
+            .create_with_context(super::RelayContext::default())
+            .map_err(|e| SinkError::config("kafka client", e))?;
         let md = c.fetch_metadata(Some(&name), timeout).map_err(|e| SinkError::kafka("metadata", e))?;
         let layout = match md.topics().first() {
             None => TopicState::Missing,
@@ -55,8 +56,9 @@ pub async fn describe(
     .await
     .map_err(|e| SinkError::unavailable("metadata task", e))??;
     let Some((partitions, replication_factor)) = layout else { return Ok((brokers, None)) };
-    let admin: AdminClient<DefaultClientContext> =
-        base.create().map_err(|e| SinkError::config("cannot create the admin client", e))?;
+    let admin: AdminClient<super::RelayContext> = base
+        .create_with_context(super::RelayContext::default())
+        .map_err(|e| SinkError::config("cannot create the admin client", e))?;
     let opts = AdminOptions::new().request_timeout(Some(timeout));
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)

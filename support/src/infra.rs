@@ -13,6 +13,17 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use tokio_postgres::NoTls;
 
+/// The broker with SASL_SSL (SCRAM-SHA-512) and TLS listeners, and a
+/// plaintext one for the tests' own admin client.
+#[derive(Debug, Clone)]
+pub struct SecureKafka {
+    pub sasl_ssl: String,
+    pub tls: String,
+    pub plain_admin: String,
+    pub user: String,
+    pub password: String,
+}
+
 /// Where the local Postgres and Kafka are.
 #[derive(Debug, Clone)]
 pub struct Infra {
@@ -23,14 +34,16 @@ pub struct Infra {
     pub brokers: String,
     /// The 3-node cluster (`scripts/infra up --brokers 3`).
     pub cluster: String,
-    /// The CA of the local Postgres's TLS certificate.
+    /// The CA of the local Postgres's TLS certificate (the secure broker's too).
     pub pg_ca: PathBuf,
+    /// The broker that requires security (`scripts/infra up --secure`).
+    pub secure: SecureKafka,
     /// `scripts/infra` itself.
     pub script: PathBuf,
 }
 
 const MISSING: &str = "integration tests need the local PostgreSQL and Kafka: run `scripts/test` \
-                       (or `scripts/infra up --brokers 3` and `eval \"$(scripts/infra env)\"`)";
+                       (or `scripts/infra up --brokers 3 --secure` and `eval \"$(scripts/infra env)\"`)";
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
@@ -63,6 +76,13 @@ pub fn infra() -> &'static Infra {
             brokers: get("OUTBOX_RELAY__KAFKA__BROKERS"),
             cluster: get("OUTBOX_RELAY_TEST_CLUSTER"),
             pg_ca: PathBuf::from(get("OUTBOX_RELAY_TEST_PG_CA")),
+            secure: SecureKafka {
+                sasl_ssl: get("OUTBOX_RELAY_TEST_KAFKA_SASL_SSL"),
+                tls: get("OUTBOX_RELAY_TEST_KAFKA_TLS"),
+                plain_admin: get("OUTBOX_RELAY_TEST_KAFKA_PLAIN_ADMIN"),
+                user: get("OUTBOX_RELAY_TEST_KAFKA_SCRAM_USER"),
+                password: get("OUTBOX_RELAY_TEST_KAFKA_SCRAM_PASSWORD"),
+            },
             script,
         }
     })
