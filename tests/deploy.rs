@@ -298,3 +298,29 @@ fn docs_name_only_exported_metrics_and_defined_alerts_and_list_every_metric() {
     let no_runbook: Vec<_> = defined.iter().filter(|a| !runbook.contains(&format!("### {a}"))).collect();
     assert!(no_runbook.is_empty(), "docs/operations.md has no runbook entry for: {no_runbook:?}");
 }
+
+/// Every secret the sidecar's configuration reads from a file is a key of the
+/// Secret mounted there, and every key of that Secret is used: the Kafka SASL
+/// password once sat in the Secret with nothing reading it.
+#[test]
+fn the_sidecar_reads_every_secret_it_ships_from_the_mounted_secret() {
+    let text = read("deploy/kubernetes/sidecar.yaml");
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).unwrap()).collect();
+    let of_kind = |k: &str| docs.iter().find(|d| d["kind"].as_str() == Some(k)).unwrap_or_else(|| panic!("no {k}"));
+    let toml_text = of_kind("ConfigMap")["data"]["outbox-relay.toml"].as_str().expect("config").to_string();
+    let secret_keys: BTreeSet<String> = of_kind("Secret")["stringData"]
+        .as_mapping()
+        .expect("stringData")
+        .keys()
+        .filter_map(|k| k.as_str().map(str::to_string))
+        .collect();
+    let files: BTreeSet<String> = toml_text
+        .lines()
+        .filter(|l| l.trim_start().split('=').next().is_some_and(|k| k.trim().ends_with("_file")))
+        .filter_map(|l| l.split('"').nth(1))
+        .map(|p| p.strip_prefix("/run/secrets/outbox-relay/").unwrap_or_else(|| panic!("{p} not in the secret mount")))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(files, secret_keys, "secret files the config reads vs keys of the Secret");
+}
