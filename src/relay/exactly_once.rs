@@ -25,6 +25,9 @@
 //! a batch that was prepared when Kafka vanished waits for its decision —
 //! at most one per relay.
 
+mod batch_size;
+mod recover;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
@@ -424,72 +427,5 @@ impl ExactlyOnceRelay {
         }
         failpoint::hit("after-commit-prepared");
         Ok(true)
-    }
-
-    /// A batch must fit in `transaction.timeout.ms` (send, acks, PREPARE and the
-    /// commit), or the coordinator aborts it and the same batch comes back
-    /// forever. So a batch that failed after most of that time, or succeeded
-    /// after half of it, halves the next batches (down to 1); quick ones grow
-    /// them back to `relay.batch_size`.
-    fn adapt_batch(&self, step: &Result<Step, EosError>, took: Duration) {
-        let size = self.batch.load(AtomicOrdering::Relaxed);
-        let failed = match step {
-            Err(_) => true,
-            Ok(Step::Batch { finished, .. }) => finished.retry > 0,
-            Ok(_) => return,
-        };
-        let next = if (failed && took >= self.txn_timeout.mul_f32(0.8)) || took >= self.txn_timeout / 2 {
-            (size / 2).max(1)
-        } else if !failed && took < self.txn_timeout / 8 {
-            (size * 2).min(self.cfg.batch_size)
-        } else {
-            size
-        };
-        if next < size {
-            tracing::warn!(
-                batch = size,
-                took_ms = took.as_millis() as u64,
-                txn_timeout_ms = self.txn_timeout.as_millis() as u64,
-                next,
-                "a batch took too long for transaction.timeout.ms; claiming smaller batches"
-            );
-        }
-        self.batch.store(next, AtomicOrdering::Relaxed);
-    }
-
-    /// Registers a fresh producer (fencing older instances of this relay and
-    /// ending the transaction the last one left open), then resolves every
-    /// batch this relay prepared and did not finish. A batch that cannot be
-    /// resolved is logged with its fix and retried later; it does not stop the
-    /// relay (its rows stay locked meanwhile).
-    ///
-    /// Then it writes its start marker to the decisions topic (see
-    /// `Decisions::verdict`).
-    ///
-    /// A batch of its own that cannot be resolved stops the relay from
-    /// claiming (it retries the resolution, saying so): every batch writes a
-    /// new decision record under this relay's transactional id, and the
-    /// decisions topic is compacted, so a new record could let compaction drop
-    /// the one the unresolved batch needs, and whoever resolves it later would
-    /// read "not committed" and roll back a batch Kafka committed.
-    pub async fn recover_own(&self) -> Result<(), EosError> {
-        self.sink.reset_transactional(KAFKA_TIMEOUT).await?;
-        let resolved = self.recovery.resolve_own(&self.txn_id, &self.own_prefix).await?;
-        if let Some((gid, error, fix)) = resolved.unresolved.first() {
-            return Err(EosError::OwnUnresolved(format!(
-                "this relay's batch {gid} is still prepared and cannot be resolved ({error}); claiming nothing until it is: {fix}"
-            )));
-        }
-        // Nothing of this relay is prepared: from here on a batch whose
-        // decision record is missing while this marker is there did not commit.
-        self.decisions.mark_start(&self.txn_id, KAFKA_TIMEOUT).await?;
-        Ok(())
-    }
-
-    /// Resolves batches other relays prepared more than `recovery_timeout` ago
-    /// (the relay died, or hangs): fence it first, then decide.
-    pub async fn recover_stale(&self) -> Result<usize, EosError> {
-        let r = self.recovery.resolve_stale(&self.sink, Some(&self.own_prefix)).await?;
-        Ok(r.committed + r.rolled_back)
     }
 }
