@@ -186,3 +186,24 @@ fn every_command_has_help_with_examples() {
         assert!(out.contains("Examples:"), "{cmd:?}: {out}");
     }
 }
+
+/// A migration role's environment has the database and nothing of Kafka:
+/// `migrate` and `status` need only Postgres, `run` still names the missing key.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_only_commands_run_without_kafka_settings() {
+    let _ = pg().await;
+    let table = format!("pg_only_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let env = [("OUTBOX_RELAY__OUTBOX__TABLE", table.as_str())];
+    let mut cmd = relay_cmd(&table, &env);
+    let o = cmd.env_remove("OUTBOX_RELAY__KAFKA__BROKERS").arg("migrate").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut cmd = relay_cmd(&table, &env);
+    let o = cmd.env_remove("OUTBOX_RELAY__KAFKA__BROKERS").arg("status").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut cmd = relay_cmd(&table, &env);
+    let o = cmd.env_remove("OUTBOX_RELAY__KAFKA__BROKERS").arg("run").output().unwrap();
+    assert_eq!(o.status.code(), Some(64));
+    assert_one_clean_line(&o);
+    assert!(stderr(&o).contains("kafka.brokers"), "{}", stderr(&o));
+    pg().await.batch_execute(&format!("DROP TABLE public.{table}")).await.unwrap();
+}

@@ -216,7 +216,14 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
     if let Command::Migrate { print: true, to } = cli.command {
         return migrate::print(cli.config.as_deref(), to);
     }
-    let settings = Settings::load(cli.config.as_deref()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    // Commands that never contact Kafka do not require its settings.
+    let kafka_needed = matches!(cli.command, Command::Run | Command::Check { .. } | Command::Verify(_));
+    let loaded = if kafka_needed {
+        Settings::load(cli.config.as_deref())
+    } else {
+        Settings::load_postgres_only(cli.config.as_deref())
+    };
+    let settings = loaded.map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     crate::telemetry::init(&settings.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

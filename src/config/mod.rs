@@ -99,6 +99,9 @@ pub(crate) use string_enum;
 /// The environment variables that set one librdkafka property each.
 const KAFKA_PROPERTY_ENV: &str = "OUTBOX_RELAY__KAFKA__PROPERTIES__";
 
+/// `kafka.brokers` of a command that never contacts Kafka, when none is set.
+const UNUSED_BROKERS: &str = "kafka-not-configured:9092";
+
 impl Settings {
     /// Loads and validates the configuration: `file` (or `outbox-relay.toml` when it
     /// exists), then `OUTBOX_RELAY__…` environment variables on top.
@@ -106,10 +109,25 @@ impl Settings {
         Self::load_from(file, std::env::vars())
     }
 
+    /// Like [`Settings::load`], for the commands that use only Postgres
+    /// (`migrate`, `status`, `replay`, `cleanup`): `kafka.brokers` may be
+    /// missing (a migration role's environment has no Kafka settings).
+    pub fn load_postgres_only(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_inner(file, std::env::vars(), false)
+    }
+
     /// Like [`Settings::load`] with an explicit environment (tests).
     pub fn load_from(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        Self::load_inner(file, env, true)
+    }
+
+    fn load_inner(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        kafka_needed: bool,
     ) -> Result<Settings, ConfigError> {
         // librdkafka's property names have dots, which the layered source would
         // read as nesting: `OUTBOX_RELAY__KAFKA__PROPERTIES__SSL_CA_LOCATION`
@@ -121,6 +139,9 @@ impl Settings {
         for (k, v) in props {
             let name = k[KAFKA_PROPERTY_ENV.len()..].to_ascii_lowercase().replace('_', ".");
             settings.kafka.properties.insert(name, v);
+        }
+        if !kafka_needed && settings.kafka.brokers.as_deref().is_none_or(|b| b.trim().is_empty()) {
+            settings.kafka.brokers = Some(UNUSED_BROKERS.into());
         }
         settings.kafka.resolve_secrets()?;
         settings.validate()?;
@@ -235,6 +256,16 @@ mod tests {
         let mut e = base();
         e.extend(env(extra));
         Settings::load_from(None, e)
+    }
+
+    #[test]
+    fn postgres_only_commands_need_no_kafka_settings() {
+        let e = env(&[("OUTBOX_RELAY__POSTGRES__URL", "postgres://a@h/db")]);
+        let err = Settings::load_from(None, e.clone()).unwrap_err().to_string();
+        assert!(err.contains("kafka.brokers"), "{err}");
+        // The same environment through the Postgres-only loader.
+        let s = Settings::load_inner(None, e, false).unwrap();
+        assert_eq!(s.table().to_string(), "public.outbox");
     }
 
     #[test]
