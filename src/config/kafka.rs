@@ -68,8 +68,9 @@ pub fn is_secret_property(name: &str) -> bool {
 pub const MAX_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
 
 impl KafkaConfig {
-    pub(super) fn validate(&self, delivery: Delivery) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, delivery: Delivery, brokers_required: bool) -> Result<(), ConfigError> {
         match self.brokers.as_deref().map(str::trim) {
+            None | Some("") if !brokers_required => {}
             None | Some("") => return Err(ConfigError::key(
                 "kafka.brokers",
                 "is required: set it in the config file or OUTBOX_RELAY__KAFKA__BROKERS (e.g. kafka1:9092,kafka2:9092)",

@@ -99,9 +99,6 @@ pub(crate) use string_enum;
 /// The environment variables that set one librdkafka property each.
 const KAFKA_PROPERTY_ENV: &str = "OUTBOX_RELAY__KAFKA__PROPERTIES__";
 
-/// `kafka.brokers` of a command that never contacts Kafka, when none is set.
-const UNUSED_BROKERS: &str = "kafka-not-configured:9092";
-
 impl Settings {
     /// Loads and validates the configuration: `file` (or `outbox-relay.toml` when it
     /// exists), then `OUTBOX_RELAY__…` environment variables on top.
@@ -140,18 +137,17 @@ impl Settings {
             let name = k[KAFKA_PROPERTY_ENV.len()..].to_ascii_lowercase().replace('_', ".");
             settings.kafka.properties.insert(name, v);
         }
-        if !kafka_needed && settings.kafka.brokers.as_deref().is_none_or(|b| b.trim().is_empty()) {
-            settings.kafka.brokers = Some(UNUSED_BROKERS.into());
-        }
         settings.kafka.resolve_secrets()?;
-        settings.validate()?;
+        settings.validate(kafka_needed)?;
         Ok(settings)
     }
 
     /// Each section checks its own keys; what spans sections is checked here.
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Without `kafka_needed` (a command that never contacts Kafka),
+    /// `kafka.brokers` may be missing.
+    fn validate(&self, kafka_needed: bool) -> Result<(), ConfigError> {
         self.postgres.validate()?;
-        self.kafka.validate(self.relay.delivery)?;
+        self.kafka.validate(self.relay.delivery, kafka_needed)?;
         self.outbox.validate()?;
         self.relay.validate()?;
         self.http.validate()?;

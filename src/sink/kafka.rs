@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, PurgeConfig, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 
 use super::acks::{BatchAcks, RelayContext};
 use super::{classify, producer_config, Epoch, SendResult, Sent, Sink, SinkError, RELAY_ID_HEADER};
@@ -20,6 +20,11 @@ use crate::config::Settings;
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 use crate::telemetry::events::ProducerRebuilt;
 use crate::telemetry::Emit;
+
+/// What a delivery report hands back: the batch's acks and the event's index.
+type Opaque = <RelayContext as ProducerContext>::DeliveryOpaque;
+/// One event's message, ready for the producer.
+type Record<'a> = BaseRecord<'a, [u8], [u8], Opaque>;
 
 pub(super) type RelayProducer = ThreadedProducer<RelayContext>;
 
@@ -33,6 +38,28 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
+    /// The Kafka message of one event: its topic, key, payload and headers
+    /// (the row's, then `event_id` and `outbox_relay_id`). Err: the row's
+    /// headers are malformed.
+    fn record<'a>(&self, ev: &'a OutboxEvent, opaque: Opaque) -> Result<Record<'a>, String> {
+        let headers = parse_headers(&ev.headers, &ev.id)?;
+        let id = ev.id.to_string();
+        let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len() + 2)
+            .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) })
+            .insert(Header { key: RELAY_ID_HEADER, value: Some(self.relay_id.as_bytes()) });
+        for (name, value) in &headers {
+            kafka_headers = kafka_headers.insert(Header { key: name, value: value.as_deref().map(str::as_bytes) });
+        }
+        let mut record = BaseRecord::with_opaque_to(&ev.topic, opaque).headers(kafka_headers);
+        if let Some(key) = &ev.key {
+            record = record.key(key.as_bytes());
+        }
+        if let Some(payload) = &ev.payload {
+            record = record.payload(payload.as_slice());
+        }
+        Ok(record)
+    }
+
     /// An idempotent producer (at-least-once mode; also what `check` pings with).
     pub fn new(settings: &Settings) -> Result<KafkaSink, SinkError> {
         Self::build_sink(settings, None)
@@ -156,8 +183,8 @@ impl Sink for KafkaSink {
                 held_here.insert(k);
                 continue;
             }
-            let headers = match parse_headers(&ev.headers, &ev.id) {
-                Ok(h) => h,
+            let mut record = match self.record(ev, Box::new((acks.clone(), i))) {
+                Ok(r) => r,
                 Err(error) => {
                     acks.set(i, SendResult::Invalid { error });
                     failed_keys.extend(ev.key.as_deref());
@@ -165,21 +192,6 @@ impl Sink for KafkaSink {
                     continue;
                 }
             };
-            let id = ev.id.to_string();
-            let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len() + 2)
-                .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) })
-                .insert(Header { key: RELAY_ID_HEADER, value: Some(self.relay_id.as_bytes()) });
-            for (name, value) in &headers {
-                kafka_headers = kafka_headers.insert(Header { key: name, value: value.as_deref().map(str::as_bytes) });
-            }
-            let mut record: BaseRecord<'_, [u8], [u8], _> =
-                BaseRecord::with_opaque_to(&ev.topic, Box::new((acks.clone(), i))).headers(kafka_headers);
-            if let Some(key) = &ev.key {
-                record = record.key(key.as_bytes());
-            }
-            if let Some(payload) = &ev.payload {
-                record = record.payload(payload.as_slice());
-            }
             loop {
                 match producer.send(record) {
                     Ok(()) => {

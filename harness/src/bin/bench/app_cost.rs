@@ -73,14 +73,20 @@ END;
     )
 }
 
-pub(crate) async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
-    let db = env.db().await;
+/// The application's business table, which the pgbench script writes beside
+/// each event.
+pub(crate) async fn business_table(db: &tokio_postgres::Client) {
     db.batch_execute(
         "CREATE TABLE IF NOT EXISTS bench_app_orders (id bigserial PRIMARY KEY, customer int, total int,
          created_at timestamptz NOT NULL DEFAULT now())",
     )
     .await
     .expect("business table");
+}
+
+pub(crate) async fn app_cost(env: &Env, args: &Args) -> Vec<AppCost> {
+    let db = env.db().await;
+    business_table(&db).await;
     let sync: String = db.query_one("SHOW synchronous_commit", &[]).await.expect("show").get(0);
     say(format!("app-cost: synchronous_commit = {sync}"));
     let outbox = env.new_table("app_outbox");

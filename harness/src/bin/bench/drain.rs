@@ -43,12 +43,7 @@ pub(crate) async fn app_write_cost(env: &Env) -> (f64, f64) {
     *COST
         .get_or_init(|| async {
             let db = env.db().await;
-            db.batch_execute(
-                "CREATE TABLE IF NOT EXISTS bench_app_orders (id bigserial PRIMARY KEY, customer int, total int,
-                 created_at timestamptz NOT NULL DEFAULT now())",
-            )
-            .await
-            .expect("business table");
+            crate::app_cost::business_table(&db).await;
             let table = env.new_table("app_write");
             // 16 clients × 2500 transactions = 40k events, after a warm-up
             pgbench_for(env, &app_script(&table), 16, &["-t", "200"]);

@@ -138,12 +138,7 @@ pub(crate) async fn relay_draining(env: &Env, args: &Args, outbox: &str, clients
 /// The section on its own: delete and mark mode, 16 clients.
 pub(crate) async fn relay_cost(env: &Env, args: &Args) -> Vec<RelayDraining> {
     let db = env.db().await;
-    db.batch_execute(
-        "CREATE TABLE IF NOT EXISTS bench_app_orders (id bigserial PRIMARY KEY, customer int, total int,
-         created_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .await
-    .expect("business table");
+    crate::app_cost::business_table(&db).await;
     env.topics("bench", &["orders"], 4, false).await;
     let mut out = Vec::new();
     for &clients in &args.clients {
