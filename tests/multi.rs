@@ -112,3 +112,86 @@ async fn a_hot_key_another_relay_holds_does_not_defer_a_relays_whole_claim() {
         assert_eq!(code, Some(0), "{err}");
     }
 }
+
+/// Shared buffers and calls of this table's claim statement so far.
+async fn claim_buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8, coalesce(sum(calls), 0)::int8
+             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%' AND query LIKE 'WITH due AS%'",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("pg_stat_statements is needed (scripts/infra up loads it): {e}"));
+    (row.get(0), row.get(1))
+}
+
+/// #21 item 5: another relay holds the head of a hot key with 20,000 events
+/// pending behind it. This relay's claims must not walk that backlog: before,
+/// every claim read the pending index in seq order from the floor (the hot
+/// key's head) through all of the hot key's rows, or (the planner's choice)
+/// the whole table, to leave the key out, and the order check read them again.
+/// Measured in shared buffers per claim (pg_stat_statements), not time, against
+/// the table's size (1 KB events, as applications write them). When the holder lets go, the hot key's events still all go out, in
+/// order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hot_key_backlog_another_relay_holds_costs_nothing_to_this_relays_claims() {
+    const HOT: i64 = 20_000;
+    let ob = Outbox::new("hotcost").await;
+    let topic = ob.topic("events", 3).await;
+    let db = pg().await;
+    let t = ob.qualified();
+    db.execute(
+        &format!(
+            "INSERT INTO {t} (topic, key, payload)
+             SELECT $1, 'hot', jsonb_build_object('i', i, 'pad', repeat('x', 1000)) FROM generate_series(1, {HOT}) i"
+        ),
+        &[&topic],
+    )
+    .await
+    .unwrap();
+    // Another relay's batch: the hot key's first 100 events, locked.
+    let holder = pg().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute(&format!("SELECT id FROM {t} WHERE key = 'hot' ORDER BY seq LIMIT 100 FOR UPDATE"), &[])
+        .await
+        .unwrap();
+    let relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100")]);
+    db.execute(
+        &format!(
+            "INSERT INTO {t} (topic, key, payload)
+             SELECT $1, 'key-' || (i % 30), jsonb_build_object('i', i) FROM generate_series(1, 300) i"
+        ),
+        &[&topic],
+    )
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ob.count("key <> 'hot' AND published_at IS NULL").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "other keys not published: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Settled: the relay now claims over and over, finding only the held key.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (buf0, calls0) = claim_buffers(&db, &ob.table).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (buf1, calls1) = claim_buffers(&db, &ob.table).await;
+    let calls = calls1 - calls0;
+    assert!(calls >= 20, "the relay claimed only {calls} times in 5 s while events were pending: {}", relay.log());
+    let per_claim = (buf1 - buf0) as f64 / calls as f64;
+    assert_eq!(ob.count("key = 'hot' AND published_at IS NULL").await, HOT, "the held hot key's events stayed pending");
+    let pages: i64 = db.query_one("SELECT pg_relation_size($1::text::regclass) / 8192", &[&t]).await.unwrap().get(0);
+    eprintln!("{per_claim:.0} shared buffers per claim ({calls} claims in 5 s); the table has {pages} pages");
+    assert!(
+        per_claim < pages as f64 / 20.0,
+        "each claim read {per_claim:.0} shared buffers ({calls} claims) with {HOT} events ({pages} pages) of a hot \
+         key another relay holds: the claims walk its backlog"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    ob.wait_drained(Duration::from_secs(120)).await;
+    let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_secs(2)).await;
+    assert_eq!((d.lost.len(), d.duplicates, d.order_violations), (0, 0, 0));
+    let (code, err) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+}

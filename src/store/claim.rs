@@ -4,11 +4,13 @@
 //! keeps order across relays. The SQL sits beside the code that reads its
 //! columns, by name.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::connection::{Conn, TxnKind};
 use super::finish::{Claimed, RawBytes};
+use super::skip::{MainScan, ScanContext, Skip};
 use super::{Store, StoreError};
 use crate::config::{Ordering, TableName};
 use crate::event::OutboxEvent;
@@ -40,8 +42,9 @@ impl ClaimSql {
         // events waiting for a retry can only use the small retry-due index,
         // whatever the statistics say (stale ones, from when nothing was
         // pending, made the planner read the whole pending index for them).
-        let waiting = "coalesce(published_at, parked_at) IS NULL";
         let waiting_o = "coalesce(o.published_at, o.parked_at) IS NULL";
+        let waiting_w = "coalesce(w.published_at, w.parked_at) IS NULL";
+        let pending_p = "p.published_at IS NULL AND p.parked_at IS NULL";
         // Strict order: an event whose key has an earlier parked event waits until
         // an operator replays (or deletes) the parked one.
         let strict = match ordering {
@@ -55,24 +58,28 @@ impl ClaimSql {
         let cols = "ctid, id, seq, key";
         ClaimSql {
             // $1 floor, $2 limit, $3 ids this relay holds in its other open batch,
-            // $4 keys to leave out (another relay holds their head).
+            // $4 keys to leave out (another relay holds their head), $5 where the
+            // main scan starts (the floor, or the skip above it: skip.rs).
             //
             // `due`: events whose retry time has come, wherever they are (the
             // floor passes events that wait), read through the retry-due index
             // by `retry_at`: never the pending index below the floor.
-            // `main`: the pending index from the floor, in seq order.
+            // `main`: the pending index from $5, in seq order.
             // `fence`: per-key order with several relays, and behind events that
             // wait for a retry. For each key of the batch, the earliest pending
             // row not in this batch and not held by this relay's other batch
             // (another relay holds it, or it waits for its retry); our later rows
-            // of that key are deferred. It reads the pending index from the floor
-            // to the batch's last seq, and the waiting events of the batch's keys
-            // through the retry index (by key).
+            // of that key are deferred. One short range per key of the batch,
+            // through the pending key index (migration 0004): the key's rows
+            // from the floor to its last row in the batch (a hot key's backlog
+            // is read only when the batch has that key, and then only up to
+            // the batch's rows); and (`waits`) the batch keys' rows waiting for
+            // a retry, through the retry-due index (`waiting_o`, `waiting_w`).
             //
             // No statement here lets the planner choose the pending index for a
             // lookup that is not a range from the floor: with real statistics
             // (retry_at almost always NULL) it otherwise did, once per row; with
-            // stale ones it read all of it for the waiting events (`waiting`).
+            // stale ones it read all of it for the waiting events (`waiting_o`, `waiting_w`).
             claim: format!(
                 "WITH due AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
@@ -80,24 +87,26 @@ impl ClaimSql {
                    ORDER BY o.retry_at, o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
                  main AS MATERIALIZED (
                    SELECT {cols} FROM {t} o
-                   WHERE o.{pending} AND o.seq >= $1 AND o.retry_at IS NULL
+                   WHERE o.{pending} AND o.seq >= $5 AND o.retry_at IS NULL
                      AND (o.key IS NULL OR NOT (o.key = ANY($4))){strict}
                    ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due) FOR UPDATE SKIP LOCKED),
-                 claimed AS (SELECT * FROM due UNION ALL SELECT * FROM main),
+                 claimed AS (SELECT *, false AS from_main FROM due UNION ALL SELECT *, true FROM main),
+                 keys AS (SELECT key, max(seq) AS last FROM claimed WHERE key IS NOT NULL GROUP BY key),
+                 waits AS (
+                   SELECT w.key, min(w.seq) AS first FROM {t} w
+                   WHERE w.retry_at IS NOT NULL AND {waiting_w} AND w.key IN (SELECT key FROM keys)
+                     AND NOT (w.id = ANY($3)) AND w.id NOT IN (SELECT id FROM claimed)
+                   GROUP BY w.key),
                  fence AS (
-                   SELECT p.key, min(p.seq) AS first FROM (
-                       SELECT key, seq, id FROM {t} WHERE {pending}
-                         AND seq >= $1 AND seq < (SELECT max(seq) FROM claimed)
-                       UNION ALL
-                       SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND {waiting}
-                         AND key IN (SELECT key FROM claimed)
-                   ) p
-                   WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
-                     AND p.id NOT IN (SELECT id FROM claimed)
-                   GROUP BY p.key)
+                   SELECT k.key, least(
+                       (SELECT p.seq FROM {t} p WHERE p.key = k.key AND {pending_p} AND p.seq >= $1 AND p.seq < k.last
+                          AND NOT (p.id = ANY($3)) AND p.id NOT IN (SELECT id FROM claimed)
+                        ORDER BY p.seq LIMIT 1),
+                       (SELECT first FROM waits WHERE waits.key = k.key)) AS first
+                   FROM keys k)
                  SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
                         (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us,
-                        f.first AS first_foreign
+                        f.first AS first_foreign, c.from_main
                  FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
                  ORDER BY c.seq"
             ),
@@ -128,6 +137,8 @@ pub(super) struct Row {
     /// The earliest pending `seq` of this key that another relay holds (or that
     /// waits for its retry), if any.
     first_foreign: Option<i64>,
+    /// Found by the main scan (not a retry due).
+    from_main: bool,
 }
 
 impl Row {
@@ -148,6 +159,7 @@ impl Row {
                 created_at_us: row.try_get("created_at_us")?,
             },
             first_foreign: row.try_get("first_foreign")?,
+            from_main: row.try_get("from_main")?,
         })
     }
 }
@@ -180,15 +192,18 @@ impl Store {
             self.block_keys(blocked);
             if claimed.events.is_empty() && attempt == 0 {
                 deferred_before = claimed.deferred;
-                claimed.release().await?;
+                claimed.release_deferred().await?;
                 continue;
             }
             claimed.deferred += deferred_before;
             claimed.start_heartbeat(self.shared.keepalive);
             return Ok(Some(claimed));
         }
-        // Nothing claimable; report what was deferred, holding nothing.
-        Ok((deferred_before > 0).then(|| Claimed::nothing(self.finish_sql.clone(), deferred_before)))
+        // Nothing claimable. When keys are left out (another relay holds
+        // their heads), say so, holding nothing: the caller waits a moment
+        // rather than looking again at once (the held keys' rows are pending).
+        let waiting_on_others = deferred_before > 0 || !self.blocked_keys().is_empty();
+        Ok(waiting_on_others.then(|| Claimed::nothing(self.finish_sql.clone(), deferred_before)))
     }
 
     async fn claim_once(&self, limit: usize, own: &[uuid::Uuid]) -> Result<Option<(Claimed, Vec<Row>)>, StoreError> {
@@ -197,12 +212,20 @@ impl Store {
         let seq_oid = self.sequence_oid(&client).await;
         let open = self.shared.clock.begin(TxnKind::Batch);
         let conn = Arc::new(Conn::new(client, self.tls.clone(), open));
-        let (floor, lockers_wanted, generation) = {
+        let (lockers_wanted, generation, cx) = {
             let f = self.floor();
-            (f.get(), f.wants_lockers(), f.generation())
+            let cx = ScanContext {
+                floor: f.get(),
+                visible: f.visible(),
+                blocked: self.blocked_keys(),
+                lowerings: f.lowerings(),
+                returned: self.finish_sql.returned.load(AtomicOrdering::Relaxed),
+            };
+            (f.wants_lockers(), f.generation(), cx)
         };
+        let start = Skip::start(self.skip().as_ref(), &cx);
+        let (floor, blocked) = (cx.floor, &cx.blocked);
         let oid: u32 = seq_oid.unwrap_or(0);
-        let blocked = self.blocked_keys();
         let client = conn.client();
         // Preparing reads the table's definition, so a lock on the table
         // blocks it too: time it like the claim.
@@ -216,7 +239,7 @@ impl Store {
         let claim_stmt = client.prepare_cached(&self.claim_sql.claim).await.map_err(timed)?;
         let probe_stmt = client.prepare_cached(&self.claim_sql.probe).await.map_err(timed)?;
         let limit = limit as i64;
-        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&floor, &limit, &own, &blocked];
+        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [&floor, &limit, &own, blocked, &start];
         let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&floor, &oid, &lockers_wanted];
         // One round trip: the three requests are pipelined on the connection.
         let (begin, rows, probe) = tokio::join!(
@@ -241,6 +264,16 @@ impl Store {
         let source = super::floor::read_source(&probe)?;
         let parsed = rows.iter().map(Row::read).collect::<Result<Vec<_>, _>>()?;
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
+        let main: Vec<i64> = parsed.iter().filter(|r| r.from_main).map(|r| r.event.seq).collect();
+        let scan = MainScan {
+            limit: limit - (parsed.len() - main.len()) as i64,
+            rows: main.len() as i64,
+            first: main.iter().min().copied(),
+        };
+        {
+            let mut skip = self.skip();
+            *skip = Skip::after_scan(skip.take(), &cx, start, scan);
+        }
         {
             let mut f = self.floor();
             // Values went backwards: what this look saw from the old floor says
@@ -296,6 +329,10 @@ impl Store {
             }
             b.insert(k, until);
         }
+    }
+
+    fn skip(&self) -> MutexGuard<'_, Option<Skip>> {
+        self.shared.skip.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn blocked_keys(&self) -> Vec<String> {

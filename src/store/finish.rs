@@ -8,6 +8,7 @@
 //! the relay dies meanwhile, Postgres rolls the transaction back and the rows
 //! are pending again.
 
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,10 @@ pub(super) struct FinishSql {
     fail: String,
     pub(super) on_publish: OnPublish,
     retry_backoff_s: f64,
+    /// How many times a batch of this store gave claimed rows back pending
+    /// (see `skip.rs`): released, retried without back-off, failed or
+    /// dropped before its end, or rolled back prepared.
+    pub(super) returned: AtomicU64,
 }
 
 impl FinishSql {
@@ -100,6 +105,7 @@ impl FinishSql {
             ),
             on_publish,
             retry_backoff_s: retry_backoff.as_secs_f64(),
+            returned: AtomicU64::new(0),
         }
     }
 }
@@ -135,6 +141,17 @@ impl Drop for Claimed {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
+        // Not finished (an error on the way, a cancelled task): the
+        // transaction rolls back and its rows are pending again.
+        if self.conn.is_some() && !self.ctids.is_empty() {
+            self.sql.gave_back();
+        }
+    }
+}
+
+impl FinishSql {
+    pub(super) fn gave_back(&self) {
+        self.returned.fetch_add(1, AtomicOrdering::Relaxed);
     }
 }
 
@@ -297,11 +314,23 @@ impl Claimed {
         // session): the connection is clean and can go back to the pool.
         conn.ended();
         self.conn.take();
+        if done.retry > 0 {
+            self.sql.gave_back();
+        }
         Ok((done, std::mem::take(&mut self.events)))
     }
 
     /// Gives every row back (pending, untouched) and returns the connection.
-    pub async fn release(mut self) -> Result<(), StoreError> {
+    pub async fn release(self) -> Result<(), StoreError> {
+        if !self.ctids.is_empty() {
+            self.sql.gave_back();
+        }
+        self.release_deferred().await
+    }
+
+    /// [`Claimed::release`] for a claim whose rows were all deferred: their
+    /// keys are left out, so giving them back does not count (`skip.rs`).
+    pub(super) async fn release_deferred(mut self) -> Result<(), StoreError> {
         self.stop_heartbeat();
         if let Some(conn) = self.conn.take() {
             conn.client().batch_execute("ROLLBACK").await?;

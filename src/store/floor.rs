@@ -96,6 +96,8 @@ pub struct Floor {
     /// How many resets so far: a look that began before the last reset says
     /// nothing any more.
     generation: u64,
+    /// How many times the floor was reset or lowered (see `skip.rs`).
+    lowerings: u64,
 }
 
 /// Where the outbox's sequence values come from, as one look saw it.
@@ -121,6 +123,7 @@ impl Default for Floor {
             lowered_to: None,
             source: None,
             generation: 0,
+            lowerings: 0,
         }
     }
 }
@@ -157,6 +160,12 @@ impl Floor {
         if generation == self.generation {
             self.observe(started, claimed_max, head, lockers);
         }
+    }
+
+    /// How many times the floor was reset or lowered: rows below it may be
+    /// pending again each time.
+    pub fn lowerings(&self) -> u64 {
+        self.lowerings
     }
 
     /// Does the next probe need the sequence's lockers (an epoch to start or finish)?
@@ -229,6 +238,7 @@ impl Floor {
     /// alone would not do: `visible` and the epochs would put it straight back.)
     pub fn reset(&mut self) {
         self.generation += 1;
+        self.lowerings += 1;
         self.floor = 0;
         self.visible = 0;
         self.max_seen = 0;
@@ -239,6 +249,7 @@ impl Floor {
     /// Something at or above `seq` may be pending again (a replay): scan from
     /// there next time.
     pub fn lower(&mut self, seq: i64) {
+        self.lowerings += 1;
         self.lowered_to = Some(self.lowered_to.map_or(seq, |l| l.min(seq)).max(0));
     }
 

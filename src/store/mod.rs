@@ -20,6 +20,7 @@ mod listen;
 mod ops;
 mod prepared;
 mod schema;
+mod skip;
 mod sweep;
 mod tls;
 mod txn_ids;
@@ -64,6 +65,8 @@ pub struct Store {
 struct Shared {
     floor: Mutex<Floor>,
     blocked: Mutex<HashMap<String, Instant>>,
+    /// Where the main scan may start above the floor while keys are left out.
+    skip: Mutex<Option<skip::Skip>>,
     /// A sweep below the floor is running (at most one at a time: a slow one
     /// must not pile up and take the pool's connections from the claims).
     sweeping: std::sync::atomic::AtomicBool,
@@ -86,6 +89,7 @@ impl Store {
         let shared = Arc::new(Shared {
             floor: Mutex::new(Floor::default()),
             blocked: Mutex::new(HashMap::new()),
+            skip: Mutex::new(None),
             sweeping: std::sync::atomic::AtomicBool::new(false),
             seq_oid: Mutex::new(None),
             keepalive: (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_millis(100))),

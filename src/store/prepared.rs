@@ -71,7 +71,12 @@ impl Store {
 
     /// `ROLLBACK PREPARED gid`; `Ok(false)` when no such transaction exists.
     pub async fn rollback_prepared(&self, gid: &str) -> Result<bool, StoreError> {
-        self.end_prepared("ROLLBACK PREPARED", gid).await
+        let ended = self.end_prepared("ROLLBACK PREPARED", gid).await?;
+        if ended {
+            // Its rows are pending again, perhaps below this relay's skip.
+            self.finish_sql.gave_back();
+        }
+        Ok(ended)
     }
 
     async fn end_prepared(&self, verb: &str, gid: &str) -> Result<bool, StoreError> {

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_no_notify_on_commit.sql",
         sql: include_str!("../../../migrations/0003_no_notify_on_commit.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_pending_key_index.sql",
+        sql: include_str!("../../../migrations/0004_pending_key_index.sql"),
+    },
 ];
 
 /// First line of a migration that must run outside a transaction.

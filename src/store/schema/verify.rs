@@ -143,6 +143,19 @@ async fn indexes(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem
              index to find events due for a retry; migration 0003_no_notify_on_commit.sql adds it; {FIX}"
         )));
     }
+    let has_pending_key = defs.iter().any(|d| {
+        d.contains("(key, seq)")
+            && d.contains("published_at IS NULL")
+            && d.contains("parked_at IS NULL")
+            && !d.contains("retry_at")
+    });
+    if !has_pending_key {
+        problems.push(warning(format!(
+            "table {table} lacks the pending key index (…_pending_key_idx ON (key, seq)): with several relays, each \
+             claim's order check reads the pending index from the floor to its batch, a hot key's whole backlog \
+             included; migration 0004_pending_key_index.sql adds it; {FIX}"
+        )));
+    }
     let invalid: Vec<String> = client
         .query(
             "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = $1::text::regclass AND NOT indisvalid",
