@@ -20,6 +20,13 @@
 -- small as the backlog (plus dead entries until vacuum). Relays of an earlier
 -- version ignore it; later relays work without it (`check` warns), with
 -- the cost above.
+--
+-- It leaves out events waiting for a retry (0003's index finds those), and its
+-- condition is written with coalesce() on purpose, like 0003's: the relay's
+-- per-key lookups use the same words, which no other index's condition matches,
+-- so the planner cannot read another index for them when statistics are stale
+-- (analyzed while nothing was pending): with the pending index's words it read
+-- all of that index once per key.
 CREATE INDEX CONCURRENTLY IF NOT EXISTS outbox_pending_key_idx
     ON public.outbox (key, seq)
-    WHERE published_at IS NULL AND parked_at IS NULL;
+    WHERE retry_at IS NULL AND coalesce(published_at, parked_at) IS NULL;

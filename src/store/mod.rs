@@ -67,6 +67,9 @@ struct Shared {
     blocked: Mutex<HashMap<String, Instant>>,
     /// Where the main scan may start above the floor while keys are left out.
     skip: Mutex<Option<skip::Skip>>,
+    /// Has the table migration 0004's pending key index? `None`: not looked
+    /// up yet (the first claim does; every schema check looks again).
+    key_index: Mutex<Option<bool>>,
     /// A sweep below the floor is running (at most one at a time: a slow one
     /// must not pile up and take the pool's connections from the claims).
     sweeping: std::sync::atomic::AtomicBool,
@@ -90,6 +93,7 @@ impl Store {
             floor: Mutex::new(Floor::default()),
             blocked: Mutex::new(HashMap::new()),
             skip: Mutex::new(None),
+            key_index: Mutex::new(None),
             sweeping: std::sync::atomic::AtomicBool::new(false),
             seq_oid: Mutex::new(None),
             keepalive: (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_millis(100))),
@@ -154,7 +158,10 @@ impl Store {
     /// Checks that the outbox table has everything the relay relies on.
     pub async fn verify_schema(&self) -> Result<Vec<SchemaProblem>, StoreError> {
         let client = self.client().await?;
-        schema::verify(&client, &self.table).await
+        let problems = schema::verify(&client, &self.table).await?;
+        let key_index = schema::has_pending_key_index(&client, &self.table).await?;
+        *self.shared.key_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_index);
+        Ok(problems)
     }
 
     /// Applies the bundled migrations that are not yet recorded. Returns the names

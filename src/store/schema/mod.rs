@@ -8,7 +8,7 @@ mod verify;
 
 pub(super) use migrate::migrate;
 pub use render::render_migration;
-pub(super) use verify::verify;
+pub(super) use verify::{has_pending_key_index, verify};
 
 /// One numbered migration file.
 #[derive(Debug, Clone, Copy)]

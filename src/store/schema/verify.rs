@@ -116,6 +116,25 @@ async fn privileges(client: &Object, table: &TableName) -> Result<Vec<SchemaProb
 /// The pending-rows partial index keeps claims fast however large the table;
 /// the retry-due index keeps retries off the pending index; no index is left
 /// invalid by an interrupted concurrent build.
+/// Migration 0004's index, as `pg_get_indexdef` prints it.
+fn is_pending_key_index(def: &str) -> bool {
+    def.contains("(key, seq)")
+        && def.contains("(retry_at IS NULL)")
+        && def.contains("(COALESCE(published_at, parked_at) IS NULL)")
+}
+
+/// Does the table have migration 0004's pending key index (valid, so the
+/// planner uses it)?
+pub(crate) async fn has_pending_key_index(client: &Object, table: &TableName) -> Result<bool, StoreError> {
+    let rows = client
+        .query(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1::text::regclass AND indisvalid",
+            &[&table.quoted()],
+        )
+        .await?;
+    Ok(rows.iter().any(|r| is_pending_key_index(r.get(0))))
+}
+
 async fn indexes(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem>, StoreError> {
     let defs: Vec<String> = client
         .query(
@@ -143,13 +162,7 @@ async fn indexes(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem
              index to find events due for a retry; migration 0003_no_notify_on_commit.sql adds it; {FIX}"
         )));
     }
-    let has_pending_key = defs.iter().any(|d| {
-        d.contains("(key, seq)")
-            && d.contains("published_at IS NULL")
-            && d.contains("parked_at IS NULL")
-            && !d.contains("retry_at")
-    });
-    if !has_pending_key {
+    if !defs.iter().any(|d| is_pending_key_index(d)) {
         problems.push(warning(format!(
             "table {table} lacks the pending key index (…_pending_key_idx ON (key, seq)): with several relays, each \
              claim's order check reads the pending index from the floor to its batch, a hot key's whole backlog \
