@@ -223,6 +223,7 @@ async fn upgrading_a_0002_table_to_0003_while_a_relay_runs_loses_and_reorders_no
     let check = relay_cmd(&ob.table, &[]).arg("check").output().expect("check");
     let out = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(out.contains("NOTIFY trigger") && out.contains("0003"), "check names the trigger and the fix: {out}");
+    assert!(out.contains("pending key index") && out.contains("0004_pending_key_index.sql"), "and 0004's index: {out}");
 
     let relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50")]);
     let writers = Writers::start(WriterSpec::small(&ob.qualified(), &topic));
@@ -242,6 +243,7 @@ async fn upgrading_a_0002_table_to_0003_while_a_relay_runs_loses_and_reorders_no
     let check = relay_cmd(&ob.table, &[]).arg("check").output().expect("check");
     let out = String::from_utf8_lossy(&check.stdout).to_string();
     assert!(!out.contains("NOTIFY trigger"), "the trigger is gone: {out}");
+    assert!(!out.contains("pending key index"), "the index is there: {out}");
     let (code, log) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{log}");
 }

@@ -159,8 +159,11 @@ impl Store {
     pub async fn verify_schema(&self) -> Result<Vec<SchemaProblem>, StoreError> {
         let client = self.client().await?;
         let problems = schema::verify(&client, &self.table).await?;
-        let key_index = schema::has_pending_key_index(&client, &self.table).await?;
-        *self.shared.key_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_index);
+        if !problems.iter().any(|p| p.fatal) {
+            if let Ok(key_index) = schema::has_pending_key_index(&client, &self.table).await {
+                *self.shared.key_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_index);
+            }
+        }
         Ok(problems)
     }
 
