@@ -4,9 +4,8 @@
 //! keeps order across relays. The SQL sits beside the code that reads its
 //! columns, by name.
 
-use std::sync::atomic::Ordering as AtomicOrdering;
 use std::sync::{Arc, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::connection::{Conn, TxnKind};
 use super::finish::{Claimed, RawBytes};
@@ -16,12 +15,6 @@ use crate::config::{Ordering, TableName};
 use crate::event::OutboxEvent;
 use crate::telemetry::events::{ClaimRan, StatementTimedOut};
 use crate::telemetry::Emit;
-
-/// How long a key whose earlier event another relay holds is left out of this
-/// relay's claims: the other relay publishes it (and, pipelining, what follows).
-const BLOCKED_KEY_TTL: Duration = Duration::from_millis(500);
-/// At most this many keys are left out at once.
-const BLOCKED_KEYS_MAX: usize = 10_000;
 
 /// The claim's SQL for one table, built once from validated identifiers.
 #[derive(Debug)]
@@ -126,12 +119,18 @@ fn claim_sql(t: &str, ordering: Ordering, fence: &str) -> String {
     )
 }
 
-/// One short range per key of the batch, through the pending key index: the
-/// key's rows from the floor to its last row in the batch (a hot key's backlog
-/// is read only when the batch has that key, and then only up to the batch's
-/// rows); and (`waits`) the batch keys' rows waiting for a retry, through the
-/// retry-due index. Materialized, so each lookup runs once per key.
+/// With the pending key index: when the batch lies close to the floor (its
+/// last `seq` within 4 × the limit of it, as when the relay keeps up), the
+/// range below ([`fence_by_range`]), which is cheapest then. Otherwise (a held
+/// hot key's backlog keeps the floor far below the batch) one short range per
+/// key of the batch, through the pending key index: the key's rows from the
+/// floor to its last row in the batch (a hot key's backlog is read only when
+/// the batch has that key, and then only up to the batch's rows); and
+/// (`waits`) the batch keys' rows waiting for a retry, through the retry-due
+/// index. Materialized, so each lookup runs once per key. Postgres runs only
+/// the branch whose one-time condition holds.
 fn fence_by_key(t: &str) -> String {
+    let near = "(SELECT max(seq) FROM claimed) - $1 <= 4 * $2";
     format!(
         "keys AS (SELECT key, max(seq) AS last FROM claimed WHERE key IS NOT NULL GROUP BY key),
          waits AS MATERIALIZED (
@@ -139,13 +138,16 @@ fn fence_by_key(t: &str) -> String {
            WHERE w.retry_at IS NOT NULL AND {WAITING_W} AND w.key IN (SELECT key FROM keys)
              AND NOT (w.id = ANY($3)) AND w.id NOT IN (SELECT id FROM claimed)
            GROUP BY w.key),
-         fence AS MATERIALIZED (
+         by_key AS MATERIALIZED (
            SELECT k.key, least(
                (SELECT p.seq FROM {t} p WHERE p.key = k.key AND {PENDING_P} AND p.seq >= $1 AND p.seq < k.last
                   AND NOT (p.id = ANY($3)) AND p.id NOT IN (SELECT id FROM claimed)
                 ORDER BY p.seq LIMIT 1),
                (SELECT first FROM waits WHERE waits.key = k.key)) AS first
-           FROM keys k)"
+           FROM keys k WHERE NOT ({near})),
+         {range},
+         fence AS (SELECT * FROM by_key UNION ALL SELECT * FROM by_range WHERE {near})",
+        range = fence_by_range(t).replacen("fence AS (", "by_range AS (", 1),
     )
 }
 
@@ -219,15 +221,20 @@ impl Store {
         for attempt in 0..2 {
             let Some((mut claimed, rows)) = self.claim_once(limit, own).await? else { break };
             let mut blocked = Vec::new();
+            let mut skip = self.skip().take();
             for r in rows {
                 match r.first_foreign {
                     Some(first) if r.event.seq > first => {
                         claimed.deferred += 1;
+                        if let (Some(s), Some(k)) = (skip.as_mut(), r.event.key.as_deref()) {
+                            s.deferred(r.event.seq, k);
+                        }
                         blocked.extend(r.event.key.clone());
                     }
                     _ => claimed.push(r.ctid, r.event),
                 }
             }
+            *self.skip() = skip;
             self.block_keys(blocked);
             if claimed.events.is_empty() && attempt == 0 {
                 deferred_before = claimed.deferred;
@@ -258,11 +265,16 @@ impl Store {
                 visible: f.visible(),
                 blocked: self.blocked_keys(),
                 lowerings: f.lowerings(),
-                returned: self.finish_sql.returned.load(AtomicOrdering::Relaxed),
             };
             (f.wants_lockers(), f.generation(), cx)
         };
-        let start = Skip::start(self.skip().as_ref(), &cx);
+        let start = {
+            let mut skip = self.skip();
+            if let (Some(s), Some(low)) = (skip.as_mut(), self.finish_sql.take_gave_back()) {
+                s.lower(low);
+            }
+            Skip::start(skip.as_ref(), &cx)
+        };
         let (floor, blocked) = (cx.floor, &cx.blocked);
         let oid: u32 = seq_oid.unwrap_or(0);
         let client = conn.client();
@@ -310,6 +322,18 @@ impl Store {
             rows: main.len() as i64,
             first: main.iter().min().copied(),
         };
+        tracing::trace!(
+            floor,
+            start,
+            visible = cx.visible,
+            left_out = blocked.len(),
+            rows = rows.len(),
+            first = scan.first,
+            last = claimed_max,
+            key_index,
+            took_us = started.elapsed().as_micros() as u64,
+            "claim"
+        );
         {
             let mut skip = self.skip();
             *skip = Skip::after_scan(skip.take(), &cx, start, scan);
@@ -373,20 +397,10 @@ impl Store {
         found
     }
 
-    /// Leaves these keys out of this relay's claims for a moment.
+    /// Leaves these keys out of this relay's claims for a while.
     fn block_keys(&self, keys: Vec<String>) {
-        if keys.is_empty() {
-            return;
-        }
-        let until = Instant::now() + BLOCKED_KEY_TTL;
-        let mut b = self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        b.retain(|_, t| *t > now);
-        for k in keys {
-            if b.len() >= BLOCKED_KEYS_MAX {
-                break;
-            }
-            b.insert(k, until);
+        if !keys.is_empty() {
+            self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner()).add(keys, Instant::now());
         }
     }
 
@@ -395,9 +409,6 @@ impl Store {
     }
 
     fn blocked_keys(&self) -> Vec<String> {
-        let mut b = self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        b.retain(|_, t| *t > now);
-        b.keys().cloned().collect()
+        self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner()).current(Instant::now())
     }
 }

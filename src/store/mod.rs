@@ -25,9 +25,8 @@ mod sweep;
 mod tls;
 mod txn_ids;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use postgres_native_tls::MakeTlsConnector;
@@ -64,7 +63,7 @@ pub struct Store {
 /// left out for a moment, the identity sequence, the open transactions.
 struct Shared {
     floor: Mutex<Floor>,
-    blocked: Mutex<HashMap<String, Instant>>,
+    blocked: Mutex<skip::LeftOut>,
     /// Where the main scan may start above the floor while keys are left out.
     skip: Mutex<Option<skip::Skip>>,
     /// Has the table migration 0004's pending key index? `None`: not looked
@@ -91,7 +90,7 @@ impl Store {
         let idle = settings.postgres.idle_in_transaction_timeout;
         let shared = Arc::new(Shared {
             floor: Mutex::new(Floor::default()),
-            blocked: Mutex::new(HashMap::new()),
+            blocked: Mutex::new(skip::LeftOut::default()),
             skip: Mutex::new(None),
             key_index: Mutex::new(None),
             sweeping: std::sync::atomic::AtomicBool::new(false),

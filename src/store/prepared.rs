@@ -73,8 +73,9 @@ impl Store {
     pub async fn rollback_prepared(&self, gid: &str) -> Result<bool, StoreError> {
         let ended = self.end_prepared("ROLLBACK PREPARED", gid).await?;
         if ended {
-            // Its rows are pending again, perhaps below this relay's skip.
-            self.finish_sql.gave_back();
+            // Its rows are pending again, perhaps below this relay's skip
+            // (which rows is not known here: all of them may be).
+            self.finish_sql.gave_back(Some(0));
         }
         Ok(ended)
     }

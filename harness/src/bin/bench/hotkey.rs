@@ -79,6 +79,9 @@ pub(crate) struct ClaimCost {
     pub(crate) claims: i64,
     pub(crate) buffers_per_claim: f64,
     pub(crate) ms_per_claim: f64,
+    /// Postgres time in claims per second of the run (ms/s): what the relay's
+    /// claiming costs the database, however often it claims.
+    pub(crate) claim_ms_per_s: f64,
     pub(crate) other_keys_commit_to_ack_ms: Quantiles,
 }
 
@@ -133,6 +136,7 @@ pub(crate) async fn hotkey_claim_cost(env: &Env, args: &Args, backlog: i64) -> C
         claims,
         buffers_per_claim: (after.1 - before.1) as f64 / claims as f64,
         ms_per_claim: (after.2 - before.2) / claims as f64,
+        claim_ms_per_s: (after.2 - before.2) / 20.0,
         other_keys_commit_to_ack_ms: quantiles(insert_to_ack_ms(&others)),
     }
 }
@@ -153,24 +157,32 @@ async fn claim_stats(db: &tokio_postgres::Client, table: &str) -> (i64, i64, f64
 
 pub(crate) fn print_claim_cost(rows: &[ClaimCost]) {
     println!("claim cost, one relay, another holding a hot key's head; other keys at 1k ev/s for 20 s:");
-    println!("  hot backlog │ claims │ buffers/claim │ ms/claim │ other keys insert→ack p50 / p99 ms");
+    println!("  hot backlog │ claims │ buffers/claim │ ms/claim │ claim ms/s │ other keys insert→ack p50 / p99 ms");
     for r in rows {
         println!(
-            "  {:>11} │ {:>6} │ {:>13.0} │ {:>8.3} │ {:.1} / {:.1}",
+            "  {:>11} │ {:>6} │ {:>13.0} │ {:>8.3} │ {:>10.1} │ {:.1} / {:.1}",
             r.backlog,
             r.claims,
             r.buffers_per_claim,
             r.ms_per_claim,
+            r.claim_ms_per_s,
             r.other_keys_commit_to_ack_ms.p50,
             r.other_keys_commit_to_ack_ms.p99
         );
     }
-    if let [base, hot] = rows {
+    if let [base, small, big] = rows {
         println!(
-            "  with a {}-event hot backlog / without: buffers ×{:.2}, time ×{:.2}",
-            hot.backlog,
-            hot.buffers_per_claim / base.buffers_per_claim,
-            hot.ms_per_claim / base.ms_per_claim
+            "  {}-event hot backlog / {}: buffers per claim ×{:.2}, time per claim ×{:.2}, claim time per second ×{:.2} \
+             (no hot key / {}: ×{:.2}, ×{:.2}, ×{:.2})",
+            big.backlog,
+            small.backlog,
+            big.buffers_per_claim / small.buffers_per_claim,
+            big.ms_per_claim / small.ms_per_claim,
+            big.claim_ms_per_s / small.claim_ms_per_s,
+            big.backlog,
+            base.buffers_per_claim / big.buffers_per_claim,
+            base.ms_per_claim / big.ms_per_claim,
+            base.claim_ms_per_s / big.claim_ms_per_s
         );
     }
 }
