@@ -258,23 +258,7 @@ impl Store {
         let seq_oid = self.sequence_oid(&client).await;
         let open = self.shared.clock.begin(TxnKind::Batch);
         let conn = Arc::new(Conn::new(client, self.tls.clone(), open));
-        let (lockers_wanted, generation, cx) = {
-            let f = self.floor();
-            let cx = ScanContext {
-                floor: f.get(),
-                visible: f.visible(),
-                blocked: self.blocked_keys(),
-                lowerings: f.lowerings(),
-            };
-            (f.wants_lockers(), f.generation(), cx)
-        };
-        let start = {
-            let mut skip = self.skip();
-            if let (Some(s), Some(low)) = (skip.as_mut(), self.finish_sql.take_gave_back()) {
-                s.lower(low);
-            }
-            Skip::start(skip.as_ref(), &cx)
-        };
+        let (cx, start, lockers_wanted, generation) = self.scan_context();
         let (floor, blocked) = (cx.floor, &cx.blocked);
         let oid: u32 = seq_oid.unwrap_or(0);
         let client = conn.client();
@@ -316,28 +300,16 @@ impl Store {
         let source = super::floor::read_source(&probe)?;
         let parsed = rows.iter().map(Row::read).collect::<Result<Vec<_>, _>>()?;
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
-        let main: Vec<i64> = parsed.iter().filter(|r| r.from_main).map(|r| r.event.seq).collect();
-        let scan = MainScan {
-            limit: limit - (parsed.len() - main.len()) as i64,
-            rows: main.len() as i64,
-            first: main.iter().min().copied(),
-        };
+        self.note_scan(&cx, start, limit, &parsed);
         tracing::trace!(
             floor,
             start,
-            visible = cx.visible,
-            left_out = blocked.len(),
             rows = rows.len(),
-            first = scan.first,
             last = claimed_max,
             key_index,
             took_us = started.elapsed().as_micros() as u64,
             "claim"
         );
-        {
-            let mut skip = self.skip();
-            *skip = Skip::after_scan(skip.take(), &cx, start, scan);
-        }
         {
             let mut f = self.floor();
             // Values went backwards: what this look saw from the old floor says
@@ -355,6 +327,38 @@ impl Store {
             return Ok(None);
         }
         Ok(Some((Claimed::open(conn, self.finish_sql.clone(), claimed_at), parsed)))
+    }
+
+    /// What the next claim starts from: its [`ScanContext`], where its main
+    /// scan starts (the floor, or the skip: rows given back since the last
+    /// claim lower it first), whether its probe needs the sequence's lockers,
+    /// and the floor's generation.
+    fn scan_context(&self) -> (ScanContext, i64, bool, u64) {
+        let f = self.floor();
+        let cx = ScanContext {
+            floor: f.get(),
+            visible: f.visible(),
+            blocked: self.blocked_keys(),
+            lowerings: f.lowerings(),
+        };
+        let mut skip = self.skip();
+        if let (Some(s), Some(low)) = (skip.as_mut(), self.finish_sql.take_gave_back()) {
+            s.lower(low);
+        }
+        let start = Skip::start(skip.as_ref(), &cx);
+        (cx, start, f.wants_lockers(), f.generation())
+    }
+
+    /// Moves the skip after a claim whose main scan started at `start`.
+    fn note_scan(&self, cx: &ScanContext, start: i64, limit: i64, parsed: &[Row]) {
+        let main: Vec<i64> = parsed.iter().filter(|r| r.from_main).map(|r| r.event.seq).collect();
+        let scan = MainScan {
+            limit: limit - (parsed.len() - main.len()) as i64,
+            rows: main.len() as i64,
+            first: main.iter().min().copied(),
+        };
+        let mut skip = self.skip();
+        *skip = Skip::after_scan(skip.take(), cx, start, scan);
     }
 
     /// The outbox's identity sequence, looked up once. `None` when the table has
