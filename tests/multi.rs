@@ -113,12 +113,15 @@ async fn a_hot_key_another_relay_holds_does_not_defer_a_relays_whole_claim() {
     }
 }
 
-/// Shared buffers and calls of this table's claim statement so far.
+/// Shared buffers of this table's claim statement and the probe that runs
+/// with it, and the claim's calls, so far.
 async fn claim_buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
     let row = db
         .query_one(
-            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8, coalesce(sum(calls), 0)::int8
-             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%' AND query LIKE 'WITH due AS%'",
+            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8,
+                    coalesce(sum(calls) FILTER (WHERE query LIKE 'WITH due AS%'), 0)::int8
+             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%'
+               AND (query LIKE 'WITH due AS%' OR query LIKE 'SELECT (SELECT seq FROM%AS head%')",
             &[&table],
         )
         .await

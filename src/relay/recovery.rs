@@ -122,6 +122,8 @@ impl Recovery {
             ("ROLLBACK PREPARED", self.store.rollback_prepared(&p.gid).await)
         };
         let done = done.map_err(|source| ResolveError::Finish { verb, source })?;
+        // Its keys were left out here while it held them: take them now.
+        self.store.let_keys_back_in();
         PreparedResolved { gid: &p.gid, committed, resolved_here: done }.emit();
         Ok(committed)
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::connection::{Conn, TxnKind};
 use super::finish::{Claimed, RawBytes};
-use super::skip::{MainScan, ScanContext, Skip};
+use super::skip::{ScanContext, Skip};
 use super::{Store, StoreError};
 use crate::config::{Ordering, TableName};
 use crate::event::OutboxEvent;
@@ -47,11 +47,17 @@ impl ClaimSql {
             by_range: claim_sql(&t, ordering, &fence_by_range(&t)),
             // Run right after the claim, in its transaction: the head (lowest
             // pending seq at or above the floor, held by anyone, not waiting for a
-            // retry), when $3, who holds the identity sequence's ($2) lock, and
-            // where sequence values come from (see floor.rs).
+            // retry), when $3, who holds the identity sequence's ($2) lock,
+            // where sequence values come from (see floor.rs), and when keys were
+            // left out ($5), the lowest such seq from the scan's start ($4)
+            // whose key was not (skip.rs).
             probe: format!(
                 "SELECT (SELECT seq FROM {t} WHERE {PENDING} AND retry_at IS NULL AND seq >= $1 ORDER BY seq LIMIT 1)
                           AS head,
+                        CASE WHEN cardinality($5::text[]) > 0 THEN (
+                          SELECT seq FROM {t} WHERE {PENDING} AND retry_at IS NULL AND seq >= $4
+                            AND (key IS NULL OR NOT (key = ANY($5))) ORDER BY seq LIMIT 1) END
+                          AS next,
                         CASE WHEN $3 AND $2::oid <> 0 THEN ARRAY(
                           SELECT virtualtransaction FROM pg_locks
                           WHERE locktype = 'relation' AND relation = $2::oid
@@ -109,11 +115,11 @@ fn claim_sql(t: &str, ordering: Ordering, fence: &str) -> String {
            WHERE o.{PENDING} AND o.seq >= $5 AND o.retry_at IS NULL
              AND (o.key IS NULL OR NOT (o.key = ANY($4))){strict}
            ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due) FOR UPDATE SKIP LOCKED),
-         claimed AS (SELECT *, false AS from_main FROM due UNION ALL SELECT *, true FROM main),
+         claimed AS (SELECT * FROM due UNION ALL SELECT * FROM main),
          {fence}
          SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
                 (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us,
-                f.first AS first_foreign, c.from_main
+                f.first AS first_foreign
          FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
          ORDER BY c.seq"
     )
@@ -178,8 +184,6 @@ pub(super) struct Row {
     /// The earliest pending `seq` of this key that another relay holds (or that
     /// waits for its retry), if any.
     first_foreign: Option<i64>,
-    /// Found by the main scan (not a retry due).
-    from_main: bool,
 }
 
 impl Row {
@@ -200,7 +204,6 @@ impl Row {
                 created_at_us: row.try_get("created_at_us")?,
             },
             first_foreign: row.try_get("first_foreign")?,
-            from_main: row.try_get("from_main")?,
         })
     }
 }
@@ -221,24 +224,19 @@ impl Store {
         for attempt in 0..2 {
             let Some((mut claimed, rows)) = self.claim_once(limit, own).await? else { break };
             let mut blocked = Vec::new();
-            let mut skip = self.skip().take();
             for r in rows {
                 match r.first_foreign {
                     Some(first) if r.event.seq > first => {
                         claimed.deferred += 1;
-                        if let (Some(s), Some(k)) = (skip.as_mut(), r.event.key.as_deref()) {
-                            s.deferred(r.event.seq, k);
-                        }
                         blocked.extend(r.event.key.clone());
                     }
                     _ => claimed.push(r.ctid, r.event),
                 }
             }
-            *self.skip() = skip;
             self.block_keys(blocked);
             if claimed.events.is_empty() && attempt == 0 {
                 deferred_before = claimed.deferred;
-                claimed.release_deferred().await?;
+                claimed.release().await?;
                 continue;
             }
             claimed.deferred += deferred_before;
@@ -276,7 +274,8 @@ impl Store {
         let probe_stmt = client.prepare_cached(&self.claim_sql.probe).await.map_err(timed)?;
         let limit = limit as i64;
         let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [&floor, &limit, &own, blocked, &start];
-        let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&floor, &oid, &lockers_wanted];
+        let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&floor, &oid, &lockers_wanted, &start, blocked];
         // One round trip: the three requests are pipelined on the connection.
         let (begin, rows, probe) = tokio::join!(
             client.batch_execute("BEGIN"),
@@ -300,7 +299,11 @@ impl Store {
         let source = super::floor::read_source(&probe)?;
         let parsed = rows.iter().map(Row::read).collect::<Result<Vec<_>, _>>()?;
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
-        self.note_scan(&cx, start, limit, &parsed);
+        let next: Option<i64> = probe.try_get("next")?;
+        {
+            let mut skip = self.skip();
+            *skip = Skip::after_claim(skip.take(), &cx, next);
+        }
         tracing::trace!(
             floor,
             start,
@@ -330,9 +333,8 @@ impl Store {
     }
 
     /// What the next claim starts from: its [`ScanContext`], where its main
-    /// scan starts (the floor, or the skip: rows given back since the last
-    /// claim lower it first), whether its probe needs the sequence's lockers,
-    /// and the floor's generation.
+    /// scan starts (the floor, or the skip), whether its probe needs the
+    /// sequence's lockers, and the floor's generation.
     fn scan_context(&self) -> (ScanContext, i64, bool, u64) {
         let f = self.floor();
         let cx = ScanContext {
@@ -341,24 +343,8 @@ impl Store {
             blocked: self.blocked_keys(),
             lowerings: f.lowerings(),
         };
-        let mut skip = self.skip();
-        if let (Some(s), Some(low)) = (skip.as_mut(), self.finish_sql.take_gave_back()) {
-            s.lower(low);
-        }
-        let start = Skip::start(skip.as_ref(), &cx);
+        let start = Skip::start(self.skip().as_ref(), &cx);
         (cx, start, f.wants_lockers(), f.generation())
-    }
-
-    /// Moves the skip after a claim whose main scan started at `start`.
-    fn note_scan(&self, cx: &ScanContext, start: i64, limit: i64, parsed: &[Row]) {
-        let main: Vec<i64> = parsed.iter().filter(|r| r.from_main).map(|r| r.event.seq).collect();
-        let scan = MainScan {
-            limit: limit - (parsed.len() - main.len()) as i64,
-            rows: main.len() as i64,
-            first: main.iter().min().copied(),
-        };
-        let mut skip = self.skip();
-        *skip = Skip::after_scan(skip.take(), cx, start, scan);
     }
 
     /// The outbox's identity sequence, looked up once. `None` when the table has
@@ -410,6 +396,12 @@ impl Store {
 
     fn skip(&self) -> MutexGuard<'_, Option<Skip>> {
         self.shared.skip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets every left-out key back in: this relay just resolved another
+    /// relay's prepared batch, which may have held them.
+    pub fn let_keys_back_in(&self) {
+        self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     fn blocked_keys(&self) -> Vec<String> {

@@ -8,7 +8,6 @@
 //! the relay dies meanwhile, Postgres rolls the transaction back and the rows
 //! are pending again.
 
-use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -73,10 +72,6 @@ pub(super) struct FinishSql {
     fail: String,
     pub(super) on_publish: OnPublish,
     retry_backoff_s: f64,
-    /// The lowest `seq` a batch of this store gave back pending since the
-    /// last claim took it (`skip.rs`): released, retried without back-off,
-    /// failed or dropped before its end, or rolled back prepared.
-    gave_back: AtomicI64,
 }
 
 impl FinishSql {
@@ -105,7 +100,6 @@ impl FinishSql {
             ),
             on_publish,
             retry_backoff_s: retry_backoff.as_secs_f64(),
-            gave_back: AtomicI64::new(i64::MAX),
         }
     }
 }
@@ -141,26 +135,6 @@ impl Drop for Claimed {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
-        // Not finished (an error on the way, a cancelled task): the
-        // transaction rolls back and its rows are pending again.
-        if self.conn.is_some() {
-            self.sql.gave_back(self.events.iter().map(|e| e.seq).min());
-        }
-    }
-}
-
-impl FinishSql {
-    /// Rows from `seq` on are pending again (`None`: none were).
-    pub(super) fn gave_back(&self, seq: Option<i64>) {
-        if let Some(seq) = seq {
-            self.gave_back.fetch_min(seq, AtomicOrdering::AcqRel);
-        }
-    }
-
-    /// The lowest `seq` given back since the last call, if any.
-    pub(super) fn take_gave_back(&self) -> Option<i64> {
-        let low = self.gave_back.swap(i64::MAX, AtomicOrdering::AcqRel);
-        (low != i64::MAX).then_some(low)
     }
 }
 
@@ -323,25 +297,11 @@ impl Claimed {
         // session): the connection is clean and can go back to the pool.
         conn.ended();
         self.conn.take();
-        // Retried and unanswered events stay pending.
-        let kept = self
-            .events
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !matches!(outcomes.get(*i), Some(Outcome::Delivered | Outcome::Failed(_))));
-        self.sql.gave_back(kept.map(|(_, e)| e.seq).min());
         Ok((done, std::mem::take(&mut self.events)))
     }
 
     /// Gives every row back (pending, untouched) and returns the connection.
-    pub async fn release(self) -> Result<(), StoreError> {
-        self.sql.gave_back(self.events.iter().map(|e| e.seq).min());
-        self.release_deferred().await
-    }
-
-    /// [`Claimed::release`] for a claim whose rows were all deferred: their
-    /// keys are left out, so giving them back does not count (`skip.rs`).
-    pub(super) async fn release_deferred(mut self) -> Result<(), StoreError> {
+    pub async fn release(mut self) -> Result<(), StoreError> {
         self.stop_heartbeat();
         if let Some(conn) = self.conn.take() {
             conn.client().batch_execute("ROLLBACK").await?;

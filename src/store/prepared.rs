@@ -71,13 +71,7 @@ impl Store {
 
     /// `ROLLBACK PREPARED gid`; `Ok(false)` when no such transaction exists.
     pub async fn rollback_prepared(&self, gid: &str) -> Result<bool, StoreError> {
-        let ended = self.end_prepared("ROLLBACK PREPARED", gid).await?;
-        if ended {
-            // Its rows are pending again, perhaps below this relay's skip
-            // (which rows is not known here: all of them may be).
-            self.finish_sql.gave_back(Some(0));
-        }
-        Ok(ended)
+        self.end_prepared("ROLLBACK PREPARED", gid).await
     }
 
     async fn end_prepared(&self, verb: &str, gid: &str) -> Result<bool, StoreError> {

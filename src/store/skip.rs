@@ -8,26 +8,24 @@
 //! `seq` order that leaves a key out still has to read past each of its rows:
 //! claim after claim, the whole backlog (#21 item 5).
 //!
-//! So a claim that leaves keys out remembers how far its scan got: the **skip**.
-//! Every row pending below it, at the time of that scan, was of a key left out,
-//! held by a relay (locked), waiting for a retry (the claim reads those through
-//! their own index), or not committed yet: the skip never passes `visible`
-//! (every row below `visible` was committed, or will never exist). The next
-//! claim's main scan starts at `max(floor, skip)` for as long as that stays
-//! true:
+//! So a claim that leaves keys out also looks where the next row it could
+//! take is: the lowest pending `seq` from where its scan started that is not of
+//! a key it left out and not waiting for a retry, *held by anyone or not* (the
+//! claim's probe, in its transaction). That, but never above `visible` (every
+//! row below `visible` is committed, or will never exist), is the **skip**:
+//! every pending row below it is of a key left out, waits for a retry (the
+//! claim reads those through their own index), or will never exist. A row
+//! another relay holds is never passed, so a batch it gives back (it failed,
+//! the relay died, it was rolled back prepared) is seen at once; nor is a row of
+//! this relay's own batches. The next claim's main scan starts at
+//! `max(floor, skip)` while:
 //!
-//! * every key it left out is still left out (a key let back in may have rows
-//!   below the skip);
-//! * the floor was not lowered or reset (a replay, a sweep's find, a sequence
-//!   that went backwards);
-//! * rows this relay gives back (a released batch, a retry without back-off,
-//!   a batch that failed or was rolled back prepared) lower it to the lowest
-//!   of them;
-//! * a row its own claim deferred below it (an earlier event of its key is
-//!   held elsewhere) adds that key to the keys it needs left out;
-//! * [`RESCAN`] (60 s) has not passed: a row another relay held and gave back
-//!   and does not claim again itself (it died and nothing replaces it) is
-//!   seen within it.
+//! * every key it left out is still left out (a key let back in has rows below
+//!   the skip);
+//! * the floor was not lowered or reset since (a replay, a sweep's find, a
+//!   sequence that went backwards);
+//! * [`RESCAN`] (60 s) has not passed: a safety net, like the sweep below the
+//!   floor, for a row made pending again some other way.
 //!
 //! The skip only decides where the *main* scan starts. The per-key order check
 //! (the fence) still reads every key of the batch from the floor, so a row the
@@ -42,9 +40,9 @@ use std::time::{Duration, Instant};
 const LEFT_OUT_FIRST: Duration = Duration::from_millis(500);
 /// Found held again as soon as it was let back in, a key is left out twice as
 /// long each time, up to this. (Letting it back in costs a claim of a batch of
-/// its rows, locked and given back: every 500 ms, that was most of what a
-/// relay spent on a hot key another relay works through.)
-const LEFT_OUT_LONGEST: Duration = Duration::from_secs(4);
+/// its rows, locked and given back.) It bounds how long this relay waits to
+/// take a key over from a relay that died holding it.
+const LEFT_OUT_LONGEST: Duration = Duration::from_secs(2);
 /// At most this many keys are left out at once.
 const LEFT_OUT_MAX: usize = 10_000;
 
@@ -70,6 +68,11 @@ impl LeftOut {
         }
     }
 
+    /// Lets every key back in (a batch that held them was resolved here).
+    pub(super) fn clear(&mut self) {
+        self.keys.clear();
+    }
+
     /// The keys left out at `now`.
     pub(super) fn current(&mut self, now: Instant) -> Vec<String> {
         self.forget(now);
@@ -82,11 +85,8 @@ impl LeftOut {
     }
 }
 
-/// How long a skip is trusted at most: the bound on how long a row another
-/// relay gave back below it waits for this relay, when that relay does not
-/// claim it again itself (it died and nothing replaces it). The same bound as
-/// the default `relay.sweep_interval`, the safety net for rows below the floor;
-/// each rescan reads the held key's backlog once.
+/// How long a skip is trusted at most (a safety net: see the module's docs).
+/// Each rescan reads a held key's backlog once.
 pub(super) const RESCAN: Duration = Duration::from_secs(60);
 
 /// What a skip was established under, and where it is.
@@ -99,7 +99,7 @@ pub(super) struct Skip {
 }
 
 /// What a claim knew when it started: the inputs of [`Skip::start`] and
-/// [`Skip::after_scan`].
+/// [`Skip::after_claim`].
 #[derive(Debug, Clone)]
 pub(super) struct ScanContext {
     pub(super) floor: i64,
@@ -108,35 +108,11 @@ pub(super) struct ScanContext {
     pub(super) lowerings: u64,
 }
 
-/// What the main scan returned.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct MainScan {
-    /// Rows the main scan was allowed (its limit after the retries due).
-    pub(super) limit: i64,
-    /// Rows it returned.
-    pub(super) rows: i64,
-    /// The lowest `seq` it returned.
-    pub(super) first: Option<i64>,
-}
-
 impl Skip {
     fn valid(&self, cx: &ScanContext) -> bool {
         self.lowerings == cx.lowerings
             && self.since.elapsed() < RESCAN
             && self.keys.iter().all(|k| cx.blocked.contains(k))
-    }
-
-    /// Rows from `seq` on were given back: pending again, held by nobody.
-    pub(super) fn lower(&mut self, seq: i64) {
-        self.at = self.at.min(seq);
-    }
-
-    /// This relay's claim deferred a row of `key` at `seq` (it released it):
-    /// below the skip, it may be passed only while `key` is left out.
-    pub(super) fn deferred(&mut self, seq: i64, key: &str) {
-        if seq < self.at {
-            self.keys.insert(key.to_string());
-        }
     }
 
     /// Where the main scan starts: the floor, or the skip above it when it
@@ -148,30 +124,20 @@ impl Skip {
         }
     }
 
-    /// The skip after a main scan that started at `start`. A scan that left
-    /// no key out keeps the one before as it is: it stays right for when its
-    /// keys are left out again (another relay still holds them, this relay
-    /// just looked), and [`Skip::start`] checks it each time.
-    pub(super) fn after_scan(prev: Option<Skip>, cx: &ScanContext, start: i64, main: MainScan) -> Option<Skip> {
+    /// The skip after a claim that left `cx.blocked` out, scanned from
+    /// `start`, and whose probe found `next`: the lowest pending, not waiting
+    /// `seq` from `start` on whose key was not left out, held by anyone.
+    ///
+    /// A claim that left no key out keeps the skip before as it is: it stays
+    /// right for when its keys are left out again (another relay still holds
+    /// them, this relay just looked), and [`Skip::start`] checks it each time.
+    pub(super) fn after_claim(prev: Option<Skip>, cx: &ScanContext, next: Option<i64>) -> Option<Skip> {
         if cx.blocked.is_empty() {
             return prev;
         }
         let prev = prev.filter(|s| s.valid(cx));
-        let at = if main.rows < main.limit {
-            // Read to the end: every pending row from `start` on, committed
-            // when the scan ran, was left out or held.
-            cx.visible
-        } else if let Some(first) = main.first {
-            first.min(cx.visible)
-        } else {
-            // Allowed no rows (the retries due filled the batch): it read nothing.
-            return prev;
-        };
-        if at <= cx.floor.max(start) && prev.is_some() {
-            return prev;
-        }
         Some(Skip {
-            at,
+            at: next.map_or(cx.visible, |n| n.min(cx.visible)),
             keys: cx.blocked.iter().cloned().collect(),
             lowerings: cx.lowerings,
             // A skip that goes on from a trusted one is only as fresh as it.
@@ -188,17 +154,13 @@ mod tests {
         ScanContext { floor, visible, blocked: blocked.iter().map(|s| s.to_string()).collect(), lowerings: 0 }
     }
 
-    fn full(first: i64) -> MainScan {
-        MainScan { limit: 100, rows: 100, first: Some(first) }
-    }
-
     #[test]
     fn a_key_found_held_again_at_once_is_left_out_longer_each_time_and_forgotten_later() {
         let mut l = LeftOut::default();
         let mut t = Instant::now();
         let ms = Duration::from_millis;
-        // Found held again 10 ms after each period ends: 0.5, 1, 2, 4, 4 s.
-        for period in [500, 1000, 2000, 4000, 4000] {
+        // Found held again 10 ms after each period ends: 0.5, 1, 2, 2 s.
+        for period in [500, 1000, 2000, 2000] {
             l.add(vec!["hot".into()], t);
             assert_eq!(l.current(t + ms(period - 10)), vec!["hot".to_string()], "{period} ms");
             assert!(l.current(t + ms(period + 10)).is_empty(), "let back in after {period} ms");
@@ -211,58 +173,47 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_past_a_left_out_key_starts_the_next_claim_where_it_found_rows() {
+    fn a_claim_that_leaves_a_key_out_starts_the_next_at_the_next_row_it_could_take() {
         let c = cx(10, 50_000, &["hot"]);
-        let s = Skip::after_scan(None, &c, 10, full(20_011)).unwrap();
+        let s = Skip::after_claim(None, &c, Some(20_011)).unwrap();
         assert_eq!(Skip::start(Some(&s), &c), 20_011);
-        // Found nothing at all: everything committed up to `visible` was looked at.
-        let s = Skip::after_scan(None, &c, 10, MainScan { limit: 100, rows: 0, first: None }).unwrap();
+        // Nothing but left-out rows: everything committed up to `visible` was looked at.
+        let s = Skip::after_claim(None, &c, None).unwrap();
         assert_eq!(Skip::start(Some(&s), &c), 50_000);
     }
 
     #[test]
     fn the_skip_never_passes_rows_that_may_still_commit() {
         let c = cx(10, 15_000, &["hot"]);
-        let s = Skip::after_scan(None, &c, 10, full(20_011)).unwrap();
+        let s = Skip::after_claim(None, &c, Some(20_011)).unwrap();
         assert_eq!(Skip::start(Some(&s), &c), 15_000);
     }
 
     #[test]
     fn no_key_left_out_means_no_skip_and_keeps_the_one_for_when_they_are_again() {
         let none = cx(10, 50_000, &[]);
-        assert!(Skip::after_scan(None, &none, 10, full(20_011)).is_none());
+        assert!(Skip::after_claim(None, &none, Some(20_011)).is_none());
         let hot = cx(10, 50_000, &["hot"]);
-        let s = Skip::after_scan(None, &hot, 10, full(20_011));
+        let s = Skip::after_claim(None, &hot, Some(20_011));
         // The key's block ran out: one claim from the floor, then it is left out again.
-        let s = Skip::after_scan(s, &none, 10, full(101));
+        let s = Skip::after_claim(s, &none, Some(101));
         assert_eq!(Skip::start(s.as_ref(), &none), 10);
         assert_eq!(Skip::start(s.as_ref(), &hot), 20_011);
     }
 
     #[test]
-    fn the_skip_ends_or_drops_when_a_key_is_let_back_in_the_floor_is_lowered_or_rows_come_back() {
+    fn the_skip_ends_when_a_key_is_let_back_in_the_floor_is_lowered_or_after_the_rescan_period() {
         let c = cx(10, 50_000, &["hot"]);
-        let s = Skip::after_scan(None, &c, 10, full(20_011)).unwrap();
+        let s = Skip::after_claim(None, &c, Some(20_011)).unwrap();
         assert_eq!(Skip::start(Some(&s), &cx(10, 50_000, &["hot", "other"])), 20_011, "more keys left out");
         assert_eq!(Skip::start(Some(&s), &cx(10, 50_000, &["other"])), 10, "hot let back in");
         assert_eq!(Skip::start(Some(&s), &ScanContext { lowerings: 1, ..c.clone() }), 10, "replay");
-        let mut lowered = s.clone();
-        lowered.lower(15_000);
-        assert_eq!(Skip::start(Some(&lowered), &c), 15_000, "gave rows back from 15000 on");
-        let mut deferred = s.clone();
-        deferred.deferred(12_000, "k");
-        deferred.deferred(30_000, "later");
-        assert_eq!(Skip::start(Some(&deferred), &c), 10, "k is not left out: its row below the skip may go");
-        assert_eq!(Skip::start(Some(&deferred), &cx(10, 50_000, &["hot", "k"])), 20_011);
-        let old = Skip { since: Instant::now() - RESCAN, ..s };
+        let old = Skip { since: Instant::now() - RESCAN, ..s.clone() };
         assert_eq!(Skip::start(Some(&old), &c), 10, "too old");
-    }
-
-    #[test]
-    fn a_batch_filled_by_retries_keeps_the_skip() {
-        let c = cx(10, 50_000, &["hot"]);
-        let s = Skip::after_scan(None, &c, 10, full(20_011));
-        let kept = Skip::after_scan(s, &c, 20_011, MainScan { limit: 0, rows: 0, first: None }).unwrap();
-        assert_eq!(Skip::start(Some(&kept), &c), 20_011);
+        // Going on from a trusted skip keeps its age.
+        let next = Skip::after_claim(Some(old), &c, Some(30_000)).unwrap();
+        assert!(next.since.elapsed() < RESCAN, "an untrusted skip is not inherited");
+        let later = Skip::after_claim(Some(s.clone()), &c, Some(30_000)).unwrap();
+        assert_eq!(later.since, s.since);
     }
 }

@@ -89,7 +89,8 @@ pub(crate) struct ClaimCost {
 /// hot key whose first 500 events another session holds locked (as another
 /// relay's batch would: its claims see the key held, the whole time). Other
 /// keys are written at 1k ev/s for 20 s each time. From pg_stat_statements:
-/// the claim statement's calls, shared buffers and execution time on that table.
+/// the claim statement's calls, and the shared buffers and execution time of
+/// the claim and its probe on that table.
 pub(crate) async fn hotkey_claim_cost(env: &Env, args: &Args, backlog: i64) -> ClaimCost {
     let table = env.new_table("hotcost");
     let topics = env.topics(&table, &TOPICS, 6, true).await;
@@ -141,13 +142,16 @@ pub(crate) async fn hotkey_claim_cost(env: &Env, args: &Args, backlog: i64) -> C
     }
 }
 
-/// Calls, shared buffers and execution time (ms) of `table`'s claim statement so far.
+/// Calls of `table`'s claim statement so far, and the shared buffers and
+/// execution time (ms) of it and the probe that runs with it.
 async fn claim_stats(db: &tokio_postgres::Client, table: &str) -> (i64, i64, f64) {
     let r = db
         .query_one(
-            "SELECT coalesce(sum(calls), 0)::int8, coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8,
+            "SELECT coalesce(sum(calls) FILTER (WHERE query LIKE 'WITH due AS%'), 0)::int8,
+                    coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8,
                     coalesce(sum(total_exec_time), 0)::float8
-             FROM pg_stat_statements WHERE query LIKE 'WITH due AS%' AND query LIKE '%\"' || $1 || '\"%'",
+             FROM pg_stat_statements WHERE (query LIKE 'WITH due AS%' OR query LIKE 'SELECT (SELECT seq FROM%AS head%')
+               AND query LIKE '%\"' || $1 || '\"%'",
             &[&table],
         )
         .await
