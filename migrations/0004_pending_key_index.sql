@@ -13,7 +13,8 @@
 -- seq order from the relay's floor to the end of its batch: every event of a
 -- hot key whose head another relay holds sat in that range, so each claim of
 -- every other relay grew with the hot key's backlog (100k events: a walk of
--- 100k entries per claim). With it the check is one short range per key.
+-- 100k entries per claim). With it, when a batch lies far above the floor, the
+-- check is one short range per key of the batch.
 --
 -- It costs one more index entry per inserted event (the key and a bigint). It
 -- holds pending rows only: published and parked rows leave it, so it stays as
