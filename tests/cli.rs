@@ -109,6 +109,16 @@ async fn check_passes_on_a_migrated_table_and_lists_problems_otherwise() {
     assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
     assert!(out.contains("postgres reachable") && out.contains("kafka reachable") && out.contains("complete"), "{out}");
 
+    // An interrupted concurrent build leaves an invalid index: named, with the fix.
+    let db = pg().await;
+    db.batch_execute(&format!("INSERT INTO {t} (topic) VALUES ('same'), ('same')", t = ob.qualified())).await.unwrap();
+    let unique = format!("CREATE UNIQUE INDEX CONCURRENTLY {}_bad ON {} (topic)", ob.table, ob.qualified());
+    assert!(db.batch_execute(&unique).await.is_err(), "duplicate topics: the build fails");
+    let o = relay_cmd(&ob.table, &[]).arg("check").output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&format!("{}_bad", ob.table)) && out.contains("are invalid"), "{out}");
+    assert!(!out.contains("pending key index"), "0004's index is there and valid: {out}");
+
     pg().await.batch_execute(&format!("ALTER TABLE {} DROP COLUMN parked_at", ob.qualified())).await.unwrap();
     let o = relay_cmd(&ob.table, &[]).arg("check").output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);

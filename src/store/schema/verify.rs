@@ -113,9 +113,28 @@ async fn privileges(client: &Object, table: &TableName) -> Result<Vec<SchemaProb
     ))])
 }
 
-/// The pending-rows partial index keeps claims fast however large the table;
-/// the retry-due index keeps retries off the pending index; no index is left
-/// invalid by an interrupted concurrent build.
+/// One of the table's indexes: its name, its definition as `pg_get_indexdef`
+/// prints it, and whether it is valid (an interrupted concurrent build leaves
+/// it invalid, and the planner never uses it).
+struct IndexDef {
+    name: String,
+    def: String,
+    valid: bool,
+}
+
+async fn index_defs(client: &Object, table: &TableName) -> Result<Vec<IndexDef>, StoreError> {
+    Ok(client
+        .query(
+            "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid), indisvalid
+             FROM pg_index WHERE indrelid = $1::text::regclass",
+            &[&table.quoted()],
+        )
+        .await?
+        .iter()
+        .map(|r| IndexDef { name: r.get(0), def: r.get(1), valid: r.get(2) })
+        .collect())
+}
+
 /// Migration 0004's index, as `pg_get_indexdef` prints it.
 fn is_pending_key_index(def: &str) -> bool {
     def.contains("(key, seq)")
@@ -126,25 +145,16 @@ fn is_pending_key_index(def: &str) -> bool {
 /// Does the table have migration 0004's pending key index (valid, so the
 /// planner uses it)?
 pub(crate) async fn has_pending_key_index(client: &Object, table: &TableName) -> Result<bool, StoreError> {
-    let rows = client
-        .query(
-            "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = $1::text::regclass AND indisvalid",
-            &[&table.quoted()],
-        )
-        .await?;
-    Ok(rows.iter().any(|r| is_pending_key_index(r.get(0))))
+    Ok(index_defs(client, table).await?.iter().any(|i| i.valid && is_pending_key_index(&i.def)))
 }
 
+/// The pending-rows partial index keeps claims fast however large the table;
+/// the retry-due index keeps retries off the pending index; the pending key
+/// index keeps a held hot key's backlog out of other relays' claims; no index
+/// is left invalid by an interrupted concurrent build.
 async fn indexes(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem>, StoreError> {
-    let defs: Vec<String> = client
-        .query(
-            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i WHERE i.indrelid = $1::text::regclass",
-            &[&table.quoted()],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let all = index_defs(client, table).await?;
+    let defs: Vec<&str> = all.iter().map(|i| i.def.as_str()).collect();
     let mut problems = Vec::new();
     let has_pending = defs
         .iter()
@@ -169,15 +179,7 @@ async fn indexes(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem
              included; migration 0004_pending_key_index.sql adds it; {FIX}"
         )));
     }
-    let invalid: Vec<String> = client
-        .query(
-            "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = $1::text::regclass AND NOT indisvalid",
-            &[&table.quoted()],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let invalid: Vec<&str> = all.iter().filter(|i| !i.valid).map(|i| i.name.as_str()).collect();
     if !invalid.is_empty() {
         problems.push(warning(format!(
             "index(es) {} of {table} are invalid (an interrupted CREATE INDEX CONCURRENTLY): DROP INDEX \
