@@ -84,20 +84,7 @@ async fn a_hot_key_another_relay_holds_does_not_defer_a_relays_whole_claim() {
     }
     let other = ob.spawn_relay(&[batch, ("OUTBOX_RELAY__RELAY__ID", "other")]);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    db.execute(
-        &format!(
-            "INSERT INTO {t} (topic, key, payload)
-             SELECT $1, 'key-' || (i % 20), jsonb_build_object('i', i) FROM generate_series(1, 200) i"
-        ),
-        &[&topic],
-    )
-    .await
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while ob.count("key <> 'hot' AND published_at IS NULL").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "other keys not published: {}", other.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    publish_other_keys(&ob, &topic, 200, 20, &other).await;
     let hot_left = ob.count("key = 'hot' AND published_at IS NULL").await;
     assert!(
         hot_left >= 1000,
@@ -110,6 +97,27 @@ async fn a_hot_key_another_relay_holds_does_not_defer_a_relays_whole_claim() {
     for r in [holder, other] {
         let (code, err) = r.terminate(Duration::from_secs(30));
         assert_eq!(code, Some(0), "{err}");
+    }
+}
+
+/// Writes `n` events over `keys` keys other than the hot one, and waits (60 s
+/// at most) until `relay` (or any) has published every one of them.
+async fn publish_other_keys(ob: &Outbox, topic: &str, n: i64, keys: i64, relay: &RelayProcess) {
+    pg().await
+        .execute(
+            &format!(
+                "INSERT INTO {} (topic, key, payload)
+                 SELECT $1, 'key-' || (i % {keys}), jsonb_build_object('i', i) FROM generate_series(1, {n}) i",
+                ob.qualified()
+            ),
+            &[&topic],
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ob.count("key <> 'hot' AND published_at IS NULL").await > 0 {
+        assert!(std::time::Instant::now() < deadline, "other keys not published: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -161,20 +169,7 @@ async fn a_hot_key_backlog_another_relay_holds_costs_nothing_to_this_relays_clai
         .await
         .unwrap();
     let relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100")]);
-    db.execute(
-        &format!(
-            "INSERT INTO {t} (topic, key, payload)
-             SELECT $1, 'key-' || (i % 30), jsonb_build_object('i', i) FROM generate_series(1, 300) i"
-        ),
-        &[&topic],
-    )
-    .await
-    .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while ob.count("key <> 'hot' AND published_at IS NULL").await > 0 {
-        assert!(std::time::Instant::now() < deadline, "other keys not published: {}", relay.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    publish_other_keys(&ob, &topic, 300, 30, &relay).await;
     // Settled: the relay now claims over and over, finding only the held key.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (buf0, calls0) = claim_buffers(&db, &ob.table).await;
