@@ -17,6 +17,9 @@ pub struct OutboxEvent {
     pub attempts: i32,
     /// `created_at` in microseconds since the Unix epoch.
     pub created_at_us: i64,
+    /// The Kafka partition the row names (migration 0005); `None`: the key
+    /// decides.
+    pub partition: Option<i32>,
 }
 
 /// The Kafka header that carries the event ID.

@@ -29,7 +29,7 @@ pub use log::{LogConfig, LogFormat};
 pub use outbox::OutboxConfig;
 pub use pg_url::{redact_url, split_url, TlsMode};
 pub use postgres::PostgresConfig;
-pub use relay::{Delivery, OnPublish, Ordering, RelayConfig};
+pub use relay::{Delivery, MessageTimestamp, OnPublish, Ordering, RelayConfig};
 pub use table::TableName;
 
 /// Name of the file read when `--config` is not given and the file exists.

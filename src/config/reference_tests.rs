@@ -40,6 +40,7 @@ fn code_default(s: &Settings, key: &str) -> Option<Shown> {
         "relay.retention" => d(s.relay.retention),
         "relay.max_attempts" => t(&s.relay.max_attempts),
         "relay.retry_backoff" => d(s.relay.retry_backoff),
+        "relay.message_timestamp" => t(&s.relay.message_timestamp.as_str()),
         "relay.ordering" => t(&s.relay.ordering.as_str()),
         "relay.delivery" => t(&s.relay.delivery.as_str()),
         "relay.recovery_timeout" => d(s.relay.recovery_timeout),

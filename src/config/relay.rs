@@ -34,6 +34,16 @@ pub enum Delivery {
     ExactlyOnce,
 }
 
+/// Where a Kafka message's timestamp comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageTimestamp {
+    /// The row's `created_at`: when the application wrote the event.
+    CreatedAt,
+    /// Left to the producer: the time the relay sends it.
+    SendTime,
+}
+
+string_enum!(MessageTimestamp { "created_at" => CreatedAt, "send_time" => SendTime });
 string_enum!(OnPublish { "mark" => Mark, "delete" => Delete });
 string_enum!(Ordering { "per-key" => PerKey, "strict" => Strict });
 string_enum!(Delivery { "at-least-once" => AtLeastOnce, "exactly-once" => ExactlyOnce });
@@ -81,6 +91,12 @@ pub struct RelayConfig {
     /// most 5 minutes. Later events of its key wait meanwhile; other keys flow.
     #[serde(default = "default_retry_backoff", with = "duration")]
     pub retry_backoff: Duration,
+    /// The Kafka message timestamp: `created_at` (the row's, when the
+    /// application wrote the event) or `send_time` (the producer's clock when
+    /// the relay sends it). A topic with `message.timestamp.type=LogAppendTime`
+    /// replaces either with the broker's.
+    #[serde(default = "default_message_timestamp")]
+    pub message_timestamp: MessageTimestamp,
     /// `per-key` or `strict` (a parked event blocks its own key).
     #[serde(default = "default_ordering")]
     pub ordering: Ordering,
@@ -134,6 +150,9 @@ fn default_max_attempts() -> u32 {
 fn default_retry_backoff() -> Duration {
     Duration::from_secs(1)
 }
+fn default_message_timestamp() -> MessageTimestamp {
+    MessageTimestamp::CreatedAt
+}
 fn default_ordering() -> Ordering {
     Ordering::PerKey
 }
@@ -168,6 +187,7 @@ impl Default for RelayConfig {
             retention: default_retention(),
             max_attempts: default_max_attempts(),
             retry_backoff: default_retry_backoff(),
+            message_timestamp: default_message_timestamp(),
             ordering: default_ordering(),
             delivery: default_delivery(),
             recovery_timeout: default_recovery_timeout(),

@@ -16,7 +16,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, Thre
 
 use super::acks::{BatchAcks, RelayContext};
 use super::{classify, producer_config, Epoch, SendResult, Sent, Sink, SinkError, RELAY_ID_HEADER};
-use crate::config::Settings;
+use crate::config::{MessageTimestamp, Settings};
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 use crate::telemetry::events::ProducerRebuilt;
 use crate::telemetry::Emit;
@@ -32,15 +32,18 @@ pub(super) type RelayProducer = ThreadedProducer<RelayContext>;
 pub struct KafkaSink {
     pub(super) config: ClientConfig,
     relay_id: String,
+    /// Stamp each message with its row's `created_at`.
+    created_at_timestamps: bool,
     /// The producer and its epoch, replaced together.
     current: RwLock<(Epoch, RelayProducer)>,
     rebuilds: AtomicU64,
 }
 
 impl KafkaSink {
-    /// The Kafka message of one event: its topic, key, payload and headers
-    /// (the row's, then `event_id` and `outbox_relay_id`). Err: the row's
-    /// headers are malformed.
+    /// The Kafka message of one event: its topic, key, payload, headers (the
+    /// row's, then `event_id` and `outbox_relay_id`), partition when the row
+    /// names one, and timestamp. Err: the row's headers or partition are
+    /// malformed.
     fn record<'a>(&self, ev: &'a OutboxEvent, opaque: Opaque) -> Result<Record<'a>, String> {
         let headers = parse_headers(&ev.headers, &ev.id)?;
         let id = ev.id.to_string();
@@ -56,6 +59,15 @@ impl KafkaSink {
         }
         if let Some(payload) = &ev.payload {
             record = record.payload(payload.as_slice());
+        }
+        match ev.partition {
+            // librdkafka reads -1 as "let the partitioner decide".
+            Some(p) if p < 0 => return Err(format!("malformed partition: {p} is negative (NULL lets the key decide)")),
+            Some(p) => record = record.partition(p),
+            None => {}
+        }
+        if self.created_at_timestamps {
+            record = record.timestamp(ev.created_at_us.div_euclid(1000));
         }
         Ok(record)
     }
@@ -79,6 +91,7 @@ impl KafkaSink {
         Ok(KafkaSink {
             config,
             relay_id: settings.relay_id(),
+            created_at_timestamps: settings.relay.message_timestamp == MessageTimestamp::CreatedAt,
             current: RwLock::new((0, producer)),
             rebuilds: Default::default(),
         })

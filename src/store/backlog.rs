@@ -23,24 +23,8 @@ impl Store {
         let floor = self.floor().get();
         let t = self.table().quoted();
         let client = self.client().await?;
-        let row = client
-            .query_one(
-                &format!(
-                    "SELECT
-                       (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1)
-                         + (SELECT count(*) FROM {t} WHERE retry_at IS NOT NULL
-                              AND coalesce(published_at, parked_at) IS NULL AND seq + 0 < $1),
-                       (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM (
-                          (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1
-                           ORDER BY seq LIMIT 1)
-                          UNION ALL
-                          (SELECT created_at FROM {t} WHERE retry_at IS NOT NULL
-                             AND coalesce(published_at, parked_at) IS NULL AND seq + 0 < $1 ORDER BY seq + 0 LIMIT 1)) h),
-                       (SELECT count(*) FROM {t} WHERE parked_at IS NOT NULL)"
-                ),
-                &[&floor],
-            )
-            .await?;
+        let shape = self.shaped(&client).await?.claim.shape;
+        let row = client.query_one(&backlog_sql(&t, shape), &[&floor]).await?;
         drop(client);
         let prepared = self.prepared_any(&self.transactional_prefixes().await).await?;
         Ok(Backlog {
@@ -51,4 +35,43 @@ impl Store {
             oldest_prepared_age_s: prepared.iter().map(|p| p.age_s).fold(0.0, f64::max),
         })
     }
+}
+
+/// Pending: from the floor on, plus events waiting for a retry (wherever they
+/// are). With migration 0005, delayed events count once their time has come,
+/// and their age runs from then: an event scheduled for tomorrow is not
+/// behind today.
+fn backlog_sql(t: &str, shape: super::shape::Shape) -> String {
+    let parked = format!("(SELECT count(*) FROM {t} WHERE parked_at IS NOT NULL)");
+    let Some(delayed) = shape.delayed("") else {
+        return format!(
+            "SELECT
+               (SELECT count(*) FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1)
+                 + (SELECT count(*) FROM {t} WHERE retry_at IS NOT NULL
+                      AND coalesce(published_at, parked_at) IS NULL AND seq + 0 < $1),
+               (SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM (
+                  (SELECT created_at FROM {t} WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $1
+                   ORDER BY seq LIMIT 1)
+                  UNION ALL
+                  (SELECT created_at FROM {t} WHERE retry_at IS NOT NULL
+                     AND coalesce(published_at, parked_at) IS NULL AND seq + 0 < $1 ORDER BY seq + 0 LIMIT 1)) h),
+               {parked}"
+        );
+    };
+    let ready = shape.ready("");
+    let waiting = "retry_at IS NOT NULL AND coalesce(published_at, parked_at) IS NULL";
+    format!(
+        "SELECT
+           (SELECT count(*) FROM {t} WHERE {ready} AND seq >= $1)
+             + (SELECT count(*) FROM {t} WHERE {waiting})
+             + (SELECT count(*) FROM {t} WHERE deliver_after <= now() AND {delayed}),
+           (SELECT coalesce(extract(epoch FROM now() - min(since)), 0)::float8 FROM (
+              (SELECT created_at AS since FROM {t} WHERE {ready} AND seq >= $1 ORDER BY seq LIMIT 1)
+              UNION ALL
+              (SELECT min(created_at) FROM {t} WHERE {waiting})
+              UNION ALL
+              (SELECT deliver_after FROM {t} WHERE deliver_after <= now() AND {delayed}
+               ORDER BY deliver_after LIMIT 1)) h),
+           {parked}"
+    )
 }

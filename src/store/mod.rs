@@ -10,6 +10,7 @@
 
 mod backlog;
 mod claim;
+mod claim_sql;
 mod connection;
 mod error;
 mod finish;
@@ -20,6 +21,7 @@ mod listen;
 mod ops;
 mod prepared;
 mod schema;
+mod shape;
 mod skip;
 mod sweep;
 mod tls;
@@ -53,10 +55,16 @@ pub struct Store {
     pg: tokio_postgres::Config,
     tls: MakeTlsConnector,
     table: TableName,
-    claim_sql: Arc<claim::ClaimSql>,
+    ordering: Ordering,
     finish_sql: Arc<finish::FinishSql>,
-    sweep_sql: Arc<sweep::SweepSql>,
     shared: Arc<Shared>,
+}
+
+/// The statements that depend on the table's shape, built for the shape last
+/// seen.
+struct ShapedSql {
+    claim: claim_sql::ClaimSql,
+    sweep: sweep::SweepSql,
 }
 
 /// State every clone of a store shares: where claims start, which keys are
@@ -66,9 +74,10 @@ struct Shared {
     blocked: Mutex<skip::LeftOut>,
     /// Where the main scan may start above the floor while keys are left out.
     skip: Mutex<Option<skip::Skip>>,
-    /// Has the table migration 0004's pending key index? `None`: not looked
-    /// up yet (the first claim does; every schema check looks again).
-    key_index: Mutex<Option<bool>>,
+    /// What the table offers (migrations 0004 and 0005) and the statements
+    /// built for it. `None`: not looked up yet (the first claim does; every
+    /// schema check looks again).
+    shaped: Mutex<Option<Arc<ShapedSql>>>,
     /// A sweep below the floor is running (at most one at a time: a slow one
     /// must not pile up and take the pool's connections from the claims).
     sweeping: std::sync::atomic::AtomicBool,
@@ -92,7 +101,7 @@ impl Store {
             floor: Mutex::new(Floor::default()),
             blocked: Mutex::new(skip::LeftOut::default()),
             skip: Mutex::new(None),
-            key_index: Mutex::new(None),
+            shaped: Mutex::new(None),
             sweeping: std::sync::atomic::AtomicBool::new(false),
             seq_oid: Mutex::new(None),
             keepalive: (!idle.is_zero()).then(|| (idle / 3).max(Duration::from_millis(100))),
@@ -103,9 +112,8 @@ impl Store {
             pool,
             pg,
             tls,
-            claim_sql: Arc::new(claim::ClaimSql::new(&table, relay.ordering)),
+            ordering: relay.ordering,
             finish_sql: Arc::new(finish::FinishSql::new(&table, relay.on_publish, relay.retry_backoff)),
-            sweep_sql: Arc::new(sweep::SweepSql::new(&table)),
             table,
             shared,
         })
@@ -134,7 +142,7 @@ impl Store {
     }
 
     pub fn ordering(&self) -> Ordering {
-        self.claim_sql.ordering
+        self.ordering
     }
 
     /// How long the oldest transaction this store holds open has been open (any
@@ -159,11 +167,43 @@ impl Store {
         let client = self.client().await?;
         let problems = schema::verify(&client, &self.table).await?;
         if !problems.iter().any(|p| p.fatal) {
-            if let Ok(key_index) = schema::has_pending_key_index(&client, &self.table).await {
-                *self.shared.key_index.lock().unwrap_or_else(|p| p.into_inner()) = Some(key_index);
+            if let Ok(shape) = schema::shape(&client, &self.table).await {
+                self.set_shape(shape);
             }
         }
         Ok(problems)
+    }
+
+    /// The statements for the table's shape, looked up at the first call.
+    async fn shaped(&self, client: &deadpool_postgres::Object) -> Result<Arc<ShapedSql>, StoreError> {
+        if let Some(known) = self.shared.shaped.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(known);
+        }
+        let shape = schema::shape(client, &self.table).await?;
+        Ok(self.set_shape(shape))
+    }
+
+    /// Builds the statements for `shape`, unless they are built already.
+    fn set_shape(&self, shape: shape::Shape) -> Arc<ShapedSql> {
+        let mut current = self.shared.shaped.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(same) = current.as_ref().filter(|s| s.claim.shape == shape) {
+            return same.clone();
+        }
+        if !shape.key_index {
+            tracing::warn!(
+                table = %self.table,
+                "the table lacks the pending key index of migration 0004: with several relays, a claim's order \
+                 check reads every pending event between the floor and its batch; run `outbox-relay migrate`"
+            );
+        }
+        tracing::info!(table = %self.table, key_index = shape.key_index, deliver_after = shape.delay,
+            partition = shape.partition, ready_index = shape.ready_index, "claims built for the table's schema");
+        let built = Arc::new(ShapedSql {
+            claim: claim_sql::ClaimSql::new(&self.table, self.ordering, shape),
+            sweep: sweep::SweepSql::new(&self.table, shape),
+        });
+        *current = Some(built.clone());
+        built
     }
 
     /// Applies the bundled migrations that are not yet recorded. Returns the names

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 
+use super::shape::Shape;
 use super::{Store, StoreError};
 use crate::config::TableName;
 
@@ -14,24 +15,28 @@ pub(super) struct SweepSql {
 }
 
 impl SweepSql {
-    pub(super) fn new(table: &TableName) -> SweepSql {
+    pub(super) fn new(table: &TableName, shape: Shape) -> SweepSql {
         let t = table.quoted();
-        let pending = "published_at IS NULL AND parked_at IS NULL";
+        let ready = shape.ready("");
         let waiting = "coalesce(published_at, parked_at) IS NULL";
+        let late = shape
+            .delayed("")
+            .map(|d| {
+                format!("\n                     OR EXISTS (SELECT 1 FROM {t} WHERE deliver_after <= now() AND {d})")
+            })
+            .unwrap_or_default();
         SweepSql {
             // An idle relay's look at the outbox between claims: one statement, no
             // transaction, two index probes (from the floor; the retry index).
             pending: format!(
-                "SELECT EXISTS (SELECT 1 FROM {t} WHERE {pending} AND retry_at IS NULL AND seq >= $1)
-                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at IS NOT NULL AND retry_at <= now() AND {waiting})
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE {ready} AND seq >= $1)
+                     OR EXISTS (SELECT 1 FROM {t} WHERE retry_at IS NOT NULL AND retry_at <= now() AND {waiting}){late}
                           AS pending,
                         {source}",
                 source = super::floor::SOURCE_COLUMNS
             ),
             // The sweep: the lowest pending row below the floor.
-            below_floor: format!(
-                "SELECT (SELECT seq FROM {t} WHERE {pending} AND retry_at IS NULL AND seq < $1 ORDER BY seq LIMIT 1)"
-            ),
+            below_floor: format!("SELECT (SELECT seq FROM {t} WHERE {ready} AND seq < $1 ORDER BY seq LIMIT 1)"),
         }
     }
 }
@@ -47,7 +52,8 @@ impl Store {
         let floor = self.floor().get();
         let client = self.client().await?;
         let oid: u32 = self.sequence_oid(&client).await.unwrap_or(0);
-        let stmt = client.prepare_cached(&self.sweep_sql.pending).await?;
+        let sql = self.shaped(&client).await?;
+        let stmt = client.prepare_cached(&sql.sweep.pending).await?;
         let row = client.query_one(&stmt, &[&floor, &oid]).await?;
         if self.floor().check_source(super::floor::read_source(&row)?) {
             tracing::warn!(table = %self.table, "the outbox's sequence went backwards (a failover, a recovery, \
@@ -100,7 +106,8 @@ impl Store {
 
     async fn lowest_pending_below(&self, below: i64) -> Result<Option<i64>, StoreError> {
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&self.sweep_sql.below_floor).await?;
+        let sql = self.shaped(&client).await?;
+        let stmt = client.prepare_cached(&sql.sweep.below_floor).await?;
         Ok(client.query_one(&stmt, &[&below]).await?.get(0))
     }
 }

@@ -8,7 +8,7 @@ mod verify;
 
 pub(super) use migrate::migrate;
 pub use render::render_migration;
-pub(super) use verify::{has_pending_key_index, verify};
+pub(super) use verify::{shape, verify};
 
 /// One numbered migration file.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "0004_pending_key_index.sql",
         sql: include_str!("../../../migrations/0004_pending_key_index.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_partition_and_delay.sql",
+        sql: include_str!("../../../migrations/0005_partition_and_delay.sql"),
     },
 ];
 

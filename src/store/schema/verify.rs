@@ -6,10 +6,12 @@ use deadpool_postgres::Object;
 
 use super::SchemaProblem;
 use crate::config::TableName;
+use crate::store::shape::Shape;
 use crate::store::StoreError;
 
 /// Columns the relay reads or writes, the types it accepts, and the migration
 /// that introduced each.
+/// (`deliver_after` and `partition`, from 0005, are optional: see `shape`.)
 const COLUMNS: &[(&str, &[&str], &str)] = &[
     ("id", &["uuid"], "0001_create_outbox.sql"),
     ("seq", &["bigint"], "0001_create_outbox.sql"),
@@ -24,6 +26,10 @@ const COLUMNS: &[(&str, &[&str], &str)] = &[
     ("parked_at", &["timestamp with time zone"], "0001_create_outbox.sql"),
     ("retry_at", &["timestamp with time zone"], "0002_retry_backoff.sql"),
 ];
+
+/// Optional columns (0005): when present, of these types.
+const OPTIONAL: &[(&str, &[&str])] =
+    &[("deliver_after", &["timestamp with time zone"]), ("partition", &["integer", "smallint"])];
 
 const FIX: &str =
     "run `outbox-relay migrate`, or apply it with your migration tool (`outbox-relay migrate --print` shows the SQL)";
@@ -76,18 +82,20 @@ async fn columns(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem
             None => problems.push(fatal(format!(
                 "table {table} has no column `{name}`: migration {migration} is not applied; {FIX}"
             ))),
-            Some(r) => {
-                let ty: String = r.get(1);
-                if !types.contains(&ty.as_str()) {
-                    problems.push(fatal(format!(
-                        "column {table}.{name} has type {ty}; the relay needs one of: {}",
-                        types.join(", ")
-                    )));
-                }
-            }
+            Some(r) => problems.extend(wrong_type(table, name, types, r.get(1))),
+        }
+    }
+    for (name, types) in OPTIONAL {
+        if let Some(r) = cols.iter().find(|r| r.get::<_, String>(0) == *name) {
+            problems.extend(wrong_type(table, name, types, r.get(1)));
         }
     }
     Ok(problems)
+}
+
+fn wrong_type(table: &TableName, name: &str, types: &[&str], ty: String) -> Option<SchemaProblem> {
+    (!types.contains(&ty.as_str()))
+        .then(|| fatal(format!("column {table}.{name} has type {ty}; the relay needs one of: {}", types.join(", "))))
 }
 
 /// What the relay does to the table: read, mark, delete, park.
@@ -142,10 +150,43 @@ fn is_pending_key_index(def: &str) -> bool {
         && def.contains("(COALESCE(published_at, parked_at) IS NULL)")
 }
 
-/// Does the table have migration 0004's pending key index (valid, so the
-/// planner uses it)?
-pub(crate) async fn has_pending_key_index(client: &Object, table: &TableName) -> Result<bool, StoreError> {
-    Ok(index_defs(client, table).await?.iter().any(|i| i.valid && is_pending_key_index(&i.def)))
+/// Migration 0005's ready index.
+fn is_ready_index(def: &str) -> bool {
+    def.contains("(seq)")
+        && def.contains("(deliver_after IS NULL)")
+        && def.contains("(retry_at IS NULL)")
+        && def.contains("(COALESCE(published_at, parked_at) IS NULL)")
+}
+
+/// Migration 0005's two indexes over delayed rows.
+fn is_delayed_index(def: &str, columns: &str) -> bool {
+    def.contains(columns)
+        && def.contains("(deliver_after IS NOT NULL)")
+        && def.contains("(retry_at IS NULL)")
+        && def.contains("(COALESCE(published_at, parked_at) IS NULL)")
+}
+
+/// What the table offers beyond 0003 (its valid indexes only: the planner
+/// ignores an invalid one).
+pub(crate) async fn shape(client: &Object, table: &TableName) -> Result<Shape, StoreError> {
+    let defs = index_defs(client, table).await?;
+    let valid = |f: &dyn Fn(&str) -> bool| defs.iter().any(|i| i.valid && f(&i.def));
+    let cols: Vec<String> = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns
+             WHERE table_schema = $1 AND table_name = $2 AND column_name IN ('deliver_after', 'partition')",
+            &[&table.schema, &table.table],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Shape {
+        key_index: valid(&is_pending_key_index),
+        delay: cols.iter().any(|c| c == "deliver_after"),
+        partition: cols.iter().any(|c| c == "partition"),
+        ready_index: valid(&is_ready_index),
+    })
 }
 
 /// The pending-rows partial index keeps claims fast however large the table;
@@ -177,6 +218,16 @@ async fn indexes(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem
             "table {table} lacks the pending key index (…_pending_key_idx ON (key, seq)): with several relays, each \
              claim's order check reads the pending index from the floor to its batch, a hot key's whole backlog \
              included; migration 0004_pending_key_index.sql adds it; {FIX}"
+        )));
+    }
+    let has_delay_indexes = defs.iter().any(|d| is_ready_index(d))
+        && defs.iter().any(|d| is_delayed_index(d, "(key, seq)"))
+        && defs.iter().any(|d| is_delayed_index(d, "(deliver_after)"));
+    if !has_delay_indexes {
+        problems.push(warning(format!(
+            "table {table} lacks the ready and delayed indexes of migration 0005_partition_and_delay.sql (and \
+             perhaps its deliver_after and partition columns): without them events waiting for deliver_after \
+             sit in the path of every claim; {FIX}"
         )));
     }
     let invalid: Vec<&str> = all.iter().filter(|i| !i.valid).map(|i| i.name.as_str()).collect();

@@ -1,0 +1,221 @@
+//! The claim's SQL, built once per table shape (shape.rs) from validated
+//! identifiers. Lookups are written in the words of one index's condition,
+//! which no other index's condition matches, so they can use only that index,
+//! whatever the statistics say. (Stale ones, from when nothing was pending,
+//! made the planner read the whole pending index for them, once per claim or
+//! once per key.)
+
+use super::shape::Shape;
+use crate::config::{Ordering, TableName};
+
+/// The claim statement and its probe for one table shape.
+#[derive(Debug)]
+pub(super) struct ClaimSql {
+    pub(super) shape: Shape,
+    /// The claim: its order check through the pending key index (migration
+    /// 0004) when the table has it, else from the floor to the batch's end.
+    pub(super) claim: String,
+    pub(super) probe: String,
+}
+
+/// Pending, in the words of migration 0001's index (retries and delayed rows
+/// included).
+const PENDING: &str = "published_at IS NULL AND parked_at IS NULL";
+// Waiting for a retry, in the words of the retry-due index (migration 0003):
+const WAITING_O: &str = "coalesce(o.published_at, o.parked_at) IS NULL";
+const WAITING_W: &str = "coalesce(w.published_at, w.parked_at) IS NULL";
+// Pending and not waiting for a retry, in the words of the pending key index
+// (0004; it holds delayed rows too, which hold back their key's later rows):
+const PENDING_P: &str = "p.retry_at IS NULL AND coalesce(p.published_at, p.parked_at) IS NULL";
+
+impl ClaimSql {
+    pub(super) fn new(table: &TableName, ordering: Ordering, shape: Shape) -> ClaimSql {
+        let t = table.quoted();
+        let fence = if shape.key_index { fence_by_key(&t, shape) } else { fence_by_range(&t, shape) };
+        let ready = shape.ready("");
+        ClaimSql {
+            claim: claim_sql(&t, ordering, shape, &fence),
+            // Run right after the claim, in its transaction: the head (lowest
+            // ready seq at or above the floor, held by anyone), when $3, who
+            // holds the identity sequence's ($2) lock, where sequence values
+            // come from (see floor.rs), and when keys were left out ($5), the
+            // lowest such seq from the scan's start ($4) whose key was not
+            // (skip.rs).
+            probe: format!(
+                "SELECT (SELECT seq FROM {t} WHERE {ready} AND seq >= $1 ORDER BY seq LIMIT 1)
+                          AS head,
+                        CASE WHEN cardinality($5::text[]) > 0 THEN (
+                          SELECT seq FROM {t} WHERE {ready} AND seq >= $4
+                            AND (key IS NULL OR NOT (key = ANY($5))) ORDER BY seq LIMIT 1) END
+                          AS next,
+                        CASE WHEN $3 AND $2::oid <> 0 THEN ARRAY(
+                          SELECT virtualtransaction FROM pg_locks
+                          WHERE locktype = 'relation' AND relation = $2::oid
+                            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) END
+                          AS lockers,
+                        {source}",
+                source = super::floor::SOURCE_COLUMNS
+            ),
+            shape,
+        }
+    }
+}
+
+/// The claim statement around one of the two fences below.
+///
+/// $1 floor, $2 limit, $3 ids this relay holds in its other open batch, $4 keys
+/// to leave out (another relay holds their head), $5 where the main scan
+/// starts (the floor, or the skip above it: skip.rs).
+///
+/// `due`: events whose retry time has come, wherever they are (the floor passes
+/// events that wait), read through the retry-due index by `retry_at`: never the
+/// pending index below the floor. `late` (with migration 0005): delayed events
+/// whose `deliver_after` has come, through the delayed-due index. `main`: the
+/// ready rows from $5, in seq order. `fence`: per-key order with several
+/// relays, and behind events that wait for a retry or their time: for each key
+/// of the batch, the earliest pending row not in this batch and not held by
+/// this relay's other batch (another relay holds it, or it waits); our later
+/// rows of that key are deferred.
+///
+/// The CTEs carry only what the fence needs; payloads (≈1 KB) are read once, at
+/// the end, through the rows' ctids (locked: they cannot move).
+fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str) -> String {
+    // Strict order: an event whose key has an earlier parked event waits until
+    // an operator replays (or deletes) the parked one.
+    let strict = match ordering {
+        Ordering::PerKey => String::new(),
+        Ordering::Strict => format!(
+            " AND NOT EXISTS (SELECT 1 FROM {t} p WHERE p.parked_at IS NOT NULL AND p.key = o.key AND p.seq < o.seq)"
+        ),
+    };
+    let cols = "ctid, id, seq, key";
+    let (late, late_rows, late_count) = match shape.delayed("o.") {
+        Some(delayed) => (
+            format!(
+                "late AS MATERIALIZED (
+                   SELECT {cols} FROM {t} o
+                   WHERE o.deliver_after <= now() AND {delayed}{strict}
+                   ORDER BY o.deliver_after, o.seq LIMIT (SELECT $2 - count(*) FROM due) FOR UPDATE SKIP LOCKED),"
+            ),
+            " UNION ALL SELECT * FROM late",
+            " - (SELECT count(*) FROM late)",
+        ),
+        None => (String::new(), "", ""),
+    };
+    let ready = shape.ready("o.");
+    let partition = shape.partition_column();
+    format!(
+        "WITH due AS MATERIALIZED (
+           SELECT {cols} FROM {t} o
+           WHERE o.retry_at IS NOT NULL AND o.retry_at <= now() AND {WAITING_O}{strict}
+           ORDER BY o.retry_at, o.seq LIMIT $2 FOR UPDATE SKIP LOCKED),
+         {late}
+         main AS MATERIALIZED (
+           SELECT {cols} FROM {t} o
+           WHERE {ready} AND o.seq >= $5
+             AND (o.key IS NULL OR NOT (o.key = ANY($4))){strict}
+           ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due){late_count} FOR UPDATE SKIP LOCKED),
+         claimed AS (SELECT * FROM due{late_rows} UNION ALL SELECT * FROM main),
+         {fence}
+         SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
+                (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us,
+                {partition}::int4 AS partition,
+                f.first AS first_foreign
+         FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
+         ORDER BY c.seq"
+    )
+}
+
+/// The batch keys' delayed rows (migration 0005), through the delayed key
+/// index, wherever they are: a delayed row holds back its key's later rows
+/// until it goes, however far below the floor it sits. `None` without 0005.
+fn delays(t: &str, shape: Shape, keys: &str) -> Option<String> {
+    shape.delayed("d.").map(|delayed| {
+        format!("SELECT d.key, d.seq, d.id FROM {t} d WHERE {delayed} AND d.key IN (SELECT key FROM {keys})")
+    })
+}
+
+/// With the pending key index: when the batch lies close to the floor (its
+/// last `seq` within 4 × the limit of it, as when the relay keeps up), the
+/// range below ([`fence_by_range`]), which is cheapest then. Otherwise (a held
+/// hot key's backlog keeps the floor far below the batch) one short range per
+/// key of the batch, through the pending key index: the key's rows from the
+/// floor to its last row in the batch (a hot key's backlog is read only when
+/// the batch has that key, and then only up to the batch's rows); and
+/// (`waits`) the batch keys' rows waiting for a retry, through the retry-due
+/// index, and their delayed rows. Materialized, so each lookup runs once per
+/// key. Postgres runs only the branch whose one-time condition holds.
+fn fence_by_key(t: &str, shape: Shape) -> String {
+    let near = "(SELECT max(seq) FROM claimed) - $1 <= 4 * $2";
+    let delayed = delays(t, shape, "keys").map(|d| format!(" UNION ALL {d}")).unwrap_or_default();
+    format!(
+        "keys AS (SELECT key, max(seq) AS last FROM claimed WHERE key IS NOT NULL GROUP BY key),
+         waits AS MATERIALIZED (
+           SELECT w.key, min(w.seq) AS first FROM (
+               SELECT w.key, w.seq, w.id FROM {t} w
+               WHERE w.retry_at IS NOT NULL AND {WAITING_W} AND w.key IN (SELECT key FROM keys){delayed}) w
+           WHERE NOT (w.id = ANY($3)) AND w.id NOT IN (SELECT id FROM claimed)
+           GROUP BY w.key),
+         by_key AS MATERIALIZED (
+           SELECT k.key, least(
+               (SELECT p.seq FROM {t} p WHERE p.key = k.key AND {PENDING_P} AND p.seq >= $1 AND p.seq < k.last
+                  AND NOT (p.id = ANY($3)) AND p.id NOT IN (SELECT id FROM claimed)
+                ORDER BY p.seq LIMIT 1),
+               (SELECT first FROM waits WHERE waits.key = k.key)) AS first
+           FROM keys k WHERE NOT ({near})),
+         {range},
+         fence AS (SELECT * FROM by_key UNION ALL SELECT * FROM by_range WHERE {near})",
+        range = fence_by_range(t, shape).replacen("fence AS (", "by_range AS (", 1),
+    )
+}
+
+/// Without the pending key index (a schema before migration 0004): the pending
+/// index from the floor to the batch's last seq, the waiting events of the
+/// batch's keys through the retry-due index, and their delayed ones. Its cost
+/// grows with everything pending between the floor and the batch, a held hot
+/// key's backlog included.
+fn fence_by_range(t: &str, shape: Shape) -> String {
+    let delayed = delays(t, shape, "claimed").map(|d| format!("\n               UNION ALL {d}")).unwrap_or_default();
+    format!(
+        "fence AS (
+           SELECT p.key, min(p.seq) AS first FROM (
+               SELECT key, seq, id FROM {t} WHERE {PENDING}
+                 AND seq >= $1 AND seq < (SELECT max(seq) FROM claimed)
+               UNION ALL
+               SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND coalesce(published_at, parked_at) IS NULL
+                 AND key IN (SELECT key FROM claimed){delayed}
+           ) p
+           WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
+             AND p.id NOT IN (SELECT id FROM claimed)
+           GROUP BY p.key)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sql(shape: Shape) -> ClaimSql {
+        ClaimSql::new(&TableName::parse("public.outbox").unwrap(), Ordering::PerKey, shape)
+    }
+
+    #[test]
+    fn without_0005_the_claim_names_neither_new_column() {
+        for key_index in [false, true] {
+            let s = sql(Shape { key_index, ..Shape::default() });
+            assert!(!s.claim.contains("deliver_after") && !s.claim.contains("\"partition\""), "{}", s.claim);
+            assert!(!s.probe.contains("deliver_after"));
+        }
+    }
+
+    #[test]
+    fn with_0005_delayed_rows_are_claimed_by_time_and_fence_their_key() {
+        for key_index in [false, true] {
+            let s = sql(Shape { key_index, delay: true, partition: true, ready_index: true });
+            assert!(s.claim.contains("late AS MATERIALIZED"), "{}", s.claim);
+            assert!(s.claim.contains("d.deliver_after IS NOT NULL"), "the fence sees delayed rows: {}", s.claim);
+            assert!(s.claim.contains("o.\"partition\"::int4 AS partition"));
+            assert!(s.probe.contains("deliver_after IS NULL"));
+        }
+    }
+}
