@@ -157,3 +157,105 @@ async fn a_delayed_event_waits_for_its_time_and_holds_back_its_keys_later_events
         assert!(r.stop(Duration::from_secs(30)));
     }
 }
+
+/// Per kind of relay statement that reads `table` (claim with its probe, the
+/// sweep below the floor, the idle look, the backlog gauges): shared buffers
+/// and calls so far (pg_stat_statements).
+async fn relay_reads(db: &tokio_postgres::Client, table: &str) -> std::collections::HashMap<String, (i64, i64)> {
+    db.query(
+        "SELECT CASE WHEN query LIKE 'WITH due AS%' OR query LIKE 'SELECT (SELECT seq FROM%AS head%' THEN 'claim'
+                     WHEN query LIKE 'SELECT (SELECT seq FROM%seq < $1%' THEN 'sweep'
+                     WHEN query LIKE 'SELECT EXISTS%' THEN 'idle look'
+                     WHEN query LIKE 'SELECT%count(*)%' THEN 'backlog' END AS kind,
+                coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8,
+                coalesce(sum(calls) FILTER (WHERE query NOT LIKE 'SELECT (SELECT seq FROM%AS head%'), 0)::int8
+         FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%'
+         GROUP BY 1",
+        &[&table],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("pg_stat_statements is needed (scripts/infra up loads it): {e}"))
+    .iter()
+    .filter_map(|r| Some((r.get::<_, Option<String>>(0)?, (r.get(1), r.get(2)))))
+    .collect()
+}
+
+/// 200k events wait a day ahead, spread through the table; other events
+/// flow. The relay's reads per claim (claims, probes, the idle look, the
+/// sweep below the floor every second, the backlog gauges) must not grow
+/// with them: measured in shared buffers (pg_stat_statements), not time.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_waiting_for_their_time_cost_the_claims_of_others_nothing() {
+    const FUTURE: i64 = 200_000;
+    let ob = Outbox::new("delaycost").await;
+    let topic = ob.topic("events", 3).await;
+    let db = pg().await;
+    let t = ob.qualified();
+    // Interleaved with ready events (one in 100), as an application writes them.
+    db.execute(
+        &format!(
+            "INSERT INTO {t} (topic, key, payload, deliver_after)
+             SELECT $1, 'later-' || (i % 5000), jsonb_build_object('i', i, 'pad', repeat('x', 100)),
+                    CASE WHEN i % 100 <> 0 THEN now() + interval '1 day' END
+             FROM generate_series(1, {FUTURE}) i"
+        ),
+        &[&topic],
+    )
+    .await
+    .unwrap();
+    let relay = ob.spawn_relay(&[
+        ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100"),
+        ("OUTBOX_RELAY__RELAY__SWEEP_INTERVAL", "1s"),
+        // Its gauges read the backlog every few seconds: measured too.
+        ("OUTBOX_RELAY__HTTP__LISTEN", &format!("127.0.0.1:{}", free_port())),
+    ]);
+    let ready = FUTURE / 100;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ob.count("published_at IS NOT NULL").await < ready {
+        assert!(Instant::now() < deadline, "the ready events did not go out: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Measured: other keys' events written in small transactions for 5 s.
+    let before = relay_reads(&db, &ob.table).await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        db.execute(
+            &format!(
+                "INSERT INTO {t} (topic, key, payload)
+                 SELECT $1, 'now-' || (i % 50), jsonb_build_object('i', i) FROM generate_series(1, 20) i"
+            ),
+            &[&topic],
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = relay_reads(&db, &ob.table).await;
+    let pages: i64 = db.query_one("SELECT pg_relation_size($1::text::regclass) / 8192", &[&t]).await.unwrap().get(0);
+    // The sweep runs every second, the gauges every 5 s. One row in 100 is a
+    // ready one: the sweep and the gauges may pass the dead index entries of
+    // those published (nothing is vacuumed), never the delayed rows, which
+    // fill most pages: they must read less than a tenth of the table.
+    for (kind, least, share) in [("claim", 20, 50.0), ("sweep", 3, 10.0), ("backlog", 1, 10.0)] {
+        let (b0, c0) = before.get(kind).copied().unwrap_or_default();
+        let (b1, c1) = after.get(kind).copied().unwrap_or_default();
+        let calls = c1 - c0;
+        assert!(calls >= least, "the relay ran its {kind} only {calls} times in 5 s: {}", relay.log());
+        let per_call = (b1 - b0) as f64 / calls as f64;
+        eprintln!("{kind}: {per_call:.0} shared buffers per call ({calls} calls in 5 s); the table has {pages} pages");
+        assert!(
+            per_call < pages as f64 / share,
+            "each {kind} read {per_call:.0} shared buffers ({calls} calls) with {FUTURE} events waiting ({pages} \
+             pages): delayed events sit in its path"
+        );
+    }
+    assert_eq!(ob.count("deliver_after IS NOT NULL AND published_at IS NOT NULL").await, 0, "none went early");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ob.count("deliver_after IS NULL AND published_at IS NULL").await > 0 {
+        assert!(Instant::now() < deadline, "the other events did not all go out: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, err) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -31,7 +31,7 @@ const PENDING_P: &str = "p.retry_at IS NULL AND coalesce(p.published_at, p.parke
 impl ClaimSql {
     pub(super) fn new(table: &TableName, ordering: Ordering, shape: Shape) -> ClaimSql {
         let t = table.quoted();
-        let fence = if shape.key_index { fence_by_key(&t, shape) } else { fence_by_range(&t, shape) };
+        let fence = if shape.key_index { fence_by_key(&t) } else { fence_by_range(&t) };
         let ready = shape.ready("");
         ClaimSql {
             claim: claim_sql(&t, ordering, shape, &fence),
@@ -104,6 +104,7 @@ fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str) -> String {
     };
     let ready = shape.ready("o.");
     let partition = shape.partition_column();
+    let delays = delays(t, shape);
     format!(
         "WITH due AS MATERIALIZED (
            SELECT {cols} FROM {t} o
@@ -116,23 +117,37 @@ fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str) -> String {
              AND (o.key IS NULL OR NOT (o.key = ANY($4))){strict}
            ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due){late_count} FOR UPDATE SKIP LOCKED),
          claimed AS (SELECT * FROM due{late_rows} UNION ALL SELECT * FROM main),
-         {fence}
+         {fence},
+         {delays}
          SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
                 (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us,
                 {partition}::int4 AS partition,
-                f.first AS first_foreign
+                least(f.first, dl.first) AS first_foreign
          FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
+           LEFT JOIN delays dl ON dl.key = c.key
          ORDER BY c.seq"
     )
 }
 
-/// The batch keys' delayed rows (migration 0005), through the delayed key
-/// index, wherever they are: a delayed row holds back its key's later rows
-/// until it goes, however far below the floor it sits. `None` without 0005.
-fn delays(t: &str, shape: Shape, keys: &str) -> Option<String> {
-    shape.delayed("d.").map(|delayed| {
-        format!("SELECT d.key, d.seq, d.id FROM {t} d WHERE {delayed} AND d.key IN (SELECT key FROM {keys})")
-    })
+/// The batch keys' delayed rows (migration 0005), wherever they are: a
+/// delayed row holds back its key's later rows until it goes, however far
+/// below the floor it sits. One lookup per key of the batch through the
+/// delayed key index (`key = … ORDER BY seq LIMIT 1` only that index serves;
+/// a join let stale statistics pick the delayed-due index and read every
+/// delayed row), and none at all while no row is delayed. Empty without 0005.
+fn delays(t: &str, shape: Shape) -> String {
+    let Some(delayed) = shape.delayed("d.") else {
+        return "delays AS (SELECT NULL::text AS key, NULL::int8 AS first WHERE false)".into();
+    };
+    let any = shape.delayed("x.").unwrap_or_default();
+    format!(
+        "delays AS MATERIALIZED (
+           SELECT k.key, (SELECT d.seq FROM {t} d WHERE d.key = k.key AND {delayed}
+                            AND NOT (d.id = ANY($3)) AND d.id NOT IN (SELECT id FROM claimed)
+                          ORDER BY d.seq LIMIT 1) AS first
+           FROM (SELECT DISTINCT key FROM claimed WHERE key IS NOT NULL) k
+           WHERE EXISTS (SELECT 1 FROM {t} x WHERE {any} ORDER BY x.deliver_after LIMIT 1))"
+    )
 }
 
 /// With the pending key index: when the batch lies close to the floor (its
@@ -143,18 +158,16 @@ fn delays(t: &str, shape: Shape, keys: &str) -> Option<String> {
 /// floor to its last row in the batch (a hot key's backlog is read only when
 /// the batch has that key, and then only up to the batch's rows); and
 /// (`waits`) the batch keys' rows waiting for a retry, through the retry-due
-/// index, and their delayed rows. Materialized, so each lookup runs once per
+/// index. Materialized, so each lookup runs once per
 /// key. Postgres runs only the branch whose one-time condition holds.
-fn fence_by_key(t: &str, shape: Shape) -> String {
+fn fence_by_key(t: &str) -> String {
     let near = "(SELECT max(seq) FROM claimed) - $1 <= 4 * $2";
-    let delayed = delays(t, shape, "keys").map(|d| format!(" UNION ALL {d}")).unwrap_or_default();
     format!(
         "keys AS (SELECT key, max(seq) AS last FROM claimed WHERE key IS NOT NULL GROUP BY key),
          waits AS MATERIALIZED (
-           SELECT w.key, min(w.seq) AS first FROM (
-               SELECT w.key, w.seq, w.id FROM {t} w
-               WHERE w.retry_at IS NOT NULL AND {WAITING_W} AND w.key IN (SELECT key FROM keys){delayed}) w
-           WHERE NOT (w.id = ANY($3)) AND w.id NOT IN (SELECT id FROM claimed)
+           SELECT w.key, min(w.seq) AS first FROM {t} w
+           WHERE w.retry_at IS NOT NULL AND {WAITING_W} AND w.key IN (SELECT key FROM keys)
+             AND NOT (w.id = ANY($3)) AND w.id NOT IN (SELECT id FROM claimed)
            GROUP BY w.key),
          by_key AS MATERIALIZED (
            SELECT k.key, least(
@@ -165,17 +178,16 @@ fn fence_by_key(t: &str, shape: Shape) -> String {
            FROM keys k WHERE NOT ({near})),
          {range},
          fence AS (SELECT * FROM by_key UNION ALL SELECT * FROM by_range WHERE {near})",
-        range = fence_by_range(t, shape).replacen("fence AS (", "by_range AS (", 1),
+        range = fence_by_range(t).replacen("fence AS (", "by_range AS (", 1),
     )
 }
 
 /// Without the pending key index (a schema before migration 0004): the pending
-/// index from the floor to the batch's last seq, the waiting events of the
-/// batch's keys through the retry-due index, and their delayed ones. Its cost
+/// index from the floor to the batch's last seq, and the waiting events of the
+/// batch's keys through the retry-due index. Its cost
 /// grows with everything pending between the floor and the batch, a held hot
 /// key's backlog included.
-fn fence_by_range(t: &str, shape: Shape) -> String {
-    let delayed = delays(t, shape, "claimed").map(|d| format!("\n               UNION ALL {d}")).unwrap_or_default();
+fn fence_by_range(t: &str) -> String {
     format!(
         "fence AS (
            SELECT p.key, min(p.seq) AS first FROM (
@@ -183,7 +195,7 @@ fn fence_by_range(t: &str, shape: Shape) -> String {
                  AND seq >= $1 AND seq < (SELECT max(seq) FROM claimed)
                UNION ALL
                SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND coalesce(published_at, parked_at) IS NULL
-                 AND key IN (SELECT key FROM claimed){delayed}
+                 AND key IN (SELECT key FROM claimed)
            ) p
            WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
              AND p.id NOT IN (SELECT id FROM claimed)
@@ -213,7 +225,7 @@ mod tests {
         for key_index in [false, true] {
             let s = sql(Shape { key_index, delay: true, partition: true, ready_index: true });
             assert!(s.claim.contains("late AS MATERIALIZED"), "{}", s.claim);
-            assert!(s.claim.contains("d.deliver_after IS NOT NULL"), "the fence sees delayed rows: {}", s.claim);
+            assert!(s.claim.contains("d.key = k.key AND d.deliver_after IS NOT NULL"), "per key: {}", s.claim);
             assert!(s.claim.contains("o.\"partition\"::int4 AS partition"));
             assert!(s.probe.contains("deliver_after IS NULL"));
         }

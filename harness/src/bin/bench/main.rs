@@ -25,6 +25,8 @@
 //! * `hotkey` — 3 relays, one key with a 10k backlog, other keys at 1k ev/s;
 //!   then one relay's claim cost with no hot key and with a held hot key's 10k
 //!   and 100k backlog.
+//! * `delayed` — one relay's claim cost with no events waiting for their
+//!   `deliver_after`, then with 1M of them a day ahead; other keys at 1k ev/s.
 //! * `outage` — the application writes at 1k ev/s while Kafka is down for 10
 //!   minutes; catch-up time and rate against a fresh table, the application's
 //!   commits before, during and after, the table afterwards.
@@ -41,6 +43,7 @@ use outbox_relay_support::*;
 
 mod app_cost;
 mod ceilings;
+mod delayed;
 mod drain;
 mod env;
 mod horizon;
@@ -53,6 +56,7 @@ mod sustained;
 
 use app_cost::*;
 use ceilings::*;
+use delayed::*;
 use drain::*;
 pub(crate) use env::*;
 use horizon::*;
@@ -69,7 +73,7 @@ use sustained::*;
 #[command(about = "outbox-relay benchmark (see the module docs or docs/performance.md)")]
 struct Args {
     /// Sections to run, comma separated (default: all): app-cost, idle, latency,
-    /// relay-cost, drain, churn, retained, sustained, horizon, hotkey, outage (and
+    /// relay-cost, drain, churn, retained, sustained, horizon, hotkey, delayed, outage (and
     /// `ceilings`: only the SQL-only and store-path ceilings that `drain` includes).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -285,6 +289,16 @@ async fn main() {
         println!();
         print_claim_cost(&costs);
         report.insert("hotkey_claim_cost".into(), json!(costs));
+    }
+    if args.runs("delayed") {
+        let mut rows = Vec::new();
+        for future in [0, 1_000_000] {
+            say(format!("delayed: claim cost with {future} events waiting a day ahead…"));
+            rows.push(delayed_claim_cost(&env, &args, future).await);
+        }
+        println!();
+        print_delayed(&rows);
+        report.insert("delayed".into(), json!(rows));
     }
     if args.runs("outage") {
         let o = outage(&env, &args).await;
