@@ -20,6 +20,9 @@ pub struct OutboxEvent {
     /// The Kafka partition the row names (migration 0005); `None`: the key
     /// decides.
     pub partition: Option<i32>,
+    /// `ce_source` and `ce_type` from the columns `[cloudevents]` names, if any.
+    pub ce_source: Option<String>,
+    pub ce_type: Option<String>,
 }
 
 /// The Kafka header that carries the event ID.

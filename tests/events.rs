@@ -148,6 +148,11 @@ async fn a_delayed_event_waits_for_its_time_and_holds_back_its_keys_later_events
     assert!(written.elapsed() < Duration::from_secs(4), "the early read ended before K's time");
     assert!(early.iter().all(|m| m.key.as_deref() != Some("K")), "nothing of K before its first event's time");
     assert!(early.iter().any(|m| n_of(m) == "late-past"), "a delivery time in the past goes at once");
+    let out = relay_cmd(&ob.table, &[]).args(["status", "--json"]).output().unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status --json");
+    if written.elapsed() < Duration::from_secs(4) {
+        assert_eq!(status["scheduled"], 1, "K's first event is scheduled, not pending: {status}");
+    }
     ob.wait_drained(Duration::from_secs(30)).await;
     let d = delivery(&ob, std::slice::from_ref(&topic), Duration::from_millis(500)).await;
     assert!(d.lost.is_empty() && d.order_violations == 0, "lost {} violations {}", d.lost.len(), d.order_violations);

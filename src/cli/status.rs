@@ -30,6 +30,9 @@ pub fn render(s: &Status, where_: &str) -> String {
     let mut out = String::new();
     out.push_str(&format!("outbox {} on {where_}\n", s.table));
     out.push_str(&format!("  pending     {:>10}   oldest {}\n", s.pending, age(s.oldest_pending_age_s)));
+    if s.scheduled > 0 {
+        out.push_str(&format!("  scheduled   {:>10}   (deliver_after still ahead)\n", s.scheduled));
+    }
     out.push_str(&format!(
         "  published   {:>10} last 1m   {:>10} last 5m   {:>10} last 15m   (rows kept by on_publish = \"mark\")\n",
         s.published_1m, s.published_5m, s.published_15m

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+mod cloudevents;
 mod duration;
 mod http;
 mod kafka;
@@ -23,6 +24,7 @@ mod postgres;
 mod relay;
 mod table;
 
+pub use cloudevents::CloudEventsConfig;
 pub use http::HttpConfig;
 pub use kafka::{is_secret_property, KafkaConfig};
 pub use log::{LogConfig, LogFormat};
@@ -62,6 +64,9 @@ pub struct Settings {
     /// The relay loop.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// The opt-in CloudEvents mapping.
+    #[serde(default)]
+    pub cloudevents: CloudEventsConfig,
     /// Metrics and health endpoints.
     #[serde(default)]
     pub http: HttpConfig,
@@ -150,6 +155,7 @@ impl Settings {
         self.kafka.validate(self.relay.delivery, kafka_needed)?;
         self.outbox.validate()?;
         self.relay.validate()?;
+        self.cloudevents.validate()?;
         self.http.validate()?;
         self.log.validate()?;
         // outbox-relay/<12 hex>/<schema.table>/<relay.id>/<32 hex> must fit Postgres's 200-byte gid.

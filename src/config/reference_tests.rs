@@ -32,6 +32,12 @@ fn code_default(s: &Settings, key: &str) -> Option<Shown> {
         "kafka.ssl_key_password_file" => opt(s.kafka.ssl_key_password_file.is_some()),
         "outbox.table" => t(&s.outbox.table),
         "relay.id" => Shown::Text("host name".into()),
+        "cloudevents.enabled" => t(&s.cloudevents.enabled),
+        "cloudevents.source" => opt(s.cloudevents.source.is_some()),
+        "cloudevents.source_column" => opt(s.cloudevents.source_column.is_some()),
+        "cloudevents.type" => Shown::Text(if s.cloudevents.r#type.is_none() { "the topic" } else { "set" }.into()),
+        "cloudevents.type_column" => opt(s.cloudevents.type_column.is_some()),
+        "cloudevents.content_type" => t(&s.cloudevents.content_type),
         "relay.batch_size" => t(&s.relay.batch_size),
         "relay.poll_interval" => d(s.relay.poll_interval),
         "relay.sweep_interval" => d(s.relay.sweep_interval),
@@ -58,14 +64,14 @@ fn code_default(s: &Settings, key: &str) -> Option<Shown> {
 /// The keys the code accepts: the `pub` fields of each section's struct.
 fn code_keys() -> Vec<String> {
     let mut keys = Vec::new();
-    for section in ["postgres", "kafka", "outbox", "relay", "http", "log"] {
+    for section in ["postgres", "kafka", "outbox", "relay", "cloudevents", "http", "log"] {
         let src = std::fs::read_to_string(format!("{}/src/config/{section}.rs", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let body = src.split("#[serde(deny_unknown_fields)]").nth(1).expect("a deny_unknown_fields struct");
         let body = &body[..body.find("\n}").unwrap()];
         for line in body.lines() {
             if let Some(rest) = line.trim().strip_prefix("pub ") {
                 if let Some((name, _)) = rest.split_once(':') {
-                    keys.push(format!("{section}.{name}"));
+                    keys.push(format!("{section}.{}", name.trim_start_matches("r#")));
                 }
             }
         }

@@ -56,7 +56,7 @@ impl fmt::Display for TableName {
     }
 }
 
-fn is_identifier(s: &str) -> bool {
+pub(super) fn is_identifier(s: &str) -> bool {
     // 50 leaves room for the suffixes of derived objects within Postgres' 63 bytes.
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')

@@ -16,7 +16,7 @@ use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, Thre
 
 use super::acks::{BatchAcks, RelayContext};
 use super::{classify, producer_config, Epoch, SendResult, Sent, Sink, SinkError, RELAY_ID_HEADER};
-use crate::config::{MessageTimestamp, Settings};
+use crate::config::{CloudEventsConfig, MessageTimestamp, Settings};
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 use crate::telemetry::events::ProducerRebuilt;
 use crate::telemetry::Emit;
@@ -34,6 +34,8 @@ pub struct KafkaSink {
     relay_id: String,
     /// Stamp each message with its row's `created_at`.
     created_at_timestamps: bool,
+    /// The CloudEvents mapping, when enabled.
+    cloudevents: Option<CloudEventsConfig>,
     /// The producer and its epoch, replaced together.
     current: RwLock<(Epoch, RelayProducer)>,
     rebuilds: AtomicU64,
@@ -52,6 +54,11 @@ impl KafkaSink {
             .insert(Header { key: RELAY_ID_HEADER, value: Some(self.relay_id.as_bytes()) });
         for (name, value) in &headers {
             kafka_headers = kafka_headers.insert(Header { key: name, value: value.as_deref().map(str::as_bytes) });
+        }
+        if let Some(ce) = &self.cloudevents {
+            for (name, value) in cloudevents_headers(ce, ev, &headers)? {
+                kafka_headers = kafka_headers.insert(Header { key: name, value: Some(value.as_bytes()) });
+            }
         }
         let mut record = BaseRecord::with_opaque_to(&ev.topic, opaque).headers(kafka_headers);
         if let Some(key) = &ev.key {
@@ -92,6 +99,7 @@ impl KafkaSink {
             config,
             relay_id: settings.relay_id(),
             created_at_timestamps: settings.relay.message_timestamp == MessageTimestamp::CreatedAt,
+            cloudevents: settings.cloudevents.enabled.then(|| settings.cloudevents.clone()),
             current: RwLock::new((0, producer)),
             rebuilds: Default::default(),
         })
@@ -280,5 +288,103 @@ impl Sink for KafkaSink {
         })
         .await
         .map_err(|e| SinkError::unavailable("metadata task", e))?
+    }
+}
+
+/// The CloudEvents 1.0 attributes of one event in Kafka's binary content mode
+/// (`ce_*` headers and `content-type`), those the row's own headers do not set
+/// already. `ce_id` (the event id) and `ce_specversion` are the relay's: a row
+/// header of either name is malformed. Err: malformed, or no `ce_source`.
+pub(super) fn cloudevents_headers(
+    ce: &CloudEventsConfig,
+    ev: &OutboxEvent,
+    row: &[(String, Option<String>)],
+) -> Result<Vec<(&'static str, String)>, String> {
+    let has = |name: &str| row.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    for reserved in ["ce_id", "ce_specversion"] {
+        if has(reserved) {
+            return Err(format!(
+                "malformed headers: {reserved:?} is reserved with [cloudevents] enabled (the relay sets it)"
+            ));
+        }
+    }
+    let source = ev.ce_source.clone().or_else(|| ce.source.clone()).filter(|s| !s.is_empty());
+    let source = match (source, has("ce_source")) {
+        (Some(s), false) => Some(s),
+        (_, true) => None,
+        (None, false) => {
+            return Err(format!(
+                "malformed row: no ce_source (its {} is NULL and cloudevents.source is not set)",
+                ce.source_column.as_deref().unwrap_or("source column")
+            ))
+        }
+    };
+    let event_type = ev.ce_type.clone().or_else(|| ce.r#type.clone()).unwrap_or_else(|| ev.topic.clone());
+    let time = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_micros(ev.created_at_us.max(0) as u64))
+        .map(|t| humantime::format_rfc3339_micros(t).to_string())
+        .unwrap_or_default();
+    let mut out = vec![("ce_specversion", "1.0".to_string()), ("ce_id", ev.id.to_string())];
+    out.extend(source.map(|s| ("ce_source", s)));
+    for (name, value) in [("ce_type", event_type), ("ce_time", time), ("content-type", ce.content_type.clone())] {
+        if !has(name) {
+            out.push((name, value));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> OutboxEvent {
+        OutboxEvent {
+            id: uuid::Uuid::nil(),
+            seq: 1,
+            topic: "orders".into(),
+            key: None,
+            payload: None,
+            headers: b"{}".to_vec(),
+            attempts: 0,
+            created_at_us: 1_780_315_200_250_000,
+            partition: None,
+            ce_source: None,
+            ce_type: None,
+        }
+    }
+
+    fn config() -> CloudEventsConfig {
+        CloudEventsConfig { enabled: true, source: Some("/svc".into()), ..CloudEventsConfig::default() }
+    }
+
+    #[test]
+    fn cloudevents_attributes_come_from_the_row_then_the_config_then_the_topic() {
+        let h = cloudevents_headers(&config(), &event(), &[]).unwrap();
+        let get = |h: &[(&str, String)], n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
+        assert_eq!(get(&h, "ce_specversion").as_deref(), Some("1.0"));
+        assert_eq!(get(&h, "ce_id").as_deref(), Some("00000000-0000-0000-0000-000000000000"));
+        assert_eq!(get(&h, "ce_source").as_deref(), Some("/svc"));
+        assert_eq!(get(&h, "ce_type").as_deref(), Some("orders"), "the topic by default");
+        assert_eq!(get(&h, "ce_time").as_deref(), Some("2026-06-01T12:00:00.250000Z"));
+        assert_eq!(get(&h, "content-type").as_deref(), Some("application/json"));
+        let mut ev = event();
+        ev.ce_type = Some("com.example.created".into());
+        ev.ce_source = Some("/row".into());
+        let h = cloudevents_headers(&CloudEventsConfig { r#type: Some("cfg".into()), ..config() }, &ev, &[]).unwrap();
+        assert_eq!(get(&h, "ce_type").as_deref(), Some("com.example.created"));
+        assert_eq!(get(&h, "ce_source").as_deref(), Some("/row"));
+        // A row header of the same name wins and is not repeated.
+        let row = [("ce_type".to_string(), Some("from-header".to_string()))];
+        assert_eq!(get(&cloudevents_headers(&config(), &event(), &row).unwrap(), "ce_type"), None);
+    }
+
+    #[test]
+    fn cloudevents_reserved_headers_and_a_missing_source_are_malformed_rows() {
+        let row = [("ce_id".to_string(), Some("x".to_string()))];
+        assert!(cloudevents_headers(&config(), &event(), &row).unwrap_err().contains("reserved"));
+        let no_source = CloudEventsConfig { source: None, source_column: Some("src".into()), ..config() };
+        let err = cloudevents_headers(&no_source, &event(), &[]).unwrap_err();
+        assert!(err.contains("no ce_source") && err.contains("src"), "{err}");
     }
 }

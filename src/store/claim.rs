@@ -42,6 +42,9 @@ impl Row {
                 attempts: row.try_get("attempts")?,
                 created_at_us: row.try_get("created_at_us")?,
                 partition: row.try_get("partition")?,
+                // Present only when `[cloudevents]` names such columns.
+                ce_source: row.try_get("ce_source").unwrap_or(None),
+                ce_type: row.try_get("ce_type").unwrap_or(None),
             },
             first_foreign: row.try_get("first_foreign")?,
         })

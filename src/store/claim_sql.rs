@@ -29,12 +29,14 @@ const WAITING_W: &str = "coalesce(w.published_at, w.parked_at) IS NULL";
 const PENDING_P: &str = "p.retry_at IS NULL AND coalesce(p.published_at, p.parked_at) IS NULL";
 
 impl ClaimSql {
-    pub(super) fn new(table: &TableName, ordering: Ordering, shape: Shape) -> ClaimSql {
+    /// `extra`: more columns of the row to read, as (alias, column), validated
+    /// identifiers (the CloudEvents columns).
+    pub(super) fn new(table: &TableName, ordering: Ordering, shape: Shape, extra: &[(&str, String)]) -> ClaimSql {
         let t = table.quoted();
         let fence = if shape.key_index { fence_by_key(&t) } else { fence_by_range(&t) };
         let ready = shape.ready("");
         ClaimSql {
-            claim: claim_sql(&t, ordering, shape, &fence),
+            claim: claim_sql(&t, ordering, shape, &fence, extra),
             // Run right after the claim, in its transaction: the head (lowest
             // ready seq at or above the floor, held by anyone), when $3, who
             // holds the identity sequence's ($2) lock, where sequence values
@@ -79,7 +81,7 @@ impl ClaimSql {
 ///
 /// The CTEs carry only what the fence needs; payloads (≈1 KB) are read once, at
 /// the end, through the rows' ctids (locked: they cannot move).
-fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str) -> String {
+fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str, extra: &[(&str, String)]) -> String {
     // Strict order: an event whose key has an earlier parked event waits until
     // an operator replays (or deletes) the parked one.
     let strict = match ordering {
@@ -105,6 +107,7 @@ fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str) -> String {
     let ready = shape.ready("o.");
     let partition = shape.partition_column();
     let delays = delays(t, shape);
+    let extra: String = extra.iter().map(|(alias, column)| format!(" o.\"{column}\"::text AS {alias},")).collect();
     format!(
         "WITH due AS MATERIALIZED (
            SELECT {cols} FROM {t} o
@@ -121,7 +124,7 @@ fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str) -> String {
          {delays}
          SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
                 (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us,
-                {partition}::int4 AS partition,
+                {partition}::int4 AS partition,{extra}
                 least(f.first, dl.first) AS first_foreign
          FROM claimed c JOIN {t} o ON o.ctid = c.ctid LEFT JOIN fence f ON f.key = c.key
            LEFT JOIN delays dl ON dl.key = c.key
@@ -208,7 +211,7 @@ mod tests {
     use super::*;
 
     fn sql(shape: Shape) -> ClaimSql {
-        ClaimSql::new(&TableName::parse("public.outbox").unwrap(), Ordering::PerKey, shape)
+        ClaimSql::new(&TableName::parse("public.outbox").unwrap(), Ordering::PerKey, shape, &[])
     }
 
     #[test]

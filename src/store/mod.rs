@@ -56,6 +56,8 @@ pub struct Store {
     tls: MakeTlsConnector,
     table: TableName,
     ordering: Ordering,
+    /// Columns the claim reads beyond the relay's own, as (alias, column).
+    extra_columns: Arc<Vec<(&'static str, String)>>,
     finish_sql: Arc<finish::FinishSql>,
     shared: Arc<Shared>,
 }
@@ -113,6 +115,7 @@ impl Store {
             pg,
             tls,
             ordering: relay.ordering,
+            extra_columns: Arc::new(settings.cloudevents.columns()),
             finish_sql: Arc::new(finish::FinishSql::new(&table, relay.on_publish, relay.retry_backoff)),
             table,
             shared,
@@ -165,7 +168,8 @@ impl Store {
     /// Checks that the outbox table has everything the relay relies on.
     pub async fn verify_schema(&self) -> Result<Vec<SchemaProblem>, StoreError> {
         let client = self.client().await?;
-        let problems = schema::verify(&client, &self.table).await?;
+        let extra: Vec<&str> = self.extra_columns.iter().map(|(_, c)| c.as_str()).collect();
+        let problems = schema::verify(&client, &self.table, &extra).await?;
         if !problems.iter().any(|p| p.fatal) {
             if let Ok(shape) = schema::shape(&client, &self.table).await {
                 self.set_shape(shape);
@@ -199,7 +203,7 @@ impl Store {
         tracing::info!(table = %self.table, key_index = shape.key_index, deliver_after = shape.delay,
             partition = shape.partition, ready_index = shape.ready_index, "claims built for the table's schema");
         let built = Arc::new(ShapedSql {
-            claim: claim_sql::ClaimSql::new(&self.table, self.ordering, shape),
+            claim: claim_sql::ClaimSql::new(&self.table, self.ordering, shape, &self.extra_columns),
             sweep: sweep::SweepSql::new(&self.table, shape),
         });
         *current = Some(built.clone());

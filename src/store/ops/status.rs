@@ -11,6 +11,8 @@ pub struct TopicStatus {
     pub topic: String,
     pub pending: i64,
     pub oldest_pending_age_s: Option<f64>,
+    /// Waiting for a `deliver_after` still ahead (migration 0005); not in `pending`.
+    pub scheduled: i64,
     pub parked: i64,
     pub published_1m: i64,
     pub published_5m: i64,
@@ -28,6 +30,8 @@ pub struct Status {
     pub table: String,
     pub pending: i64,
     pub oldest_pending_age_s: Option<f64>,
+    /// Events waiting for a `deliver_after` still ahead; not in `pending`.
+    pub scheduled: i64,
     pub parked: i64,
     pub published_1m: i64,
     pub published_5m: i64,
@@ -61,6 +65,7 @@ impl Store {
             health,
             table: self.table().to_string(),
             pending: topics.iter().map(|t| t.pending).sum(),
+            scheduled: topics.iter().map(|t| t.scheduled).sum(),
             oldest_pending_age_s: oldest,
             parked: topics.iter().map(|t| t.parked).sum(),
             published_1m: topics.iter().map(|t| t.published_1m).sum(),
@@ -80,14 +85,28 @@ impl Store {
         fn entry(topics: &mut BTreeMap<String, TopicStatus>, topic: String) -> &mut TopicStatus {
             topics.entry(topic.clone()).or_insert_with(|| TopicStatus { topic, ..Default::default() })
         }
+        // A delayed event counts as pending once its time came, aged from then.
+        let delay = self.shaped(&client).await?.claim.shape.delay;
+        let (now, since, ahead) = if delay {
+            (
+                "deliver_after IS NULL OR deliver_after <= now()",
+                "coalesce(deliver_after, created_at)",
+                "deliver_after > now()",
+            )
+        } else {
+            ("true", "created_at", "false")
+        };
         let pending = format!(
-            "SELECT topic, count(*), extract(epoch FROM now() - min(created_at))::float8
+            "SELECT topic, count(*) FILTER (WHERE {now}),
+                    extract(epoch FROM now() - min({since}) FILTER (WHERE {now}))::float8,
+                    count(*) FILTER (WHERE {ahead})
              FROM {t} WHERE published_at IS NULL AND parked_at IS NULL GROUP BY topic"
         );
         for r in client.query(&pending, &[]).await? {
             let s = entry(&mut topics, r.get(0));
             s.pending = r.get(1);
             s.oldest_pending_age_s = r.get::<_, Option<f64>>(2).map(|a| a.max(0.0));
+            s.scheduled = r.get(3);
         }
         let parked = format!("SELECT topic, count(*) FROM {t} WHERE parked_at IS NOT NULL GROUP BY topic");
         for r in client.query(&parked, &[]).await? {

@@ -42,8 +42,13 @@ fn warning(message: String) -> SchemaProblem {
     SchemaProblem { message, fatal: false }
 }
 
-pub(crate) async fn verify(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem>, StoreError> {
-    let problems = columns(client, table).await?;
+/// `extra`: columns the configuration names (the CloudEvents columns).
+pub(crate) async fn verify(
+    client: &Object,
+    table: &TableName,
+    extra: &[&str],
+) -> Result<Vec<SchemaProblem>, StoreError> {
+    let problems = columns(client, table, extra).await?;
     if !problems.is_empty() {
         return Ok(problems);
     }
@@ -59,7 +64,7 @@ pub(crate) async fn verify(client: &Object, table: &TableName) -> Result<Vec<Sch
 
 /// The table exists, this role can see it, and it has every column with a type
 /// the relay accepts.
-async fn columns(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem>, StoreError> {
+async fn columns(client: &Object, table: &TableName, extra: &[&str]) -> Result<Vec<SchemaProblem>, StoreError> {
     let cols = client
         .query(
             "SELECT column_name::text, data_type::text FROM information_schema.columns
@@ -83,6 +88,14 @@ async fn columns(client: &Object, table: &TableName) -> Result<Vec<SchemaProblem
                 "table {table} has no column `{name}`: migration {migration} is not applied; {FIX}"
             ))),
             Some(r) => problems.extend(wrong_type(table, name, types, r.get(1))),
+        }
+    }
+    for name in extra {
+        if !cols.iter().any(|r| r.get::<_, String>(0) == *name) {
+            problems.push(fatal(format!(
+                "table {table} has no column `{name}`, which [cloudevents] names (source_column / type_column): \
+                 add it, or change the setting"
+            )));
         }
     }
     for (name, types) in OPTIONAL {

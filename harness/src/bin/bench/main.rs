@@ -26,7 +26,8 @@
 //!   then one relay's claim cost with no hot key and with a held hot key's 10k
 //!   and 100k backlog.
 //! * `delayed` — one relay's claim cost with no events waiting for their
-//!   `deliver_after`, then with 1M of them a day ahead; other keys at 1k ev/s.
+//!   `deliver_after`, then with 100k and 1M of them a day ahead; other keys at
+//!   1k ev/s.
 //! * `outage` — the application writes at 1k ev/s while Kafka is down for 10
 //!   minutes; catch-up time and rate against a fresh table, the application's
 //!   commits before, during and after, the table afterwards.
@@ -292,7 +293,7 @@ async fn main() {
     }
     if args.runs("delayed") {
         let mut rows = Vec::new();
-        for future in [0, 1_000_000] {
+        for future in [0, 100_000, 1_000_000] {
             say(format!("delayed: claim cost with {future} events waiting a day ahead…"));
             rows.push(delayed_claim_cost(&env, &args, future).await);
         }
