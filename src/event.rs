@@ -23,6 +23,8 @@ pub struct OutboxEvent {
     /// `ce_source` and `ce_type` from the columns `[cloudevents]` names, if any.
     pub ce_source: Option<String>,
     pub ce_type: Option<String>,
+    /// When this relay claimed it (the start of its producer span).
+    pub claimed: std::time::SystemTime,
 }
 
 /// The Kafka header that carries the event ID.

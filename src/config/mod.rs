@@ -23,6 +23,9 @@ mod pg_url;
 mod postgres;
 mod relay;
 mod table;
+// `[tracing]`; named apart from the `tracing` crate this module logs with.
+#[path = "tracing.rs"]
+mod tracing_section;
 
 pub use cloudevents::CloudEventsConfig;
 pub use http::HttpConfig;
@@ -33,6 +36,7 @@ pub use pg_url::{redact_url, split_url, TlsMode};
 pub use postgres::PostgresConfig;
 pub use relay::{Delivery, MessageTimestamp, OnPublish, Ordering, RelayConfig};
 pub use table::TableName;
+pub use tracing_section::TracingConfig;
 
 /// Name of the file read when `--config` is not given and the file exists.
 pub const DEFAULT_CONFIG_FILE: &str = "outbox-relay.toml";
@@ -67,6 +71,9 @@ pub struct Settings {
     /// The opt-in CloudEvents mapping.
     #[serde(default)]
     pub cloudevents: CloudEventsConfig,
+    /// Spans over OTLP for rows that carry a `traceparent`.
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// Metrics and health endpoints.
     #[serde(default)]
     pub http: HttpConfig,
@@ -156,6 +163,7 @@ impl Settings {
         self.outbox.validate()?;
         self.relay.validate()?;
         self.cloudevents.validate()?;
+        self.tracing.validate()?;
         self.http.validate()?;
         self.log.validate()?;
         // outbox-relay/<12 hex>/<schema.table>/<relay.id>/<32 hex> must fit Postgres's 200-byte gid.

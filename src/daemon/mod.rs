@@ -270,6 +270,8 @@ impl Running {
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || sink.flush(left)).await {
             tracing::warn!(error = %e, "producer not fully flushed");
         }
+        // The last producer spans ([tracing]), bounded by the exporter's timeout.
+        let _ = tokio::task::spawn_blocking(crate::telemetry::otel::flush).await;
         for t in &self.tasks {
             t.abort();
         }

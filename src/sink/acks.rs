@@ -156,10 +156,19 @@ impl ClientContext for RelayContext {
 }
 
 impl ProducerContext for RelayContext {
-    type DeliveryOpaque = Box<(Arc<BatchAcks>, usize)>;
+    /// The batch's acks, the event's index in it, and its producer span
+    /// (`[tracing]`, when the row carried a `traceparent`).
+    type DeliveryOpaque = Box<(Arc<BatchAcks>, usize, Option<opentelemetry_sdk::trace::Span>)>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
-        let (acks, i) = *opaque;
+        let (acks, i, span) = *opaque;
+        if let Some(span) = span {
+            let landed = match result {
+                Ok(m) => Ok((rdkafka::Message::partition(m), rdkafka::Message::offset(m))),
+                Err((e, _)) => Err(e.to_string()),
+            };
+            crate::telemetry::otel::end_send_span(span, landed);
+        }
         let r = match result {
             Ok(_) => SendResult::Delivered,
             Err((e, _)) => SendResult::Failed { class: classify(e), error: e.to_string() },

@@ -19,6 +19,7 @@ use super::{classify, producer_config, Epoch, SendResult, Sent, Sink, SinkError,
 use crate::config::{CloudEventsConfig, MessageTimestamp, Settings};
 use crate::event::{parse_headers, OutboxEvent, EVENT_ID_HEADER};
 use crate::telemetry::events::ProducerRebuilt;
+use crate::telemetry::otel;
 use crate::telemetry::Emit;
 
 /// What a delivery report hands back: the batch's acks and the event's index.
@@ -36,6 +37,8 @@ pub struct KafkaSink {
     created_at_timestamps: bool,
     /// The CloudEvents mapping, when enabled.
     cloudevents: Option<CloudEventsConfig>,
+    /// Producer spans for rows with a `traceparent`, when `[tracing]` is on.
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     /// The producer and its epoch, replaced together.
     current: RwLock<(Epoch, RelayProducer)>,
     rebuilds: AtomicU64,
@@ -46,9 +49,21 @@ impl KafkaSink {
     /// row's, then `event_id` and `outbox_relay_id`), partition when the row
     /// names one, and timestamp. Err: the row's headers or partition are
     /// malformed.
-    fn record<'a>(&self, ev: &'a OutboxEvent, opaque: Opaque) -> Result<Record<'a>, String> {
-        let headers = parse_headers(&ev.headers, &ev.id)?;
+    fn record<'a>(&self, ev: &'a OutboxEvent, acks: &Arc<BatchAcks>, i: usize) -> Result<Record<'a>, String> {
+        let mut headers = parse_headers(&ev.headers, &ev.id)?;
         let id = ev.id.to_string();
+        let span = self.tracer.as_ref().and_then(|tracer| {
+            let get = |n: &str| headers.iter().find(|(k, _)| k == n).and_then(|(_, v)| v.as_deref());
+            let parent = otel::parse_traceparent(get("traceparent")?, get("tracestate"))?;
+            let span = otel::start_send_span(tracer, parent, ev.claimed, &ev.topic, &id, ev.key.as_deref());
+            // The message carries the relay's span as its parent.
+            let mine = otel::traceparent(opentelemetry::trace::Span::span_context(&span));
+            for (_, value) in headers.iter_mut().filter(|(k, _)| k == "traceparent") {
+                *value = Some(mine.clone());
+            }
+            Some(span)
+        });
+        let opaque: Opaque = Box::new((acks.clone(), i, span));
         let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len() + 2)
             .insert(Header { key: EVENT_ID_HEADER, value: Some(id.as_bytes()) })
             .insert(Header { key: RELAY_ID_HEADER, value: Some(self.relay_id.as_bytes()) });
@@ -100,6 +115,7 @@ impl KafkaSink {
             relay_id: settings.relay_id(),
             created_at_timestamps: settings.relay.message_timestamp == MessageTimestamp::CreatedAt,
             cloudevents: settings.cloudevents.enabled.then(|| settings.cloudevents.clone()),
+            tracer: otel::tracer(&settings.tracing).map_err(|e| SinkError::config("tracing", e))?,
             current: RwLock::new((0, producer)),
             rebuilds: Default::default(),
         })
@@ -204,7 +220,7 @@ impl Sink for KafkaSink {
                 held_here.insert(k);
                 continue;
             }
-            let mut record = match self.record(ev, Box::new((acks.clone(), i))) {
+            let mut record = match self.record(ev, &acks, i) {
                 Ok(r) => r,
                 Err(error) => {
                     acks.set(i, SendResult::Invalid { error });
@@ -351,6 +367,7 @@ mod tests {
             partition: None,
             ce_source: None,
             ce_type: None,
+            claimed: std::time::SystemTime::now(),
         }
     }
 

@@ -62,10 +62,11 @@ impl KafkaSink {
     pub fn send_decision(&self, topic: &str, key: &str, gid: &str) -> BoxFuture<'static, SendResult> {
         debug_assert!(self.is_transactional());
         let acks = Arc::new(BatchAcks::new(1));
-        let record: BaseRecord<'_, [u8], [u8], _> = BaseRecord::with_opaque_to(topic, Box::new((acks.clone(), 0)))
-            .partition(0)
-            .key(key.as_bytes())
-            .payload(gid.as_bytes());
+        let record: BaseRecord<'_, [u8], [u8], _> =
+            BaseRecord::with_opaque_to(topic, Box::new((acks.clone(), 0, None)))
+                .partition(0)
+                .key(key.as_bytes())
+                .payload(gid.as_bytes());
         let producer = self.producer();
         if let Err((e, _)) = producer.send(record) {
             acks.set(0, SendResult::Failed { class: classify(&e), error: e.to_string() });

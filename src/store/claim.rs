@@ -27,7 +27,8 @@ pub(super) struct Row {
 
 impl Row {
     /// Reads one row of the claim statement, by column name.
-    fn read(row: &tokio_postgres::Row) -> Result<Row, StoreError> {
+    /// `claimed`: when the claim was sent, on the wall clock.
+    fn read(row: &tokio_postgres::Row, claimed: std::time::SystemTime) -> Result<Row, StoreError> {
         let payload: Option<RawBytes> = row.try_get("payload")?;
         let headers: RawBytes = row.try_get("headers")?;
         Ok(Row {
@@ -45,6 +46,7 @@ impl Row {
                 // Present only when `[cloudevents]` names such columns.
                 ce_source: row.try_get("ce_source").unwrap_or(None),
                 ce_type: row.try_get("ce_type").unwrap_or(None),
+                claimed,
             },
             first_foreign: row.try_get("first_foreign")?,
         })
@@ -141,7 +143,8 @@ impl Store {
         let head: Option<i64> = probe.try_get("head")?;
         let lockers: Option<Vec<String>> = probe.try_get("lockers")?;
         let source = super::floor::read_source(&probe)?;
-        let parsed = rows.iter().map(Row::read).collect::<Result<Vec<_>, _>>()?;
+        let wall = std::time::SystemTime::now() - started.elapsed();
+        let parsed = rows.iter().map(|r| Row::read(r, wall)).collect::<Result<Vec<_>, _>>()?;
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
         let next: Option<i64> = probe.try_get("next")?;
         {

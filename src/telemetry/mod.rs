@@ -5,6 +5,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod otel;
 
 use std::io::IsTerminal;
 
