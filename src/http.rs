@@ -55,19 +55,23 @@ impl Health {
     }
 }
 
+/// The health of each outbox the process serves, by table.
+pub type Healths = Vec<(String, Arc<Health>)>;
+
 #[derive(Clone)]
 struct AppState {
     metrics: PrometheusHandle,
-    health: Arc<Health>,
+    health: Arc<Healths>,
 }
 
 /// Serves until `shutdown` flips.
 pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
-    health: Arc<Health>,
+    health: Healths,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let health = Arc::new(health);
     let app = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -85,15 +89,21 @@ async fn render_metrics(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
 }
 
+/// Ready when every outbox is; otherwise each problem, named by its outbox
+/// when the process serves several.
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        let mut body = String::from("not ready\n");
-        for p in s.health.problems() {
+    if s.health.iter().all(|(_, h)| h.is_ready()) {
+        return (StatusCode::OK, "ready\n".to_string());
+    }
+    let mut body = String::from("not ready\n");
+    for (table, h) in s.health.iter().filter(|(_, h)| !h.is_ready()) {
+        for p in h.problems() {
+            if s.health.len() > 1 {
+                body.push_str(&format!("{table}: "));
+            }
             body.push_str(&p);
             body.push('\n');
         }
-        (StatusCode::SERVICE_UNAVAILABLE, body)
     }
+    (StatusCode::SERVICE_UNAVAILABLE, body)
 }

@@ -62,6 +62,12 @@ pub struct Cli {
     #[arg(long, short = 'c', global = true, value_name = "FILE", env = "OUTBOX_RELAY_CONFIG")]
     pub config: Option<PathBuf>,
 
+    /// With [[outboxes]]: the one outbox table to work on. `run`, `migrate`,
+    /// `check` and `status` work on every configured outbox without it;
+    /// `replay`, `cleanup` and `verify` need it when several are configured
+    #[arg(long, global = true, value_name = "TABLE")]
+    pub outbox: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -230,15 +236,71 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         .thread_name("outbox-relay")
         .build()
         .map_err(|e| CliError::new(exit::SOFTWARE, format!("cannot start the async runtime: {e}")))?;
+    let targets = select_outboxes(&settings, cli.outbox.as_deref())?;
+    let one = match targets.as_slice() {
+        [only] => Ok(only.clone()),
+        _ => Err(CliError::new(
+            exit::USAGE,
+            format!(
+                "{} outboxes are configured ({}): pick one with --outbox <table>",
+                targets.len(),
+                targets.iter().map(|t| t.table().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    };
+    let several = targets.len() > 1;
     runtime.block_on(async move {
         match cli.command {
+            Command::Run if cli.outbox.is_some() => run::run(one?).await,
             Command::Run => run::run(settings).await,
-            Command::Migrate { to, .. } => migrate::apply(settings, to).await,
-            Command::Check { start_gate } => check::check(settings, start_gate).await,
-            Command::Status { json } => status::status(settings, json).await,
-            Command::Replay(args) => replay::replay(settings, args).await,
-            Command::Cleanup { older_than } => cleanup::cleanup(settings, older_than).await,
-            Command::Verify(args) => verify::verify(settings, args).await,
+            Command::Migrate { to, .. } => each(targets, |t| migrate::apply(t, to)).await,
+            Command::Check { start_gate } => each(targets, |t| check::check(t, start_gate)).await,
+            Command::Status { json: true } if several => status::json_array(targets).await,
+            Command::Status { json } => each(targets, |t| status::status(t, json)).await,
+            Command::Replay(args) => replay::replay(one?, args).await,
+            Command::Cleanup { older_than } => cleanup::cleanup(one?, older_than).await,
+            Command::Verify(args) => verify::verify(one?, args).await,
         }
     })
+}
+
+/// The outboxes a command works on: every configured one, or the one
+/// `--outbox` names (it must be configured).
+fn select_outboxes(settings: &Settings, outbox: Option<&str>) -> Result<Vec<Settings>, CliError> {
+    let all = settings.outbox_settings();
+    let Some(wanted) = outbox else { return Ok(all) };
+    let wanted_name = crate::config::TableName::parse(wanted)
+        .map_err(|e| CliError::new(exit::USAGE, format!("--outbox {wanted:?}: {e}")))?;
+    let found: Vec<Settings> = all.iter().filter(|s| s.table() == wanted_name).cloned().collect();
+    if found.is_empty() {
+        let known: Vec<String> = all.iter().map(|s| s.table().to_string()).collect();
+        return Err(CliError::new(
+            exit::USAGE,
+            format!("--outbox {wanted}: not a configured outbox (configured: {})", known.join(", ")),
+        ));
+    }
+    Ok(found)
+}
+
+/// Runs `f` for each outbox in turn, all of them even when one fails; the
+/// first failure is the result.
+async fn each<F, Fut>(targets: Vec<Settings>, f: F) -> Result<(), CliError>
+where
+    F: Fn(Settings) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CliError>>,
+{
+    let several = targets.len() > 1;
+    let mut first_error = None;
+    for t in targets {
+        if several {
+            println!("== outbox {}", t.table());
+        }
+        if let Err(e) = f(t).await {
+            if several {
+                eprintln!("outbox-relay: error: {}", e.message);
+            }
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }

@@ -3,11 +3,30 @@
 use super::CliError;
 use crate::config::Settings;
 use crate::daemon::Daemon;
+use crate::telemetry::in_outbox;
 
 pub async fn run(settings: Settings) -> Result<(), CliError> {
     // Handlers first: a SIGTERM during start-up (waiting for Postgres) is a
     // clean stop too, not a kill by the default action.
-    let mut signals = Signals::install();
+    let signals = Signals::install();
+    if !settings.outboxes.is_empty() {
+        return run_many(settings, signals).await;
+    }
+    let table = settings.table().to_string();
+    in_outbox(&table, run_one(settings, signals)).await
+}
+
+/// Several outboxes: each supervised on its own (one that cannot start is
+/// retried while the others run); the process exits only on a signal.
+async fn run_many(settings: Settings, mut signals: Signals) -> Result<(), CliError> {
+    let many = Daemon::start_many(settings).await?;
+    let signal = signals.recv().await;
+    tracing::info!(signal, "stopping: no new claims; finishing the in-flight batches");
+    many.shutdown().await;
+    Ok(())
+}
+
+async fn run_one(settings: Settings, mut signals: Signals) -> Result<(), CliError> {
     let mut running = tokio::select! {
         r = Daemon::start(settings) => r?,
         s = signals.recv() => {

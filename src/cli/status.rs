@@ -16,6 +16,18 @@ pub async fn status(settings: Settings, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `status --json` with several outboxes: one JSON array, an object per outbox.
+pub async fn json_array(targets: Vec<Settings>) -> Result<(), CliError> {
+    let mut all = Vec::new();
+    for settings in targets {
+        let store = Store::new(&settings).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+        all.push(store.status().await.map_err(|e| super::store_error(&store, e))?);
+    }
+    let text = serde_json::to_string_pretty(&all).map_err(|e| CliError::new(exit::SOFTWARE, e.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
 fn age(s: Option<f64>) -> String {
     match s {
         None => "-".into(),

@@ -19,6 +19,7 @@ mod http;
 mod kafka;
 mod log;
 mod outbox;
+mod outboxes;
 mod pg_url;
 mod postgres;
 mod relay;
@@ -32,6 +33,7 @@ pub use http::HttpConfig;
 pub use kafka::{is_secret_property, KafkaConfig};
 pub use log::{LogConfig, LogFormat};
 pub use outbox::OutboxConfig;
+pub use outboxes::OutboxEntry;
 pub use pg_url::{redact_url, split_url, TlsMode};
 pub use postgres::PostgresConfig;
 pub use relay::{Delivery, MessageTimestamp, OnPublish, Ordering, RelayConfig};
@@ -65,6 +67,9 @@ pub struct Settings {
     /// The outbox table.
     #[serde(default)]
     pub outbox: OutboxConfig,
+    /// Several outbox tables in one process (instead of `[outbox]`).
+    #[serde(default)]
+    pub outboxes: Vec<OutboxEntry>,
     /// The relay loop.
     #[serde(default)]
     pub relay: RelayConfig,
@@ -159,13 +164,22 @@ impl Settings {
     /// `kafka.brokers` may be missing.
     fn validate(&self, kafka_needed: bool) -> Result<(), ConfigError> {
         self.postgres.validate()?;
-        self.kafka.validate(self.relay.delivery, kafka_needed)?;
         self.outbox.validate()?;
-        self.relay.validate()?;
         self.cloudevents.validate()?;
         self.tracing.validate()?;
         self.http.validate()?;
         self.log.validate()?;
+        self.validate_outboxes()?;
+        for s in self.outbox_settings() {
+            s.validate_one(kafka_needed)?;
+        }
+        Ok(())
+    }
+
+    /// What depends on one outbox's relay settings (its overrides applied).
+    fn validate_one(&self, kafka_needed: bool) -> Result<(), ConfigError> {
+        self.kafka.validate(self.relay.delivery, kafka_needed)?;
+        self.relay.validate()?;
         // outbox-relay/<12 hex>/<schema.table>/<relay.id>/<32 hex> must fit Postgres's 200-byte gid.
         let gid_len = "outbox-relay/".len() + 13 + self.table().to_string().len() + 1 + self.relay_id().len() + 33;
         if self.relay.delivery == Delivery::ExactlyOnce && gid_len > 199 {
@@ -175,6 +189,61 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// `[[outboxes]]`: each entry valid, none twice (same table, same
+    /// database), not beside an explicit `[outbox]` table; and each outbox's
+    /// own settings valid.
+    fn validate_outboxes(&self) -> Result<(), ConfigError> {
+        if self.outboxes.is_empty() {
+            return Ok(());
+        }
+        if self.outbox.table != OutboxConfig::default().table {
+            return Err(ConfigError::key(
+                "outboxes",
+                "and `outbox.table` are both set: list every table under [[outboxes]] (or use [outbox] for one)",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, e) in self.outboxes.iter().enumerate() {
+            e.validate(i)?;
+            let db = e.postgres_url.as_deref().unwrap_or(self.postgres_url());
+            if !seen.insert((TableName::parse(&e.table).map(|t| t.to_string()).unwrap_or_default(), db.to_string())) {
+                return Err(ConfigError::key(
+                    &format!("outboxes[{i}].table"),
+                    format!("= {:?} is listed twice", e.table),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of each outbox this process serves: this one for
+    /// `[outbox]`, or one per `[[outboxes]]` entry with its overrides applied.
+    pub fn outbox_settings(&self) -> Vec<Settings> {
+        if self.outboxes.is_empty() {
+            return vec![self.clone()];
+        }
+        self.outboxes
+            .iter()
+            .map(|e| {
+                let mut s = self.clone();
+                s.outboxes.clear();
+                s.outbox.table = e.table.clone();
+                if let Some(url) = &e.postgres_url {
+                    s.postgres.url = Some(url.clone());
+                }
+                let r = &mut s.relay;
+                r.on_publish = e.on_publish.unwrap_or(r.on_publish);
+                r.delivery = e.delivery.unwrap_or(r.delivery);
+                r.batch_size = e.batch_size.unwrap_or(r.batch_size);
+                r.retention = e.retention.unwrap_or(r.retention);
+                r.ordering = e.ordering.unwrap_or(r.ordering);
+                r.max_attempts = e.max_attempts.unwrap_or(r.max_attempts);
+                r.message_timestamp = e.message_timestamp.unwrap_or(r.message_timestamp);
+                s
+            })
+            .collect()
     }
 
     /// The validated outbox table.

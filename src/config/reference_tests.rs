@@ -32,6 +32,15 @@ fn code_default(s: &Settings, key: &str) -> Option<Shown> {
         "kafka.ssl_key_password_file" => opt(s.kafka.ssl_key_password_file.is_some()),
         "outbox.table" => t(&s.outbox.table),
         "relay.id" => Shown::Text("host name".into()),
+        "outboxes.table" => opt(!s.outboxes.is_empty()),
+        "outboxes.postgres_url" => Shown::Text("postgres.url".into()),
+        "outboxes.on_publish"
+        | "outboxes.delivery"
+        | "outboxes.batch_size"
+        | "outboxes.retention"
+        | "outboxes.ordering"
+        | "outboxes.max_attempts"
+        | "outboxes.message_timestamp" => Shown::Text("the [relay] value".into()),
         "tracing.otlp_endpoint" => opt(s.tracing.otlp_endpoint.is_some()),
         "tracing.service_name" => t(&s.tracing.service_name),
         "cloudevents.enabled" => t(&s.cloudevents.enabled),
@@ -66,7 +75,7 @@ fn code_default(s: &Settings, key: &str) -> Option<Shown> {
 /// The keys the code accepts: the `pub` fields of each section's struct.
 fn code_keys() -> Vec<String> {
     let mut keys = Vec::new();
-    for section in ["postgres", "kafka", "outbox", "relay", "cloudevents", "tracing", "http", "log"] {
+    for section in ["postgres", "kafka", "outbox", "outboxes", "relay", "cloudevents", "tracing", "http", "log"] {
         let src = std::fs::read_to_string(format!("{}/src/config/{section}.rs", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let body = src.split("#[serde(deny_unknown_fields)]").nth(1).expect("a deny_unknown_fields struct");
         let body = &body[..body.find("\n}").unwrap()];

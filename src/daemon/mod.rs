@@ -13,6 +13,7 @@
 //! ```
 
 mod lease;
+mod many;
 mod monitor;
 mod startup;
 mod tasks;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
+pub use many::Many;
 pub use monitor::spawn_monitor;
 
 use crate::config::{Delivery, OnPublish, Settings};
@@ -74,6 +76,8 @@ pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     http: Option<JoinHandle<()>>,
     http_addr: Option<SocketAddr>,
+    /// Stops the HTTP server (a single-outbox relay's own).
+    http_stop: Option<watch::Sender<bool>>,
     sink: Arc<KafkaSink>,
     store: Store,
     gate: Arc<KafkaGate>,
@@ -94,10 +98,22 @@ impl Daemon {
     /// its tasks. Does not wait for Kafka.
     pub async fn start(settings: Settings) -> Result<Running, StartError> {
         crate::failpoint::validate_env().map_err(StartError::Config)?;
+        let health = Arc::new(Health::default());
+        let (http_stop, http_stop_rx) = watch::channel(false);
+        let table = settings.table().to_string();
+        let (http, http_addr) = serve_http(&settings, vec![(table, health.clone())], http_stop_rx).await?;
+        let mut running = Self::start_outbox(settings, health).await?;
+        running.http = http;
+        running.http_addr = http_addr;
+        running.http_stop = Some(http_stop);
+        Ok(running)
+    }
+
+    /// One outbox's relay: its store and producer, its loop and tasks,
+    /// reporting to `health`. No HTTP endpoint of its own.
+    pub async fn start_outbox(settings: Settings, health: Arc<Health>) -> Result<Running, StartError> {
         let store = Store::new(&settings).map_err(|e| StartError::Config(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
-        let health = Arc::new(Health::default());
-        let (http, http_addr) = serve_http(&settings, health.clone(), stop_rx.clone()).await?;
         let txn_ids = startup::postgres_ready(&store, settings.relay.startup_timeout).await?;
         let exactly_once = settings.relay.delivery == Delivery::ExactlyOnce;
         let sink = match exactly_once {
@@ -134,8 +150,9 @@ impl Daemon {
             relay,
             relay_done: false,
             tasks: background,
-            http,
-            http_addr,
+            http: None,
+            http_addr: None,
+            http_stop: None,
             sink,
             store,
             gate,
@@ -156,7 +173,7 @@ fn start_at_least_once(
 ) -> Started {
     let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
     let (gate, counters) = (relay.gate(), relay.counters.clone());
-    let task = tokio::spawn(async move {
+    let task = crate::telemetry::spawn(async move {
         relay.run(stop).await;
         Ok(())
     });
@@ -182,7 +199,7 @@ async fn start_exactly_once(
         .with_lease(lease.state());
     let relay = Arc::new(relay);
     let (gate, counters) = (relay.gate(), relay.counters.clone());
-    let task = tokio::spawn(async move {
+    let task = crate::telemetry::spawn(async move {
         let result = relay.run(stop).await;
         drop(lease);
         result.map_err(|e| StartError::Config(format!("exactly-once cannot start: {e}")))
@@ -192,9 +209,9 @@ async fn start_exactly_once(
 
 /// Binds `http.listen` first (a port conflict is a configuration error,
 /// reported before any wait) and serves `/metrics`, `/healthz`, `/readyz`.
-async fn serve_http(
+pub(crate) async fn serve_http(
     settings: &Settings,
-    health: Arc<Health>,
+    health: crate::http::Healths,
     stop: watch::Receiver<bool>,
 ) -> Result<(Option<JoinHandle<()>>, Option<SocketAddr>), StartError> {
     let addr = settings.http.listen.as_str();
@@ -207,7 +224,7 @@ async fn serve_http(
     let handle = crate::telemetry::metrics::install().map_err(|e| StartError::Software(format!("metrics: {e}")))?;
     let local = listener.local_addr().ok();
     tracing::info!(addr = %local.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /healthz, /readyz");
-    let task = tokio::spawn(async move {
+    let task = crate::telemetry::spawn(async move {
         if let Err(e) = crate::http::serve(listener, handle, health, stop).await {
             tracing::error!(error = %e, "http server failed");
         }
@@ -274,6 +291,9 @@ impl Running {
         let _ = tokio::task::spawn_blocking(crate::telemetry::otel::flush).await;
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(s) = self.http_stop.take() {
+            let _ = s.send(true);
         }
         if let Some(t) = self.http.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;

@@ -58,7 +58,7 @@ pub fn spawn_monitor<S: Sink>(
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    crate::telemetry::spawn(async move {
         let mut schema = SchemaCheck::default();
         let mut last_health: Option<Instant> = None;
         loop {

@@ -35,7 +35,7 @@ pub(super) fn orphan_resolver(
         }
     };
     let recovery = Recovery::new(store, decisions, txn_ids, settings.relay.recovery_timeout);
-    Some(tokio::spawn(async move {
+    Some(crate::telemetry::spawn(async move {
         loop {
             match recovery.resolve_stale(&sink, None).await {
                 Ok(r) if r.committed + r.rolled_back > 0 => tracing::info!(
@@ -58,7 +58,7 @@ pub(super) fn orphan_resolver(
 /// With `on_publish = "mark"`: delete rows older than `relay.retention` once a
 /// minute, in small batches, off the hot path.
 pub(super) fn retention(store: Store, retention: Duration, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    crate::telemetry::spawn(async move {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(60)) => {}
@@ -78,7 +78,7 @@ pub(super) fn retention(store: Store, retention: Duration, mut stop: watch::Rece
 /// Samples, every second, how long the oldest transaction the relay holds on
 /// the database has been open (`outbox_relay_oldest_transaction_age_seconds`).
 pub(super) fn transaction_clock(store: Store, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    crate::telemetry::spawn(async move {
         loop {
             let (oldest, oldest_batch) = store.oldest_open_transaction();
             OpenTransactions { oldest, oldest_batch }.emit();

@@ -176,7 +176,7 @@ impl Claimed {
     pub(super) fn start_heartbeat(&mut self, every: Option<Duration>) {
         let (Some(every), Some(conn)) = (every, self.conn.as_ref()) else { return };
         let weak: Weak<Conn> = Arc::downgrade(conn);
-        self.heartbeat = Some(tokio::spawn(async move {
+        self.heartbeat = Some(crate::telemetry::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(conn) = weak.upgrade() else { return };

@@ -88,13 +88,13 @@ impl Store {
     pub async fn lease_transactional_id(&self, transactional_id: &str) -> Result<Option<IdLease>, StoreError> {
         let Some(session) = self.lease_session(transactional_id).await? else { return Ok(None) };
         let (tx, state) = watch::channel(LeaseState::Held);
-        let keeper = tokio::spawn(keep(self.clone(), transactional_id.to_string(), session, tx));
+        let keeper = crate::telemetry::spawn(keep(self.clone(), transactional_id.to_string(), session, tx));
         Ok(Some(IdLease { state, keeper }))
     }
 
     async fn lease_session(&self, transactional_id: &str) -> Result<Option<Session>, StoreError> {
         let (client, conn) = self.pg_config().connect(self.tls().clone()).await?;
-        let driver = tokio::spawn(async move {
+        let driver = crate::telemetry::spawn(async move {
             let _ = conn.await;
         });
         let session = Session { client, driver };

@@ -27,7 +27,7 @@ pub fn spawn_listener(
 ) -> tokio::task::JoinHandle<()> {
     let channel = store.table().channel();
     let (pg, tls) = (store.pg_config().clone(), store.tls().clone());
-    tokio::spawn(async move {
+    crate::telemetry::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         loop {
             if *shutdown.borrow() {
@@ -38,7 +38,7 @@ pub fn spawn_listener(
                     let (lost_tx, mut lost_rx) = tokio::sync::oneshot::channel::<String>();
                     let wake_conn = wake.clone();
                     let store_conn = store.clone();
-                    let driver = tokio::spawn(async move {
+                    let driver = crate::telemetry::spawn(async move {
                         loop {
                             match poll_fn(|cx| conn.poll_message(cx)).await {
                                 Some(Ok(AsyncMessage::Notification(n))) => {

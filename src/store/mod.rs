@@ -215,7 +215,7 @@ impl Store {
     pub async fn migrate(&self, to: Option<i32>) -> Result<Vec<&'static str>, StoreError> {
         // Its own connection: the session settings it needs are not the pool's.
         let (mut client, conn) = self.pg.connect(self.tls.clone()).await?;
-        let driver = tokio::spawn(conn);
+        let driver = crate::telemetry::spawn(conn);
         let result = schema::migrate(&mut client, &self.table, to).await;
         drop(client);
         let _ = driver.await;

@@ -87,7 +87,7 @@ impl Store {
             return;
         }
         let store = self.clone();
-        tokio::spawn(async move {
+        crate::telemetry::spawn(async move {
             let found = store.lowest_pending_below(below).await;
             store.shared.sweeping.store(false, AtomicOrdering::Release);
             match found {

@@ -7,7 +7,11 @@ pub mod events;
 pub mod metrics;
 pub mod otel;
 
+use std::future::Future;
 use std::io::IsTerminal;
+use std::sync::Arc;
+
+use tracing::Instrument;
 
 use tracing_subscriber::EnvFilter;
 
@@ -28,4 +32,34 @@ pub fn init(cfg: &LogConfig) {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
     };
+}
+
+tokio::task_local! {
+    /// The outbox table the current task serves: every metric carries it as
+    /// its `outbox` label, and every log line names it (a span).
+    static OUTBOX: Arc<str>;
+}
+
+/// The `outbox` label of the current task ("" outside any outbox's tasks).
+pub fn outbox() -> String {
+    OUTBOX.try_with(|o| o.to_string()).unwrap_or_default()
+}
+
+/// Runs `fut` as the tasks of outbox `table`: its metrics are labelled with
+/// it, its logs carry it, and what it spawns through [`spawn`] too.
+pub async fn in_outbox<F: Future>(table: &str, fut: F) -> F::Output {
+    OUTBOX.scope(Arc::from(table), fut.instrument(tracing::info_span!("outbox", table))).await
+}
+
+/// `tokio::spawn`, keeping the current outbox (label and log span).
+pub fn spawn<F>(fut: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let fut = fut.instrument(tracing::Span::current());
+    match OUTBOX.try_with(Arc::clone) {
+        Ok(label) => tokio::spawn(OUTBOX.scope(label, fut)),
+        Err(_) => tokio::spawn(fut),
+    }
 }

@@ -85,6 +85,12 @@ pub struct Args {
     /// broker failures instead of the single broker's outage.
     #[arg(long)]
     cluster: bool,
+    /// Each relay process serves one outbox (`[outbox]`). By default each
+    /// serves two (`[[outboxes]]`): the run's table, which takes the poison
+    /// and the disruptions aimed at a table, and a second one written at a
+    /// quarter of the rate; both must lose nothing and keep per-key order.
+    #[arg(long)]
+    one_outbox: bool,
 }
 
 const KEYS: u64 = 1000;
@@ -119,8 +125,8 @@ fn relay_env(args: &Args, pg_url: &str, brokers: &str, run: &str) -> Vec<(String
     ])
 }
 
-/// The table and topics, and the relays' config file.
-async fn setup(args: &Args, env: &[(String, String)], brokers: &str, run: &str) -> (Vec<String>, PathBuf) {
+/// The table and its topics.
+async fn setup(args: &Args, env: &[(String, String)], brokers: &str, run: &str) -> Vec<String> {
     let migrate = std::process::Command::new(outbox_relay_support::relay_bin())
         .envs(env.iter().cloned())
         .arg("migrate")
@@ -130,13 +136,29 @@ async fn setup(args: &Args, env: &[(String, String)], brokers: &str, run: &str) 
     let topics: Vec<String> = TOPICS.iter().map(|t| format!("{run}.{t}")).collect();
     let spec = TopicSpec::new(PARTITIONS).replicated(if args.cluster { 3 } else { 1 });
     create_topics_at(brokers, &topics, &spec).await;
+    topics
+}
+
+/// The relays' config file: its Kafka properties, and with two outboxes
+/// their `[[outboxes]]` (then the relays' environment names no table).
+fn relay_config(args: &Args, run: &str, second: Option<&str>) -> PathBuf {
     let config = args.run_dir.join(format!("{run}.toml"));
-    std::fs::write(
-        &config,
+    let mut toml = String::from(
         "[kafka.properties]\n\"allow.auto.create.topics\" = \"false\"\n\"topic.metadata.propagation.max.ms\" = \"5000\"\n",
-    )
-    .expect("config");
-    (topics, config)
+    );
+    if let Some(b) = second {
+        toml.push_str(&format!("\n[[outboxes]]\ntable = \"public.{run}\"\n\n[[outboxes]]\ntable = \"public.{b}\"\n"));
+    }
+    std::fs::write(&config, toml).expect("config");
+    config
+}
+
+/// The environment with `OUTBOX_RELAY__OUTBOX__TABLE` set to `table`.
+fn with_table(env: &[(String, String)], table: &str) -> Vec<(String, String)> {
+    let mut e: Vec<(String, String)> =
+        env.iter().filter(|(k, _)| k != "OUTBOX_RELAY__OUTBOX__TABLE").cloned().collect();
+    e.push(("OUTBOX_RELAY__OUTBOX__TABLE".into(), table.into()));
+    e
 }
 
 #[tokio::main]
@@ -161,13 +183,25 @@ async fn main() {
         ),
     );
     let env = relay_env(&args, &pg_url, &brokers, &run);
-    let (topics, config) = setup(&args, &env, &brokers, &run).await;
+    let topics = setup(&args, &env, &brokers, &run).await;
+    // The second outbox, served by the same relay processes.
+    let second = (!args.one_outbox).then(|| format!("{run}_b"));
+    let env_b = second.as_deref().map(|b| with_table(&env, b));
+    let topics_b = match &env_b {
+        Some(e) => setup(&args, e, &brokers, second.as_deref().unwrap_or_default()).await,
+        None => Vec::new(),
+    };
+    let config = relay_config(&args, &run, second.as_deref());
+    let relays_env: Vec<(String, String)> = match &second {
+        Some(_) => env.iter().filter(|(k, _)| k != "OUTBOX_RELAY__OUTBOX__TABLE").cloned().collect(),
+        None => env.clone(),
+    };
     // One directory per run, every incarnation of a relay appended to its
     // log: what a relay did before a kill or its own exit stays readable.
     let logs = args.run_dir.join(&run);
     std::fs::create_dir_all(&logs).expect("log dir");
     log(started, format!("relay logs in {}", logs.display()));
-    let mut relays = Relays::new(env.clone(), config, logs, args.relays, args.exactly_once);
+    let mut relays = Relays::new(relays_env, config, logs, args.relays, args.exactly_once);
 
     // The application: WRITERS connections, each owning a share of the keys, so
     // seq order is commit order per key. Small transactions of 10 rows.
@@ -185,15 +219,40 @@ async fn main() {
         rollback_share: 0.0,
         max_events: args.events,
     });
+    let writers_b = second.as_ref().map(|b| {
+        Writers::start(WriterSpec {
+            pg_url: pg_url.clone(),
+            table: format!("public.{b}"),
+            topics: topics_b.clone(),
+            connections: 2,
+            per_tx: 10,
+            rate: (args.events / 4 / duration).max(1),
+            keys: KEYS,
+            hot_key_share: 0.0,
+            pad: 200,
+            reconnect: true,
+            rollback_share: 0.0,
+            max_events: args.events / 4,
+        })
+    });
     let mut d = Disruptor::new(&args, &run, &pg_url, &brokers, &topics, &env, pg_at(&pg_url).await, started);
     d.poison(0).await;
     let revived = disrupt(&args, &mut d, &mut relays, &writers).await;
     writers.finish().await;
+    if let Some(w) = writers_b {
+        w.finish().await;
+    }
     log(started, format!("writers done; {} kills; draining", relays.kills));
-    let revived = revived + drain(&env, &mut relays).await;
+    let mut revived = revived + drain(&env, &mut relays).await;
+    if let Some(e) = &env_b {
+        revived += drain(e, &mut relays).await;
+    }
     let clean_exits = relays.stop_all();
     log(started, "drained; reading Kafka back (read_committed)");
-    let ok = verdict(&args, &d, &relays, &env, &brokers, &topics, revived, clean_exits).await;
+    let mut ok = verdict(&args, &d, &relays, &env, &brokers, &topics, revived, clean_exits).await;
+    if let (Some(e), Some(b)) = (&env_b, &second) {
+        ok &= verdict_second(&args, e, &brokers, &topics_b, b).await;
+    }
     println!("{}", if ok { "chaos: PASS" } else { "chaos: FAIL" });
     if !ok {
         std::process::exit(1);
@@ -339,6 +398,33 @@ async fn verdict(
         print_lost(&db, run, &report.lost_ids).await;
     }
     ok
+}
+
+/// The second outbox: nothing lost, per-key order, no duplicate in
+/// exactly-once mode, no prepared batch left. Prints its own table.
+async fn verdict_second(args: &Args, env: &[(String, String)], brokers: &str, topics: &[String], table: &str) -> bool {
+    let store = Store::new(&Settings::load_from(None, env.to_vec()).expect("settings")).expect("store");
+    let rows = store.published_rows(None, None, None).await.expect("published rows");
+    let (b, t) = (brokers.to_string(), topics.to_vec());
+    let seen =
+        tokio::task::spawn_blocking(move || read_topics(&b, &BTreeMap::new(), &t, Duration::from_secs(600), |_| {}))
+            .await
+            .expect("reader")
+            .expect("read topics");
+    let report = compare(&rows, &seen);
+    let prepared_left = store.prepared_any(&store.transactional_prefixes().await).await.map(|p| p.len()).unwrap_or(0);
+    let dup_ok = !args.exactly_once || report.duplicate_copies == 0;
+    println!();
+    println!("second outbox public.{table}, in the same relay processes");
+    println!("  ┌──────────────────────────────────────────────────┬────────────┐");
+    row("events published", report.expected);
+    row("messages delivered for them", report.delivered);
+    row("LOST", report.lost);
+    row("duplicate copies", report.duplicate_copies);
+    row("PER-KEY ORDER VIOLATIONS", report.order_violations);
+    row("prepared batches left behind", prepared_left);
+    println!("  └──────────────────────────────────────────────────┴────────────┘");
+    report.lost == 0 && report.order_violations == 0 && dup_ok && prepared_left == 0
 }
 
 fn print_latency(d: &Disruptor<'_>, rows: &[outbox_relay::store::PublishedRow], seen: &[outbox_relay::verify::Seen]) {
