@@ -6,17 +6,30 @@ use super::{exit, CliError};
 use crate::config::{Settings, TableName};
 use crate::store::{render_migration, Store, MIGRATIONS};
 
-/// Prints every migration rendered for the configured table. Needs only
-/// `outbox.table`, so it works without database or broker settings.
-pub fn print(config: Option<&Path>, to: Option<i32>) -> Result<(), CliError> {
-    let table = match Settings::load(config) {
-        Ok(s) => s.table(),
-        Err(_) => table_only(config)?,
+/// Prints every migration rendered for the configured table (each table of
+/// `[[outboxes]]`, or the one `--outbox` names). Needs only the table names,
+/// so it works without database or broker settings.
+pub fn print(config: Option<&Path>, to: Option<i32>, outbox: Option<&str>) -> Result<(), CliError> {
+    let tables = match Settings::load_postgres_only(config) {
+        Ok(s) => s.outbox_settings().iter().map(Settings::table).collect(),
+        Err(_) => vec![table_only(config)?],
     };
-    for m in MIGRATIONS.iter().filter(|m| to.is_none_or(|t| m.version <= t)) {
-        println!("-- {} (outbox-relay migration {})", m.name, m.version);
-        println!("{}", render_migration(m.sql, &table).trim_end());
-        println!();
+    let tables: Vec<TableName> = match outbox {
+        Some(o) => {
+            let wanted = TableName::parse(o).map_err(|e| CliError::new(exit::USAGE, format!("--outbox {o:?}: {e}")))?;
+            vec![wanted]
+        }
+        None => tables,
+    };
+    for table in &tables {
+        if tables.len() > 1 {
+            println!("-- ===== outbox {table} =====");
+        }
+        for m in MIGRATIONS.iter().filter(|m| to.is_none_or(|t| m.version <= t)) {
+            println!("-- {} (outbox-relay migration {})", m.name, m.version);
+            println!("{}", render_migration(m.sql, table).trim_end());
+            println!();
+        }
     }
     Ok(())
 }

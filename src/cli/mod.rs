@@ -220,7 +220,7 @@ pub fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<(), CliError> {
     if let Command::Migrate { print: true, to } = cli.command {
-        return migrate::print(cli.config.as_deref(), to);
+        return migrate::print(cli.config.as_deref(), to, cli.outbox.as_deref());
     }
     // Commands that never contact Kafka do not require its settings.
     let kafka_needed = matches!(cli.command, Command::Run | Command::Check { .. } | Command::Verify(_));
