@@ -3,7 +3,6 @@
 use super::CliError;
 use crate::config::Settings;
 use crate::daemon::Daemon;
-use crate::telemetry::in_outbox;
 
 pub async fn run(settings: Settings) -> Result<(), CliError> {
     // Handlers first: a SIGTERM during start-up (waiting for Postgres) is a
@@ -12,8 +11,7 @@ pub async fn run(settings: Settings) -> Result<(), CliError> {
     if !settings.outboxes.is_empty() {
         return run_many(settings, signals).await;
     }
-    let table = settings.table().to_string();
-    in_outbox(&table, run_one(settings, signals)).await
+    run_one(settings, signals).await
 }
 
 /// Several outboxes: each supervised on its own (one that cannot start is

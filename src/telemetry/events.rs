@@ -8,7 +8,18 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram};
 
 use super::metrics::*;
-use super::outbox;
+use metrics::Label;
+
+use super::outbox_label;
+
+/// `extra`, and the `outbox` label when the process serves several outboxes
+/// (`[[outboxes]]`); a single-outbox relay's series stay as they were.
+fn labels(mut extra: Vec<Label>) -> Vec<Label> {
+    if let Some(o) = outbox_label() {
+        extra.insert(0, Label::new("outbox", o));
+    }
+    extra
+}
 
 /// An event that logs and counts itself.
 pub trait Emit {
@@ -23,7 +34,7 @@ pub struct EventsPublished<'a> {
 
 impl Emit for EventsPublished<'_> {
     fn emit(self) {
-        counter!(PUBLISHED, "outbox" => outbox(), "topic" => self.topic.to_string()).increment(self.count);
+        counter!(PUBLISHED, labels(vec![Label::new("topic", self.topic.to_string())])).increment(self.count);
     }
 }
 
@@ -35,7 +46,7 @@ pub struct EventsParked<'a> {
 
 impl Emit for EventsParked<'_> {
     fn emit(self) {
-        counter!(PARKED, "outbox" => outbox(), "topic" => self.topic.to_string()).increment(self.count);
+        counter!(PARKED, labels(vec![Label::new("topic", self.topic.to_string())])).increment(self.count);
     }
 }
 
@@ -49,7 +60,7 @@ pub struct PublishFailures {
 impl Emit for PublishFailures {
     fn emit(self) {
         if self.count > 0 {
-            counter!(FAILED, "outbox" => outbox(), "class" => self.class).increment(self.count);
+            counter!(FAILED, labels(vec![Label::new("class", self.class)])).increment(self.count);
         }
     }
 }
@@ -62,7 +73,7 @@ pub struct EventsDeferred {
 impl Emit for EventsDeferred {
     fn emit(self) {
         if self.count > 0 {
-            counter!(DEFERRED, "outbox" => outbox()).increment(self.count);
+            counter!(DEFERRED, labels(Vec::new())).increment(self.count);
         }
     }
 }
@@ -107,9 +118,9 @@ pub struct BatchFinished {
 
 impl Emit for BatchFinished {
     fn emit(self) {
-        counter!(BATCHES, "outbox" => outbox()).increment(1);
-        histogram!(BATCH_SIZE, "outbox" => outbox()).record(self.claimed as f64);
-        histogram!(BATCH_DURATION, "outbox" => outbox()).record(self.took.as_secs_f64());
+        counter!(BATCHES, labels(Vec::new())).increment(1);
+        histogram!(BATCH_SIZE, labels(Vec::new())).record(self.claimed as f64);
+        histogram!(BATCH_DURATION, labels(Vec::new())).record(self.took.as_secs_f64());
         tracing::debug!(
             claimed = self.claimed,
             deferred = self.deferred,
@@ -131,7 +142,7 @@ pub struct EventAcked {
 
 impl Emit for EventAcked {
     fn emit(self) {
-        histogram!(CREATED_TO_ACK, "outbox" => outbox()).record(self.since_created.as_secs_f64());
+        histogram!(CREATED_TO_ACK, labels(Vec::new())).record(self.since_created.as_secs_f64());
     }
 }
 
@@ -146,7 +157,7 @@ pub struct BatchFailed<'a> {
 
 impl Emit for BatchFailed<'_> {
     fn emit(self) {
-        counter!(BATCH_ERRORS, "outbox" => outbox()).increment(1);
+        counter!(BATCH_ERRORS, labels(Vec::new())).increment(1);
         let retry_in_ms = self.retry_in.as_millis() as u64;
         if self.transient {
             tracing::warn!(error = %self.error, retry_in_ms, "batch failed; {}", self.next);
@@ -163,7 +174,7 @@ pub struct ClaimRan {
 
 impl Emit for ClaimRan {
     fn emit(self) {
-        histogram!(CLAIM_DURATION, "outbox" => outbox()).record(self.took.as_secs_f64());
+        histogram!(CLAIM_DURATION, labels(Vec::new())).record(self.took.as_secs_f64());
     }
 }
 
@@ -192,7 +203,7 @@ pub struct BatchReleased {
 
 impl Emit for BatchReleased {
     fn emit(self) {
-        counter!(BATCHES_RELEASED, "outbox" => outbox(), "reason" => "publish_timeout").increment(1);
+        counter!(BATCHES_RELEASED, labels(vec![Label::new("reason", "publish_timeout")])).increment(1);
         tracing::warn!(
             rows = self.rows,
             unacknowledged = self.unacknowledged,
@@ -213,7 +224,7 @@ pub struct KafkaAvailability<'a> {
 
 impl Emit for KafkaAvailability<'_> {
     fn emit(self) {
-        gauge!(KAFKA_AVAILABLE, "outbox" => outbox()).set(if self.available { 1.0 } else { 0.0 });
+        gauge!(KAFKA_AVAILABLE, labels(Vec::new())).set(if self.available { 1.0 } else { 0.0 });
         match (self.available, self.waited) {
             (true, Some(w)) => tracing::info!(
                 waited_s = w.as_secs(),
@@ -254,7 +265,7 @@ pub struct ProducerRebuilt<'a> {
 
 impl Emit for ProducerRebuilt<'_> {
     fn emit(self) {
-        counter!(PRODUCER_REBUILDS, "outbox" => outbox(), "reason" => self.reason).increment(1);
+        counter!(PRODUCER_REBUILDS, labels(vec![Label::new("reason", self.reason)])).increment(1);
         if self.reason == "fatal" {
             tracing::error!(
                 reason = self.detail,
@@ -275,7 +286,7 @@ pub struct PreparedResolved<'a> {
 
 impl Emit for PreparedResolved<'_> {
     fn emit(self) {
-        counter!(RECOVERED, "outbox" => outbox(), "decision" => if self.committed { "commit" } else { "rollback" })
+        counter!(RECOVERED, labels(vec![Label::new("decision", if self.committed { "commit" } else { "rollback" })]))
             .increment(1);
         tracing::info!(
             gid = self.gid,
@@ -297,7 +308,7 @@ pub struct PreparedResolutionFailed<'a> {
 
 impl Emit for PreparedResolutionFailed<'_> {
     fn emit(self) {
-        counter!(RECOVERY_FAILURES, "outbox" => outbox()).increment(1);
+        counter!(RECOVERY_FAILURES, labels(Vec::new())).increment(1);
         tracing::error!(
             gid = self.gid, owner_role = self.owner_role, age_s = self.age_s as u64, error = %self.error,
             fix = self.fix, "cannot resolve a prepared batch; its rows stay locked until it is"
@@ -316,11 +327,11 @@ pub struct Backlog {
 
 impl Emit for Backlog {
     fn emit(self) {
-        gauge!(PENDING, "outbox" => outbox()).set(self.pending as f64);
-        gauge!(OLDEST_PENDING_AGE, "outbox" => outbox()).set(self.oldest_pending_age_s);
-        gauge!(PARKED_NOW, "outbox" => outbox()).set(self.parked as f64);
-        gauge!(PREPARED, "outbox" => outbox()).set(self.prepared as f64);
-        gauge!(OLDEST_PREPARED_AGE, "outbox" => outbox()).set(self.oldest_prepared_age_s);
+        gauge!(PENDING, labels(Vec::new())).set(self.pending as f64);
+        gauge!(OLDEST_PENDING_AGE, labels(Vec::new())).set(self.oldest_pending_age_s);
+        gauge!(PARKED_NOW, labels(Vec::new())).set(self.parked as f64);
+        gauge!(PREPARED, labels(Vec::new())).set(self.prepared as f64);
+        gauge!(OLDEST_PREPARED_AGE, labels(Vec::new())).set(self.oldest_prepared_age_s);
     }
 }
 
@@ -334,10 +345,10 @@ pub struct TableHealth {
 
 impl Emit for TableHealth {
     fn emit(self) {
-        gauge!(DEAD_TUPLES, "outbox" => outbox()).set(self.dead_tuples as f64);
-        gauge!(LIVE_TUPLES, "outbox" => outbox()).set(self.live_tuples as f64);
-        gauge!(HORIZON_AGE, "outbox" => outbox()).set(self.horizon_age_s.max(0.0));
-        gauge!(HORIZON_XIDS, "outbox" => outbox()).set(self.horizon_age_xids as f64);
+        gauge!(DEAD_TUPLES, labels(Vec::new())).set(self.dead_tuples as f64);
+        gauge!(LIVE_TUPLES, labels(Vec::new())).set(self.live_tuples as f64);
+        gauge!(HORIZON_AGE, labels(Vec::new())).set(self.horizon_age_s.max(0.0));
+        gauge!(HORIZON_XIDS, labels(Vec::new())).set(self.horizon_age_xids as f64);
     }
 }
 
@@ -351,8 +362,8 @@ pub struct OpenTransactions {
 
 impl Emit for OpenTransactions {
     fn emit(self) {
-        gauge!(OLDEST_TRANSACTION_AGE, "outbox" => outbox()).set(self.oldest.map_or(0.0, |a| a.as_secs_f64()));
-        gauge!(INFLIGHT_AGE, "outbox" => outbox()).set(self.oldest_batch.map_or(0.0, |a| a.as_secs_f64()));
+        gauge!(OLDEST_TRANSACTION_AGE, labels(Vec::new())).set(self.oldest.map_or(0.0, |a| a.as_secs_f64()));
+        gauge!(INFLIGHT_AGE, labels(Vec::new())).set(self.oldest_batch.map_or(0.0, |a| a.as_secs_f64()));
     }
 }
 
@@ -365,7 +376,7 @@ pub struct Readiness<'a> {
 
 impl Emit for Readiness<'_> {
     fn emit(self) {
-        gauge!(READY, "outbox" => outbox()).set(if self.ready { 1.0 } else { 0.0 });
+        gauge!(READY, labels(Vec::new())).set(if self.ready { 1.0 } else { 0.0 });
         if self.was_ready && !self.ready {
             tracing::warn!(problems = ?self.problems, "not ready");
         } else if !self.was_ready && self.ready {

@@ -40,9 +40,10 @@ tokio::task_local! {
     static OUTBOX: Arc<str>;
 }
 
-/// The `outbox` label of the current task ("" outside any outbox's tasks).
-pub fn outbox() -> String {
-    OUTBOX.try_with(|o| o.to_string()).unwrap_or_default()
+/// The `outbox` label of the current task: the table, in a process that
+/// serves several outboxes; `None` otherwise.
+pub fn outbox_label() -> Option<String> {
+    OUTBOX.try_with(|o| o.to_string()).ok()
 }
 
 /// Runs `fut` as the tasks of outbox `table`: its metrics are labelled with
