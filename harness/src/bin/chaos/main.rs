@@ -122,6 +122,9 @@ fn relay_env(args: &Args, pg_url: &str, brokers: &str, run: &str) -> Vec<(String
         // a frozen relay's batch goes to the others after 10 s
         ("OUTBOX_RELAY__POSTGRES__IDLE_IN_TRANSACTION_TIMEOUT", "10s"),
         ("OUTBOX_RELAY__LOG__LEVEL", "info,librdkafka=error"),
+        // The report times each copy by its message timestamp: the send time
+        // (the default since 0.3 is the row's created_at, the same for every copy).
+        ("OUTBOX_RELAY__RELAY__MESSAGE_TIMESTAMP", "send_time"),
     ])
 }
 
