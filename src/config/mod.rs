@@ -191,61 +191,6 @@ impl Settings {
         Ok(())
     }
 
-    /// `[[outboxes]]`: each entry valid, none twice (same table, same
-    /// database), not beside an explicit `[outbox]` table; and each outbox's
-    /// own settings valid.
-    fn validate_outboxes(&self) -> Result<(), ConfigError> {
-        if self.outboxes.is_empty() {
-            return Ok(());
-        }
-        if self.outbox.table != OutboxConfig::default().table {
-            return Err(ConfigError::key(
-                "outboxes",
-                "and `outbox.table` are both set: list every table under [[outboxes]] (or use [outbox] for one)",
-            ));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, e) in self.outboxes.iter().enumerate() {
-            e.validate(i)?;
-            let db = e.postgres_url.as_deref().unwrap_or(self.postgres_url());
-            if !seen.insert((TableName::parse(&e.table).map(|t| t.to_string()).unwrap_or_default(), db.to_string())) {
-                return Err(ConfigError::key(
-                    &format!("outboxes[{i}].table"),
-                    format!("= {:?} is listed twice", e.table),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The settings of each outbox this process serves: this one for
-    /// `[outbox]`, or one per `[[outboxes]]` entry with its overrides applied.
-    pub fn outbox_settings(&self) -> Vec<Settings> {
-        if self.outboxes.is_empty() {
-            return vec![self.clone()];
-        }
-        self.outboxes
-            .iter()
-            .map(|e| {
-                let mut s = self.clone();
-                s.outboxes.clear();
-                s.outbox.table = e.table.clone();
-                if let Some(url) = &e.postgres_url {
-                    s.postgres.url = Some(url.clone());
-                }
-                let r = &mut s.relay;
-                r.on_publish = e.on_publish.unwrap_or(r.on_publish);
-                r.delivery = e.delivery.unwrap_or(r.delivery);
-                r.batch_size = e.batch_size.unwrap_or(r.batch_size);
-                r.retention = e.retention.unwrap_or(r.retention);
-                r.ordering = e.ordering.unwrap_or(r.ordering);
-                r.max_attempts = e.max_attempts.unwrap_or(r.max_attempts);
-                r.message_timestamp = e.message_timestamp.unwrap_or(r.message_timestamp);
-                s
-            })
-            .collect()
-    }
-
     /// The validated outbox table.
     pub fn table(&self) -> TableName {
         self.outbox.table_name()

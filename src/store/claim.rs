@@ -16,6 +16,21 @@ use crate::event::OutboxEvent;
 use crate::telemetry::events::{ClaimRan, StatementTimedOut};
 use crate::telemetry::Emit;
 
+/// Where the CloudEvents columns sit in the claim's rows (present only when
+/// `[cloudevents]` names such columns): looked up once per claim, not per row.
+#[derive(Clone, Copy, Default)]
+struct CeColumns {
+    source: Option<usize>,
+    r#type: Option<usize>,
+}
+
+impl CeColumns {
+    fn of(row: Option<&tokio_postgres::Row>) -> CeColumns {
+        let at = |name: &str| row.and_then(|r| r.columns().iter().position(|c| c.name() == name));
+        CeColumns { source: at("ce_source"), r#type: at("ce_type") }
+    }
+}
+
 /// One claimed row with the fence's answer for its key.
 pub(super) struct Row {
     pub(super) ctid: String,
@@ -28,7 +43,8 @@ pub(super) struct Row {
 impl Row {
     /// Reads one row of the claim statement, by column name.
     /// `claimed`: when the claim was sent, on the wall clock.
-    fn read(row: &tokio_postgres::Row, claimed: std::time::SystemTime) -> Result<Row, StoreError> {
+    /// `ce`: the positions of the CloudEvents columns, when the claim reads them.
+    fn read(row: &tokio_postgres::Row, claimed: std::time::SystemTime, ce: CeColumns) -> Result<Row, StoreError> {
         let payload: Option<RawBytes> = row.try_get("payload")?;
         let headers: RawBytes = row.try_get("headers")?;
         Ok(Row {
@@ -43,9 +59,8 @@ impl Row {
                 attempts: row.try_get("attempts")?,
                 created_at_us: row.try_get("created_at_us")?,
                 partition: row.try_get("partition")?,
-                // Present only when `[cloudevents]` names such columns.
-                ce_source: row.try_get("ce_source").unwrap_or(None),
-                ce_type: row.try_get("ce_type").unwrap_or(None),
+                ce_source: ce.source.map(|i| row.try_get(i)).transpose()?.flatten(),
+                ce_type: ce.r#type.map(|i| row.try_get(i)).transpose()?.flatten(),
                 claimed,
             },
             first_foreign: row.try_get("first_foreign")?,
@@ -144,7 +159,8 @@ impl Store {
         let lockers: Option<Vec<String>> = probe.try_get("lockers")?;
         let source = super::floor::read_source(&probe)?;
         let wall = std::time::SystemTime::now() - started.elapsed();
-        let parsed = rows.iter().map(|r| Row::read(r, wall)).collect::<Result<Vec<_>, _>>()?;
+        let ce = CeColumns::of(rows.first());
+        let parsed = rows.iter().map(|r| Row::read(r, wall, ce)).collect::<Result<Vec<_>, _>>()?;
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
         let next: Option<i64> = probe.try_get("next")?;
         {

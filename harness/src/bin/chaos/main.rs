@@ -323,15 +323,7 @@ async fn verdict(
     revived: usize,
     clean_exits: usize,
 ) -> bool {
-    let store = Store::new(&Settings::load_from(None, env.to_vec()).expect("settings")).expect("store");
-    let rows = store.published_rows(None, None, None).await.expect("published rows");
-    let (b, t) = (brokers.to_string(), topics.to_vec());
-    let seen =
-        tokio::task::spawn_blocking(move || read_topics(&b, &BTreeMap::new(), &t, Duration::from_secs(600), |_| {}))
-            .await
-            .expect("reader")
-            .expect("read topics");
-    let report = compare(&rows, &seen);
+    let (store, rows, seen, report) = read_back(env, brokers, topics).await;
     let mut disruptions = relays.disruptions.clone();
     disruptions.sort_by_key(|(w, _)| (w.from, w.to));
     let dups = report::duplicates(&seen, &disruptions);
@@ -403,9 +395,12 @@ async fn verdict(
     ok
 }
 
-/// The second outbox: nothing lost, per-key order, no duplicate in
-/// exactly-once mode, no prepared batch left. Prints its own table.
-async fn verdict_second(args: &Args, env: &[(String, String)], brokers: &str, topics: &[String], table: &str) -> bool {
+/// One outbox's table and what its topics hold (read_committed), compared.
+async fn read_back(
+    env: &[(String, String)],
+    brokers: &str,
+    topics: &[String],
+) -> (Store, Vec<outbox_relay::store::PublishedRow>, Vec<outbox_relay::verify::Seen>, outbox_relay::verify::Report) {
     let store = Store::new(&Settings::load_from(None, env.to_vec()).expect("settings")).expect("store");
     let rows = store.published_rows(None, None, None).await.expect("published rows");
     let (b, t) = (brokers.to_string(), topics.to_vec());
@@ -415,6 +410,13 @@ async fn verdict_second(args: &Args, env: &[(String, String)], brokers: &str, to
             .expect("reader")
             .expect("read topics");
     let report = compare(&rows, &seen);
+    (store, rows, seen, report)
+}
+
+/// The second outbox: nothing lost, per-key order, no duplicate in
+/// exactly-once mode, no prepared batch left. Prints its own table.
+async fn verdict_second(args: &Args, env: &[(String, String)], brokers: &str, topics: &[String], table: &str) -> bool {
+    let (store, _, _, report) = read_back(env, brokers, topics).await;
     let prepared_left = store.prepared_any(&store.transactional_prefixes().await).await.map(|p| p.len()).unwrap_or(0);
     let dup_ok = !args.exactly_once || report.duplicate_copies == 0;
     println!();
