@@ -492,13 +492,20 @@ async fn the_sweep_below_the_floor_finds_a_silently_reset_row_and_no_claim_walks
         ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "100"),
     ]);
     ob.wait_drained(Duration::from_secs(30)).await;
+    // One more event, so the floor is strictly above the first one: the claim
+    // that runs beside a batch's commit may still see that batch's rows
+    // pending and keep the floor at them, until the next claim.
+    db.batch_execute(&format!("INSERT INTO {t} (topic, key, payload) VALUES ('{topic}', 'k', '{{}}')")).await.unwrap();
+    ob.wait_drained(Duration::from_secs(30)).await;
     // The floor is past the dead entries now. Let several sweeps come due.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = claim_buffers(&db, &ob.table).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = claim_buffers(&db, &ob.table).await;
     // A row made pending again by hand, below the floor, with no notification.
-    db.batch_execute(&format!("UPDATE {t} SET published_at = NULL")).await.unwrap();
+    db.batch_execute(&format!("UPDATE {t} SET published_at = NULL WHERE seq = (SELECT min(seq) FROM {t})"))
+        .await
+        .unwrap();
     ob.wait_drained(Duration::from_secs(30)).await;
     let (code, log) = relay.terminate(Duration::from_secs(30));
     drop(holder);

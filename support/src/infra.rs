@@ -45,8 +45,16 @@ pub struct Infra {
 const MISSING: &str = "integration tests need the local PostgreSQL and Kafka: run `scripts/test` \
                        (or `scripts/infra up --brokers 3 --secure` and `eval \"$(scripts/infra env)\"`)";
 
+/// The checkout this runs from. `cargo test` names the package under test
+/// (the repository's root) at run time; the path compiled in is the fallback,
+/// and can be stale: cargo keeps a workspace's artifacts across checkouts that
+/// share a target directory.
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+    let runtime = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    match runtime {
+        Some(dir) if dir.join("scripts/infra").is_file() => dir,
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default(),
+    }
 }
 
 /// The infrastructure, read once: the variables `scripts/infra env` prints,
