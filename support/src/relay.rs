@@ -32,6 +32,11 @@ pub fn relay_cmd(table: &str, extra: &[(&str, &str)]) -> Command {
     with_relay_env(Command::new(relay_bin()), table, extra)
 }
 
+/// [`relay_cmd`] with another binary (the bench's `--before-bin`).
+pub fn relay_cmd_with(bin: &std::path::Path, table: &str, extra: &[(&str, &str)]) -> Command {
+    with_relay_env(Command::new(bin), table, extra)
+}
+
 /// [`relay_cmd`] inside network namespace `netns` (`ip netns exec`, root;
 /// see `scripts/infra netns`), reaching Postgres at `pg_host` instead.
 pub fn relay_cmd_in_netns(netns: &str, pg_host: &str, table: &str, extra: &[(&str, &str)]) -> Command {

@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use outbox_relay_support::{
-    create_topics_at, infra, pg_at, relay_cmd, RelayProcess, Stderr, TopicSpec, WriterSpec, Writers,
+    create_topics_at, infra, pg_at, relay_cmd, relay_cmd_with, RelayProcess, Stderr, TopicSpec, WriterSpec, Writers,
 };
 
 /// The local infrastructure.
@@ -14,13 +14,17 @@ pub(crate) struct Env {
     pub(crate) brokers: String,
     /// Replication factor of the topics the bench creates.
     pub(crate) replication: i32,
+    /// The relay binary, when not the one beside the bench (`--before-bin`).
+    pub(crate) bin: Option<std::path::PathBuf>,
+    /// Settings on top of every relay's (`--before-set`).
+    pub(crate) extra: Vec<(String, String)>,
 }
 
 impl Env {
     pub(crate) fn from_infra() -> Env {
         let i = infra();
         let replication = if i.brokers.split(',').count() >= 3 { 3 } else { 1 };
-        Env { pg_url: i.pg_url.clone(), brokers: i.brokers.clone(), replication }
+        Env { pg_url: i.pg_url.clone(), brokers: i.brokers.clone(), replication, bin: None, extra: Vec::new() }
     }
 
     pub(crate) async fn db(&self) -> tokio_postgres::Client {
@@ -30,8 +34,16 @@ impl Env {
     /// `outbox-relay` for `table` with `settings`, logging warnings only.
     pub(crate) fn relay_cmd(&self, table: &str, settings: &[(String, String)]) -> Command {
         let mut all = vec![("OUTBOX_RELAY__LOG__LEVEL", "warn")];
-        all.extend(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        relay_cmd(table, &all)
+        all.extend(settings.iter().chain(&self.extra).map(|(k, v)| (k.as_str(), v.as_str())));
+        match &self.bin {
+            Some(bin) => relay_cmd_with(bin, table, &all),
+            None => relay_cmd(table, &all),
+        }
+    }
+
+    /// This environment with another relay binary and settings on top.
+    pub(crate) fn with_bin(&self, bin: &std::path::Path, extra: Vec<(String, String)>) -> Env {
+        Env { bin: Some(bin.to_path_buf()), extra, ..self.clone() }
     }
 
     /// A new outbox table `<prefix>_<random>`, migrated.

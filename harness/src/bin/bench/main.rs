@@ -32,6 +32,10 @@
 //!   minutes; catch-up time and rate against a fresh table, the application's
 //!   commits before, during and after, the table afterwards.
 //!
+//! * `compare` — only with `--before-bin PATH`: the not-vacuumed drains and
+//!   the latency runs with that earlier binary and with this build,
+//!   alternating, `--compare-rounds` times; medians and their ratio.
+//!
 //! Prints each table as it completes and writes everything to bench/results/.
 
 use std::collections::HashMap;
@@ -44,6 +48,7 @@ use outbox_relay_support::*;
 
 mod app_cost;
 mod ceilings;
+mod compare;
 mod delayed;
 mod drain;
 mod env;
@@ -57,6 +62,7 @@ mod sustained;
 
 use app_cost::*;
 use ceilings::*;
+use compare::*;
 use delayed::*;
 use drain::*;
 pub(crate) use env::*;
@@ -73,7 +79,7 @@ use sustained::*;
 #[derive(Parser, Debug, Clone)]
 #[command(about = "outbox-relay benchmark (see the module docs or docs/performance.md)")]
 struct Args {
-    /// Sections to run, comma separated (default: all): app-cost, idle, latency,
+    /// Sections to run, comma separated (default: all): app-cost, idle, latency, compare,
     /// relay-cost, drain, churn, retained, sustained, horizon, hotkey, delayed, outage (and
     /// `ceilings`: only the SQL-only and store-path ceilings that `drain` includes).
     #[arg(long, value_delimiter = ',')]
@@ -114,6 +120,21 @@ struct Args {
     /// Skip the exactly-once runs.
     #[arg(long)]
     no_exactly_once: bool,
+    /// An earlier `outbox-relay` binary: the `compare` section runs the drains
+    /// and latency runs with it and with this build, alternating.
+    #[arg(long, value_name = "PATH")]
+    before_bin: Option<PathBuf>,
+    /// Rounds of the `compare` section (each runs every configuration with both binaries).
+    #[arg(long, default_value_t = 2)]
+    compare_rounds: usize,
+    /// `compare` runs only the configurations whose name contains one of
+    /// these, separated by `|` (e.g. "mark, exactly-once|latency").
+    #[arg(long, value_name = "TEXT", value_delimiter = '|')]
+    compare_only: Vec<String>,
+    /// Relay settings for the "before" side of `compare` only, KEY=VALUE
+    /// (with `--before-bin` naming this build: a knob against its default).
+    #[arg(long = "before-set", value_name = "KEY=VALUE")]
+    before_set: Vec<String>,
     /// Extra relay settings, KEY=VALUE (OUTBOX_RELAY__… names), repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -182,6 +203,10 @@ async fn main() {
         }
         print_latency(&lat);
         report.insert("latency".into(), json!(lat));
+    }
+    if let Some(before) = args.before_bin.as_deref().filter(|_| args.runs("compare")) {
+        let r = compare(&env, &args, before).await;
+        report.insert("compare".into(), json!({ "before_bin": before, "runs": r }));
     }
     let mut drains = Vec::new();
     if args.runs("drain") {
