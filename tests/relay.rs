@@ -406,3 +406,52 @@ async fn a_rejected_event_is_parked_after_its_attempts_and_its_key_flows_on_unde
     assert_eq!(attempts, 3);
     drop(relay);
 }
+
+/// Claims of this outbox so far (pg_stat_statements).
+async fn claims(db: &tokio_postgres::Client, table: &str) -> i64 {
+    db.query_one(
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements
+         WHERE query LIKE '%\"public\".\"' || $1 || '\"%' AND query LIKE 'WITH due AS%'",
+        &[&table],
+    )
+    .await
+    .expect("pg_stat_statements")
+    .get(0)
+}
+
+/// A relay keeping up with a steady trickle (one event per transaction every
+/// 5 ms) claims at most once per `relay.linger` while its batches are not
+/// full, in both delivery modes: fewer, fuller batches, so less database work
+/// per event. (Without it, it claimed again as soon as a batch was sent: a
+/// claim, a mark and a commit for every event or two.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_keeping_up_with_a_trickle_claims_at_most_once_per_linger() {
+    for delivery in ["at-least-once", "exactly-once"] {
+        let ob = Outbox::new("linger").await;
+        let topic = ob.topic("t", 2).await;
+        let db = pg().await;
+        let relay = ob.spawn_relay(&[
+            ("OUTBOX_RELAY__RELAY__LINGER", "100ms"),
+            ("OUTBOX_RELAY__RELAY__DELIVERY", delivery),
+            ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "500"),
+        ]);
+        ob.wait_drained(Duration::from_secs(30)).await;
+        let before = claims(&db, &ob.table).await;
+        let insert = format!("INSERT INTO {} (topic, key, payload) VALUES ($1, $2, '{{}}')", ob.qualified());
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_secs(4) {
+            db.execute(&insert, &[&topic, &format!("k{}", n % 7)]).await.unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let msgs = consume(std::slice::from_ref(&topic), n, Duration::from_secs(60), Duration::from_secs(1));
+        let calls = claims(&db, &ob.table).await - before;
+        let (code, log) = relay.terminate(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{log}");
+        assert_eq!(msgs.len(), n, "{delivery}: every event once");
+        eprintln!("{delivery}: {n} events over 4 s, {calls} claims");
+        // 4 s at one claim per 100 ms is 40, plus the idle looks' claims at the end.
+        assert!(calls <= 60, "{delivery}: {calls} claims for {n} events in 4 s: the relay did not linger");
+    }
+}

@@ -64,6 +64,15 @@ pub struct RelayConfig {
     /// eighth of it) up to this; a busy relay never waits.
     #[serde(default = "default_poll_interval", with = "duration")]
     pub poll_interval: Duration,
+    /// After a claim that found fewer rows than `batch_size`, the next claim
+    /// waits until this long after it started: a relay that keeps up with a
+    /// steady stream claims at most once per `linger` instead of as often as it
+    /// can, so each claim, mark and commit carries more events and the
+    /// database does less work per event. Adds at most this to an event's
+    /// latency. A full batch is followed at once (a backlog drains at full
+    /// speed); `0s` claims again at once.
+    #[serde(default = "default_linger", with = "duration")]
+    pub linger: Duration,
     /// How often the relay looks for pending rows below its floor (one statement
     /// on its own connection, off the claim path): the safety net for replayed
     /// events whose notification was lost. Under a held xmin horizon that look
@@ -132,6 +141,9 @@ fn default_batch_size() -> usize {
 fn default_poll_interval() -> Duration {
     Duration::from_millis(100)
 }
+fn default_linger() -> Duration {
+    Duration::from_millis(5)
+}
 fn default_sweep_interval() -> Duration {
     Duration::from_secs(60)
 }
@@ -181,6 +193,7 @@ impl Default for RelayConfig {
             id: None,
             batch_size: default_batch_size(),
             poll_interval: default_poll_interval(),
+            linger: default_linger(),
             sweep_interval: default_sweep_interval(),
             publish_timeout: default_publish_timeout(),
             on_publish: default_on_publish(),
@@ -223,6 +236,9 @@ impl RelayConfig {
         };
         at_least("relay.poll_interval", self.poll_interval, Duration::from_millis(10), "10ms")?;
         at_least("relay.sweep_interval", self.sweep_interval, Duration::from_secs(1), "1s")?;
+        if self.linger > Duration::from_secs(1) {
+            return Err(ConfigError::key("relay.linger", "must be at most 1s: every event may wait this long"));
+        }
         at_least("relay.publish_timeout", self.publish_timeout, Duration::from_secs(1), "1s")?;
         if self.publish_timeout > Duration::from_secs(600) {
             return Err(ConfigError::key(

@@ -95,6 +95,9 @@ impl<S: Sink> Relay<S> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
         let mut idle = IdleWait::new(self.cfg.poll_interval);
         let mut inflight: Option<Box<InFlight>> = None;
+        // When the last claim found less than a full batch: when it started
+        // (the next claim waits for `relay.linger` from then).
+        let mut lingering: Option<Instant> = None;
         loop {
             let stopping = *shutdown.borrow();
             if stopping && inflight.is_none() {
@@ -119,8 +122,13 @@ impl<S: Sink> Relay<S> {
             let draining = inflight.as_ref().is_some_and(|f| f.stalled);
             let claiming = !stopping && !draining && self.gate.is_open();
             let prev = inflight.take();
+            let linger_until = lingering.take().map(|t| t + self.cfg.linger);
             let claim = async {
                 if claiming {
+                    // The previous batch is recorded meanwhile (join below).
+                    if let Some(until) = linger_until {
+                        tokio::time::sleep_until(until.into()).await;
+                    }
                     Some(self.start_batch(&own, &hold, behind).await)
                 } else {
                     None
@@ -135,7 +143,11 @@ impl<S: Sink> Relay<S> {
             let (claimed, finished) = tokio::join!(claim, finish);
             let mut outcome = Round::default();
             match claimed {
-                Some(Ok(Started::Batch(f))) => inflight = Some(f),
+                Some(Ok(Started::Batch(f))) => {
+                    let full = f.claimed.events.len() + f.claimed.deferred >= self.cfg.batch_size;
+                    lingering = (!full && !self.cfg.linger.is_zero()).then_some(f.started);
+                    inflight = Some(f);
+                }
                 Some(Ok(Started::Idle)) | None => {}
                 Some(Ok(Started::Deferred)) => outcome.deferred_only = true,
                 Some(Err(e)) => outcome.failure = Some(e),

@@ -243,13 +243,22 @@ impl ExactlyOnceRelay {
                         tracing::warn!(error = %e, "could not resolve another relay's stale batch; will try again");
                     }
                 }
+                let size = self.batch.load(AtomicOrdering::Relaxed);
                 let step_started = Instant::now();
                 let step = self.step().await;
                 self.adapt_batch(&step, step_started.elapsed());
                 match step {
-                    Ok(Step::Batch { finished, .. }) if finished.retry == 0 => {
+                    Ok(Step::Batch { finished, claimed }) if finished.retry == 0 => {
                         backoff.reset();
                         idle.busy();
+                        // Less than a full batch: the next claim waits for
+                        // `relay.linger` from this one's start.
+                        if claimed < size {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until((step_started + self.cfg.linger).into()) => {}
+                                _ = shutdown.changed() => {}
+                            }
+                        }
                         continue;
                     }
                     Ok(Step::Batch { .. }) => backoff.next_delay(),
