@@ -384,6 +384,8 @@ mod tests {
             ("OUTBOX_RELAY__RELAY__DELIVERY", "exactly_once", "relay.delivery"),
             ("OUTBOX_RELAY__RELAY__COMMITS_TOPIC", "bad/topic", "relay.commits_topic"),
             ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "10ms", "relay.recovery_timeout"),
+            ("OUTBOX_RELAY__RELAY__LINGER", "5s", "relay.linger"),
+            ("OUTBOX_RELAY__RELAY__LINGER", "-1ms", "linger"),
         ] {
             let err = load_env(&[(k, v)]).unwrap_err().to_string();
             assert!(err.contains(want), "{k}={v}: {err}");
