@@ -79,6 +79,12 @@ impl ClaimSql {
 /// this relay's other batch (another relay holds it, or it waits); our later
 /// rows of that key are deferred.
 ///
+/// `held`: this batch's rows and $3, which the fence passes over. Looked up
+/// through a hash (`NOT IN` a subquery): a prepared statement's generic plan
+/// checks `= ANY($3)` element by element, and with the previous batch in
+/// flight the fence's range holds ~2 × the limit rows, 2000 × 1000
+/// comparisons (8 of a claim's 23 ms on 2026-12-01).
+///
 /// The CTEs carry only what the fence needs; payloads (≈1 KB) are read once, at
 /// the end, through the rows' ctids (locked: they cannot move).
 fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str, extra: &[(&str, String)]) -> String {
@@ -120,6 +126,7 @@ fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str, extra: &[(&
              AND (o.key IS NULL OR NOT (o.key = ANY($4))){strict}
            ORDER BY o.seq LIMIT (SELECT $2 - count(*) FROM due){late_count} FOR UPDATE SKIP LOCKED),
          claimed AS (SELECT * FROM due{late_rows} UNION ALL SELECT * FROM main),
+         held AS MATERIALIZED (SELECT id FROM claimed UNION ALL SELECT unnest($3::uuid[])),
          {fence},
          {delays}
          SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
@@ -146,7 +153,7 @@ fn delays(t: &str, shape: Shape) -> String {
     format!(
         "delays AS MATERIALIZED (
            SELECT k.key, (SELECT d.seq FROM {t} d WHERE d.key = k.key AND {delayed}
-                            AND NOT (d.id = ANY($3)) AND d.id NOT IN (SELECT id FROM claimed)
+                            AND d.id NOT IN (SELECT id FROM held)
                           ORDER BY d.seq LIMIT 1) AS first
            FROM (SELECT DISTINCT key FROM claimed WHERE key IS NOT NULL) k
            WHERE EXISTS (SELECT 1 FROM {t} x WHERE {any} ORDER BY x.deliver_after LIMIT 1))"
@@ -170,12 +177,12 @@ fn fence_by_key(t: &str) -> String {
          waits AS MATERIALIZED (
            SELECT w.key, min(w.seq) AS first FROM {t} w
            WHERE w.retry_at IS NOT NULL AND {WAITING_W} AND w.key IN (SELECT key FROM keys)
-             AND NOT (w.id = ANY($3)) AND w.id NOT IN (SELECT id FROM claimed)
+             AND w.id NOT IN (SELECT id FROM held)
            GROUP BY w.key),
          by_key AS MATERIALIZED (
            SELECT k.key, least(
                (SELECT p.seq FROM {t} p WHERE p.key = k.key AND {PENDING_P} AND p.seq >= $1 AND p.seq < k.last
-                  AND NOT (p.id = ANY($3)) AND p.id NOT IN (SELECT id FROM claimed)
+                  AND p.id NOT IN (SELECT id FROM held)
                 ORDER BY p.seq LIMIT 1),
                (SELECT first FROM waits WHERE waits.key = k.key)) AS first
            FROM keys k WHERE NOT ({near})),
@@ -200,8 +207,7 @@ fn fence_by_range(t: &str) -> String {
                SELECT key, seq, id FROM {t} WHERE retry_at IS NOT NULL AND coalesce(published_at, parked_at) IS NULL
                  AND key IN (SELECT key FROM claimed)
            ) p
-           WHERE p.key IN (SELECT key FROM claimed) AND NOT (p.id = ANY($3))
-             AND p.id NOT IN (SELECT id FROM claimed)
+           WHERE p.key IN (SELECT key FROM claimed) AND p.id NOT IN (SELECT id FROM held)
            GROUP BY p.key)"
     )
 }
@@ -212,6 +218,20 @@ mod tests {
 
     fn sql(shape: Shape) -> ClaimSql {
         ClaimSql::new(&TableName::parse("public.outbox").unwrap(), Ordering::PerKey, shape, &[])
+    }
+
+    /// A generic plan checks `= ANY($3)` element by element, for every row
+    /// the fence reads (2000 × 1000 comparisons with a batch in flight).
+    #[test]
+    fn the_fence_looks_up_rows_held_here_through_a_hash() {
+        for (key_index, delay) in [(false, false), (true, false), (true, true)] {
+            let s = sql(Shape { key_index, delay, partition: delay, ready_index: delay });
+            assert!(!s.claim.contains("ANY($3)"), "{}", s.claim);
+            assert!(s
+                .claim
+                .contains("held AS MATERIALIZED (SELECT id FROM claimed UNION ALL SELECT unnest($3::uuid[]))"));
+            assert!(s.claim.contains("NOT IN (SELECT id FROM held)"), "{}", s.claim);
+        }
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl Finished {
     }
 }
 
+/// The delivered rows of a batch, as (ctid, id) pairs.
+const DONE: &str = "unnest($1::text[]::tid[], $2::uuid[]) AS d(ctid, id)";
+
 /// The finishing statements for one table, built once.
 #[derive(Debug)]
 pub(super) struct FinishSql {
@@ -80,10 +83,11 @@ impl FinishSql {
         FinishSql {
             // The rows are locked by this transaction, so their ctid cannot
             // change: a TID scan, no index lookups. The id check is a guard.
-            mark: format!(
-                "UPDATE {t} SET published_at = now() WHERE ctid = ANY($1::text[]::tid[]) AND id = ANY($2::uuid[])"
-            ),
-            delete: format!("DELETE FROM {t} WHERE ctid = ANY($1::text[]::tid[]) AND id = ANY($2::uuid[])"),
+            // A join, not `id = ANY($2)`: a prepared statement's generic
+            // plan checks an array parameter element by element, 1000 × 1000
+            // comparisons for a full batch (2 ms of its 4 on 2026-12-01).
+            mark: format!("UPDATE {t} o SET published_at = now() FROM {DONE} WHERE o.ctid = d.ctid AND o.id = d.id"),
+            delete: format!("DELETE FROM {t} o USING {DONE} WHERE o.ctid = d.ctid AND o.id = d.id"),
             // The one place that decides what "parked" means: after
             // relay.max_attempts permanent failures, or at once for a malformed
             // row. RETURNING tells the caller what it decided.
@@ -266,33 +270,50 @@ impl Claimed {
         }
         // Events without an outcome (a short slice) stay pending.
         done.retry += n.saturating_sub(outcomes.len());
-        if !d_ids.is_empty() {
-            let sql = match self.sql.on_publish {
-                OnPublish::Mark => &self.sql.mark,
-                OnPublish::Delete => &self.sql.delete,
-            };
-            let stmt = client.prepare_cached(sql).await?;
-            done.published = client.execute(&stmt, &[&d_ctids, &d_ids]).await? as usize;
-        }
-        if !f_ids.is_empty() {
-            let stmt = client.prepare_cached(&self.sql.fail).await?;
-            let rows = client
-                .query(&stmt, &[&f_ids, &f_errors, &f_park, &(max_attempts as i32), &self.sql.retry_backoff_s])
-                .await?;
-            done.rejected = rows
-                .iter()
-                .map(|r| {
-                    Ok(Parked {
-                        id: r.try_get("id")?,
-                        topic: r.try_get("topic")?,
-                        attempt: r.try_get("attempts")?,
-                        parked: r.try_get("parked")?,
-                    })
+        let sql = match self.sql.on_publish {
+            OnPublish::Mark => &self.sql.mark,
+            OnPublish::Delete => &self.sql.delete,
+        };
+        let publish_stmt = if d_ids.is_empty() { None } else { Some(client.prepare_cached(sql).await?) };
+        let fail_stmt = if f_ids.is_empty() { None } else { Some(client.prepare_cached(&self.sql.fail).await?) };
+        let max_attempts = max_attempts as i32;
+        // One round trip: the statements and the end of the transaction are
+        // pipelined, in this order. If a statement fails, Postgres ends the
+        // transaction with a rollback whatever the end says, and its error is
+        // what this returns.
+        let (published, rejected, ended) = tokio::join!(
+            async {
+                match &publish_stmt {
+                    Some(stmt) => client.execute(stmt, &[&d_ctids, &d_ids]).await.map(|n| n as usize),
+                    None => Ok(0),
+                }
+            },
+            async {
+                match &fail_stmt {
+                    Some(stmt) => {
+                        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+                            [&f_ids, &f_errors, &f_park, &max_attempts, &self.sql.retry_backoff_s];
+                        client.query(stmt, &params).await
+                    }
+                    None => Ok(Vec::new()),
+                }
+            },
+            client.batch_execute(&end),
+        );
+        done.published = published?;
+        done.rejected = rejected?
+            .iter()
+            .map(|r| {
+                Ok(Parked {
+                    id: r.try_get("id")?,
+                    topic: r.try_get("topic")?,
+                    attempt: r.try_get("attempts")?,
+                    parked: r.try_get("parked")?,
                 })
-                .collect::<Result<_, StoreError>>()?;
-            done.failed = done.rejected.len();
-        }
-        client.batch_execute(&end).await?;
+            })
+            .collect::<Result<_, StoreError>>()?;
+        done.failed = done.rejected.len();
+        ended?;
         // Committed (or prepared, which detaches the transaction from the
         // session): the connection is clean and can go back to the pool.
         conn.ended();
@@ -330,5 +351,22 @@ impl<'a> FromSql<'a> for RawBytes {
 
     fn accepts(ty: &Type) -> bool {
         [Type::JSONB, Type::JSON, Type::TEXT, Type::VARCHAR, Type::BYTEA, Type::BPCHAR].contains(ty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The delivered rows are matched by a join on (ctid, id): `id = ANY($2)`
+    /// in a generic plan compares every row with every id of the batch.
+    #[test]
+    fn mark_and_delete_match_the_batch_by_a_join() {
+        let sql = FinishSql::new(&TableName::parse("public.outbox").unwrap(), OnPublish::Mark, Duration::from_secs(1));
+        for s in [&sql.mark, &sql.delete] {
+            assert!(!s.contains("ANY("), "{s}");
+            assert!(s.contains("unnest($1::text[]::tid[], $2::uuid[]) AS d(ctid, id)"), "{s}");
+            assert!(s.contains("o.ctid = d.ctid AND o.id = d.id"), "{s}");
+        }
     }
 }
