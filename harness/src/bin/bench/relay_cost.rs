@@ -54,6 +54,9 @@ pub(crate) struct RelayDraining {
     pub(crate) wal_per_event_with: f64,
     pub(crate) cpu_us_per_event_without: f64,
     pub(crate) cpu_us_per_event_with: f64,
+    /// The last run with the relay: every statement naming the outbox (the
+    /// application's insert and the relay's), and the WAL, per event.
+    pub(crate) breakdown: Breakdown,
 }
 
 impl RelayDraining {
@@ -81,7 +84,7 @@ pub(crate) async fn relay_draining(env: &Env, args: &Args, outbox: &str, clients
     let db = env.db().await;
     let mut r = RelayDraining { mode: mode.into(), clients, ..Default::default() };
     let (mut spent_with, mut spent_without) = (Vec::new(), Vec::new());
-    for with in [false, true, true, false] {
+    for (run, with) in [false, true, true, false].into_iter().enumerate() {
         let relay = with.then(|| spawn_relay(env, outbox, &args.relay_settings(mode, "at-least-once", outbox)));
         if with {
             tokio::time::sleep(Duration::from_secs(10)).await; // the relay drains what is left first
@@ -91,6 +94,7 @@ pub(crate) async fn relay_draining(env: &Env, args: &Args, outbox: &str, clients
         let sampler = sample_waits(env, stop.clone());
         let script = app_script(outbox);
         let (e, c, secs) = (env.clone(), clients, args.pgbench_secs);
+        let from = if run == 2 { Some(breakdown_start(&db).await) } else { None };
         let meter = Meter::start(&db).await;
         let tps = tokio::task::spawn_blocking(move || pgbench(&e, &script, c, secs)).await.expect("pgbench");
         if let Some(relay) = &relay {
@@ -105,6 +109,9 @@ pub(crate) async fn relay_draining(env: &Env, args: &Args, outbox: &str, clients
         stop.store(true, Ordering::Relaxed);
         let waits = sampler.await.unwrap_or_default();
         let events = tps * secs as f64;
+        if let Some(from) = from {
+            r.breakdown = breakdown(&db, outbox, &from, events as i64).await;
+        }
         if let Some(relay) = relay {
             r.behind.push(env.pending(&db, outbox).await);
             relay.stop(Duration::from_secs(30));
@@ -176,5 +183,6 @@ pub(crate) fn print_relay_cost(v: &[RelayDraining]) {
         };
         println!("      the application waited on: without the relay: {}", fmt(&r.waits_without));
         println!("                                 with the relay:    {}", fmt(&r.waits_with));
+        print_breakdown("the third run (with the relay), every statement naming the outbox", &r.breakdown);
     }
 }
