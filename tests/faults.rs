@@ -134,3 +134,39 @@ async fn fatal_producer_error_rebuilds_the_producer_and_delivers_later() {
     assert_eq!(ob.count("parked_at IS NOT NULL").await, 0, "a broken producer is not the events' fault");
     assert!(sink.rebuilds() >= 1, "the fatal error was seen and the producer rebuilt");
 }
+
+/// The finish sends its statements and the COMMIT in one round trip. When the
+/// statement recording a rejection fails, none of the batch may be committed,
+/// not even the marks of the events Kafka acknowledged (they are published
+/// again: at-least-once), and the caller gets the statement's error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finish_whose_statement_fails_commits_none_of_its_batch() {
+    use outbox_relay::store::{EventFailure, Outcome};
+    let ob = Outbox::new("finishfail").await;
+    let t = ob.qualified();
+    let db = pg().await;
+    // Counting an attempt fails while this trigger exists; marking does not.
+    let f = format!("{}_frozen", ob.table);
+    db.batch_execute(&format!(
+        "CREATE FUNCTION {f}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'attempts frozen'; END $$;
+         CREATE TRIGGER {f} BEFORE UPDATE OF attempts ON {t} FOR EACH ROW EXECUTE FUNCTION {f}();
+         INSERT INTO {t} (topic, key, payload) VALUES ('x', 'a', '{{}}'), ('x', 'b', '{{}}'), ('x', 'c', '{{}}');"
+    ))
+    .await
+    .unwrap();
+    let store = Store::new(&settings(&ob.table, &brokers(), &[("OUTBOX_RELAY__RELAY__ON_PUBLISH", "mark")])).unwrap();
+    let rejected = || Outcome::Failed(EventFailure { error: "rejected".into(), park_now: true });
+    let outcomes = [Outcome::Delivered, rejected(), Outcome::Delivered];
+    let batch = store.claim(10, &[]).await.unwrap().expect("a batch");
+    assert_eq!(batch.events.len(), 3);
+    let err = batch.finish(&outcomes, 5).await.expect_err("the failing statement's error");
+    assert!(err.to_string().contains("attempts frozen"), "{err}");
+    assert_eq!(ob.count("published_at IS NOT NULL OR attempts > 0").await, 0, "part of the batch was committed");
+    // The rows are pending and unlocked: the next claim gets them all again.
+    db.batch_execute(&format!("DROP TRIGGER {f} ON {t}; DROP FUNCTION {f}()")).await.unwrap();
+    let batch = store.claim(10, &[]).await.unwrap().expect("the batch again");
+    assert_eq!(batch.events.len(), 3);
+    let (done, _) = batch.finish(&outcomes, 5).await.unwrap();
+    assert_eq!((done.published, done.failed, done.parked()), (2, 1, 1));
+    assert_eq!(ob.count("published_at IS NOT NULL").await, 2);
+}
