@@ -453,6 +453,55 @@ async fn a_claim_next_to_retained_rows_with_stale_statistics_reads_only_the_head
     );
 }
 
+/// Plans made while the table was small must hold when a backlog arrives.
+/// The relay's statements are prepared once per connection, and their generic
+/// plan is made at the first run: here on a table of ten rows whose ready index
+/// is bloated (as steady delete-mode churn leaves it) and whose pending key and
+/// primary key indexes are not (rebuilt, as a fresh table's). Made there, the
+/// claim and its probe read the key index whole and sorted every pending row,
+/// and the delete (or mark) hashed the batch against a full scan of the primary
+/// key index, on every batch once 30k events were waiting (the sustained
+/// bench's delete-mode collapse, 2026-12-01).
+#[tokio::test(flavor = "multi_thread")]
+async fn plans_made_on_a_small_table_read_only_the_batch_when_a_backlog_arrives() {
+    for mode in ["delete", "mark"] {
+        let ob = Outbox::new("smallplans").await;
+        let db = pg().await;
+        let t = ob.qualified();
+        for step in [
+            format!("ALTER TABLE {t} SET (autovacuum_enabled = off)"),
+            format!("INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || (i % 1000), '{{}}' FROM generate_series(1, 50000) i"),
+            format!("DELETE FROM {t}"),
+            format!("VACUUM {t}"),
+            format!("REINDEX INDEX public.{}_pending_key_idx", ob.table),
+            format!("REINDEX INDEX public.{}_pkey", ob.table),
+            format!("INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || i, '{{}}' FROM generate_series(1, 10) i"),
+            format!("ANALYZE {t}"),
+        ] {
+            db.batch_execute(&step).await.unwrap();
+        }
+        let store = store_for(&ob.table, mode);
+        // The first batch makes the plans, on the small table.
+        let c = store.claim(100, &[]).await.expect("claim").expect("the ten rows");
+        let outcomes = vec![Outcome::Delivered; c.events.len()];
+        c.finish(&outcomes, 10).await.expect("finish");
+        db.batch_execute(&format!(
+            "INSERT INTO {t} (topic, key, payload)
+             SELECT 't', 'key-' || (i % 1000), jsonb_build_object('pad', repeat('x', 1000)) FROM generate_series(1, 30000) i"
+        ))
+        .await
+        .unwrap();
+        let per_batch = buffers_per_batch_of_100(&store, &db, &ob.table).await;
+        eprintln!(
+            "{mode}: {per_batch:.0} shared buffers per batch of 100 in front of a 30k backlog, plans made at 10 rows"
+        );
+        assert!(
+            per_batch < 3000.0,
+            "{mode}: plans made on a small table read the backlog: {per_batch:.0} buffers per batch of 100 (30k pending)"
+        );
+    }
+}
+
 /// Shared buffers and calls of the claim statement on `table` so far.
 async fn claim_buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
     let row = db

@@ -60,8 +60,14 @@ pub fn describe(cfg: &tokio_postgres::Config) -> String {
 /// estimated one pending row and chose, by a hair, a bitmap scan of the whole
 /// pending index plus a sort of every pending row, on every claim (350 ms and
 /// 29k buffers for 500 rows behind a 200k backlog; drains ran at a third of the
-/// analyzed rate). The settings only add a cost penalty, so a statement with no
-/// index path still runs. The time bounds keep a relay from holding locks, a
+/// analyzed rate). No sorts either, for the same reason: a statement's order
+/// comes from its index, and a plan made while the table held ten rows (where
+/// the ready index, bloated by churn, looked dearer than the rebuilt key
+/// index) read the key index whole and sorted every pending row, in the claim
+/// and in its probe, until the plan was remade (27k buffers per claim of 100
+/// behind a 30k backlog; the sustained bench's delete-mode collapse). Sorts
+/// every plan needs (a batch in seq order) still run. The settings only add a
+/// cost penalty, so a statement with no index path still runs. The time bounds keep a relay from holding locks, a
 /// snapshot or a query without limit (PostgreSQL ends them server-side, so they
 /// also bound a relay that froze or lost its network).
 fn session_settings(statement_timeout: Duration, idle_in_transaction: Duration) -> String {
@@ -70,6 +76,7 @@ fn session_settings(statement_timeout: Duration, idle_in_transaction: Duration) 
         "SELECT set_config('jit', 'off', false), set_config('max_parallel_workers_per_gather', '0', false),
                 set_config('plan_cache_mode', 'force_generic_plan', false),
                 set_config('enable_bitmapscan', 'off', false), set_config('enable_seqscan', 'off', false),
+                set_config('enable_sort', 'off', false),
                 set_config('statement_timeout', '{}', false),
                 set_config('idle_in_transaction_session_timeout', '{}', false),
                 CASE WHEN current_setting('server_version_num')::int >= 140000
