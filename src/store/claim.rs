@@ -4,6 +4,7 @@
 //! keeps order across relays. The SQL sits beside the code that reads its
 //! columns, by name.
 
+use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
@@ -63,8 +64,30 @@ impl Row {
                 ce_type: ce.r#type.map(|i| row.try_get(i)).transpose()?.flatten(),
                 claimed,
             },
-            first_foreign: row.try_get("first_foreign")?,
+            first_foreign: None,
         })
+    }
+
+    /// Reads the claim's rows: the batch, then the fence's answers (rows with
+    /// no `id`: a key and the earliest pending `seq` of it held elsewhere, or
+    /// delayed), which go to the batch's rows of that key.
+    fn read_all(rows: &[tokio_postgres::Row], claimed: std::time::SystemTime) -> Result<Vec<Row>, StoreError> {
+        let ce = CeColumns::of(rows.first());
+        let mut fence: HashMap<String, i64> = HashMap::new();
+        let mut batch = Vec::with_capacity(rows.len());
+        for r in rows {
+            if r.try_get::<_, Option<uuid::Uuid>>("id")?.is_some() {
+                batch.push(Row::read(r, claimed, ce)?);
+                continue;
+            }
+            let (key, first): (String, i64) = (r.try_get("key")?, r.try_get("first_foreign")?);
+            let earliest = fence.entry(key).or_insert(first);
+            *earliest = (*earliest).min(first);
+        }
+        for row in &mut batch {
+            row.first_foreign = row.event.key.as_ref().and_then(|k| fence.get(k).copied());
+        }
+        Ok(batch)
     }
 }
 
@@ -159,8 +182,7 @@ impl Store {
         let lockers: Option<Vec<String>> = probe.try_get("lockers")?;
         let source = super::floor::read_source(&probe)?;
         let wall = std::time::SystemTime::now() - started.elapsed();
-        let ce = CeColumns::of(rows.first());
-        let parsed = rows.iter().map(|r| Row::read(r, wall, ce)).collect::<Result<Vec<_>, _>>()?;
+        let parsed = Row::read_all(&rows, wall)?;
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
         let next: Option<i64> = probe.try_get("next")?;
         {
@@ -170,7 +192,7 @@ impl Store {
         tracing::trace!(
             floor,
             start,
-            rows = rows.len(),
+            rows = parsed.len(),
             last = claimed_max,
             key_index = sql.shape.key_index,
             took_us = started.elapsed().as_micros() as u64,
