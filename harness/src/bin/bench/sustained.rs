@@ -18,13 +18,34 @@ pub(crate) struct Step {
 #[derive(Debug, Serialize, Clone)]
 pub(crate) struct Sustained {
     pub(crate) mode: String,
+    /// What the same writers commit with no relay, unthrottled (events/s).
+    pub(crate) writers_max_per_s: f64,
     pub(crate) steps: Vec<Step>,
     pub(crate) highest_kept_up_per_s: u64,
+}
+
+/// The writers' maximum: the same 8 connections and transactions, as fast as
+/// the database takes them, for 15 s (after 3 s unmeasured) into a table of
+/// their own with no relay running (dropped after).
+async fn writers_max(env: &Env, mode: &str) -> f64 {
+    let table = env.new_table(&format!("sus_{mode}_max"));
+    let topics = TOPICS.iter().map(|t| format!("{table}.{t}")).collect();
+    let writers = env.writers(&table, topics, 8, 0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (w0, started) = (writers.written.load(std::sync::atomic::Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let max =
+        (writers.written.load(std::sync::atomic::Ordering::Relaxed) - w0) as f64 / started.elapsed().as_secs_f64();
+    writers.finish().await;
+    env.db().await.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
+    say(format!("sustained {mode}: the writers alone, no relay: {max:.0} events/s"));
+    max
 }
 
 pub(crate) async fn sustained(env: &Env, args: &Args, mode: &str) -> Sustained {
     let rates = [1000u64, 2000, 5000, 10000, 15000, 20000, 30000];
     let step_secs = 20;
+    let writers_max_per_s = writers_max(env, mode).await;
     let table = env.new_table(&format!("sus_{mode}"));
     let topics = env.topics(&table, &TOPICS, 6, true).await;
     let db = env.db().await;
@@ -83,7 +104,7 @@ pub(crate) async fn sustained(env: &Env, args: &Args, mode: &str) -> Sustained {
     relay.stop(Duration::from_secs(30));
     db.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
     let highest = steps.iter().filter(|s| s.kept_up).map(|s| s.offered_per_s).max().unwrap_or(0);
-    Sustained { mode: mode.into(), steps, highest_kept_up_per_s: highest }
+    Sustained { mode: mode.into(), writers_max_per_s, steps, highest_kept_up_per_s: highest }
 }
 
 pub(crate) fn print_sustained(s: &[Sustained]) {
@@ -108,6 +129,12 @@ pub(crate) fn print_sustained(s: &[Sustained]) {
                 if st.kept_up { "yes" } else { "NO" }
             );
         }
-        println!("  {}: highest offered rate kept up with: {} events/s", x.mode, x.highest_kept_up_per_s);
+        println!(
+            "  {}: highest offered rate kept up with: {} events/s, {:.2} of the writers' maximum with no relay ({:.0} events/s)",
+            x.mode,
+            x.highest_kept_up_per_s,
+            x.highest_kept_up_per_s as f64 / x.writers_max_per_s.max(1.0),
+            x.writers_max_per_s
+        );
     }
 }
