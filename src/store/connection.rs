@@ -67,9 +67,10 @@ pub fn describe(cfg: &tokio_postgres::Config) -> String {
 /// and in its probe, until the plan was remade (27k buffers per claim of 100
 /// behind a 30k backlog; the sustained bench's delete-mode collapse). Sorts
 /// every plan needs (a batch in seq order) still run. The settings only add a
-/// cost penalty, so a statement with no index path still runs. The time bounds keep a relay from holding locks, a
-/// snapshot or a query without limit (PostgreSQL ends them server-side, so they
-/// also bound a relay that froze or lost its network).
+/// cost penalty, so a statement with no index path still runs. The time bounds
+/// keep a relay from holding locks, a snapshot or a query without limit
+/// (PostgreSQL ends them server-side, so they also bound a relay that froze or
+/// lost its network).
 fn session_settings(statement_timeout: Duration, idle_in_transaction: Duration) -> String {
     let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
     format!(
