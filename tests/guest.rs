@@ -1,13 +1,12 @@
 //! A good guest on the application's database, on the real PostgreSQL and
-//! Kafka: nothing on the application's commit path, no per-batch cost from dead
-//! rows, no straggler ever skipped, upgrades while running, and every relay
-//! session bounded (statements, idle transactions, a vanished client).
+//! Kafka: nothing on the application's commit path, no straggler ever skipped,
+//! no claim walking the dead entries below the floor, upgrades while running,
+//! and every relay session bounded (statements, idle transactions, a vanished
+//! client). What each batch costs the database is in `plans.rs`.
 
 use std::time::{Duration, Instant};
 
 use futures_util::future::poll_fn;
-use outbox_relay::config::Settings;
-use outbox_relay::store::{Outcome, Store};
 use outbox_relay_support::*;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -131,89 +130,6 @@ async fn a_straggler_that_commits_after_thousands_of_later_events_is_published_i
     assert_eq!(d.duplicates, 0, "no crash, no duplicate");
     let (code, log) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{log}");
-}
-
-fn store_for(table: &str, mode: &str) -> Store {
-    let env = [
-        ("OUTBOX_RELAY__POSTGRES__URL", pg_url()),
-        ("OUTBOX_RELAY__KAFKA__BROKERS", brokers()),
-        ("OUTBOX_RELAY__OUTBOX__TABLE", table.to_string()),
-        ("OUTBOX_RELAY__RELAY__ON_PUBLISH", mode.to_string()),
-    ]
-    .map(|(k, v)| (k.to_string(), v));
-    Store::new(&Settings::load_from(None, env).expect("settings")).expect("store")
-}
-
-/// Shared buffers (hit + read) of every statement on `table` so far, and their calls.
-async fn buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
-    let row = db
-        .query_one(
-            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8, coalesce(sum(calls), 0)::int8
-             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%'",
-            &[&table],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("pg_stat_statements is needed (scripts/infra up loads it): {e}"));
-    (row.get(0), row.get(1))
-}
-
-/// Claims and finishes batches of 100 until the outbox is empty; returns the
-/// shared buffers per batch of all per-batch statements, after the first three
-/// batches (start-up scans from the beginning of the index once).
-async fn buffers_per_batch(mode: &str, dead_in_front: bool) -> f64 {
-    let ob = Outbox::new("deadfront").await;
-    let db = pg().await;
-    // A snapshot older than the deletes: vacuum and index clean-up may not
-    // remove what it can still see, as with a long report on a real database.
-    let holder = pg().await;
-    holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class").await.unwrap();
-    let t = ob.qualified();
-    if dead_in_front {
-        db.batch_execute(&format!(
-            "INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || (i % 100), '{{}}' FROM generate_series(1, 100000) i"
-        ))
-        .await
-        .unwrap();
-        let gone =
-            if mode == "delete" { format!("DELETE FROM {t}") } else { format!("UPDATE {t} SET published_at = now()") };
-        db.batch_execute(&gone).await.unwrap();
-    }
-    db.batch_execute(&format!(
-        "INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || (i % 100), '{{}}' FROM generate_series(1, 3000) i"
-    ))
-    .await
-    .unwrap();
-    let store = store_for(&ob.table, mode);
-    let (mut before, mut batches) = ((0, 0), 0);
-    loop {
-        if batches == 3 {
-            before = buffers(&db, &ob.table).await;
-        }
-        let Some(c) = store.claim(100, &[]).await.expect("claim") else { break };
-        let outcomes = vec![Outcome::Delivered; c.events.len()];
-        c.finish(&outcomes, 10).await.expect("finish");
-        batches += 1;
-    }
-    let after = buffers(&db, &ob.table).await;
-    assert_eq!(batches, 30, "3000 rows in batches of 100");
-    drop(holder);
-    (after.0 - before.0) as f64 / (batches - 3) as f64
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn per_batch_queries_touch_no_more_buffers_with_100k_dead_rows_in_front() {
-    for mode in ["delete", "mark"] {
-        let clean = buffers_per_batch(mode, false).await;
-        let dirty = buffers_per_batch(mode, true).await;
-        eprintln!(
-            "{mode}: shared buffers per batch of 100: {clean:.0} on a clean table, {dirty:.0} behind 100k dead rows"
-        );
-        // Walking the dead rows would cost ~1 buffer per dead entry, per batch.
-        assert!(
-            dirty <= clean * 1.5 + 50.0,
-            "{mode}: per-batch cost grows with dead rows in front: {dirty:.0} vs {clean:.0} buffers per batch"
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -359,149 +275,6 @@ async fn a_frozen_relay_s_batch_goes_to_another_relay_within_the_idle_bound() {
     );
     assert_eq!(d.duplicates, 0, "A sent the batch it no longer held\n{log_a}");
 }
-
-/// Claims and finishes 8 batches of 100 (the backlog must hold them); returns
-/// the shared buffers per batch of all statements on `table` over the last 5
-/// (the first ones may read from the start of the index once).
-async fn buffers_per_batch_of_100(store: &Store, db: &tokio_postgres::Client, table: &str) -> f64 {
-    let mut before = (0, 0);
-    for batch in 0..8 {
-        if batch == 3 {
-            before = buffers(db, table).await;
-        }
-        let c = store.claim(100, &[]).await.expect("claim").expect("a batch");
-        let outcomes = vec![Outcome::Delivered; c.events.len()];
-        c.finish(&outcomes, 10).await.expect("finish");
-    }
-    let after = buffers(db, table).await;
-    (after.0 - before.0) as f64 / 5.0
-}
-
-/// A table nobody has analyzed yet (a fresh outbox, a restored one, autovacuum
-/// behind): without statistics the planner's choice for the claim was a bitmap
-/// scan of the whole pending index and a sort of every pending row, on every
-/// batch (one 500-row claim read 29k buffers behind a 200k backlog and took
-/// 350 ms). The relay's sessions keep it on the pending index.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_claim_on_a_never_analyzed_table_reads_only_the_head_of_the_backlog() {
-    for mode in ["delete", "mark"] {
-        let ob = Outbox::new("noanalyze").await;
-        let db = pg().await;
-        let t = ob.qualified();
-        db.batch_execute(&format!(
-            "ALTER TABLE {t} SET (autovacuum_enabled = off);
-             INSERT INTO {t} (topic, key, payload)
-             SELECT 't', 'key-' || (i % 1000), jsonb_build_object('i', i, 'pad', repeat('x', 1000))
-             FROM generate_series(1, 200000) i"
-        ))
-        .await
-        .unwrap();
-        let never: (Option<std::time::SystemTime>, i64) = {
-            let r = db
-                .query_one(
-                    "SELECT coalesce(last_analyze, last_autoanalyze),
-                            (SELECT count(*) FROM pg_stats WHERE schemaname || '.' || tablename = $1::text)
-                     FROM pg_stat_user_tables WHERE relid = $1::text::regclass",
-                    &[&t.replace('"', "")],
-                )
-                .await
-                .unwrap();
-            (r.get(0), r.get(1))
-        };
-        assert_eq!(never, (None, 0), "the table must have no statistics for this test");
-        let pages: i64 = db.query_one(&format!("SELECT pg_relation_size('{t}') / 8192"), &[]).await.unwrap().get(0);
-        let per_batch = buffers_per_batch_of_100(&store_for(&ob.table, mode), &db, &ob.table).await;
-        eprintln!(
-            "{mode}: {per_batch:.0} shared buffers per batch of 100 in front of a {pages}-page never analyzed backlog"
-        );
-        assert!(
-            per_batch < 2000.0 && per_batch < pages as f64 / 4.0,
-            "{mode}: a claim reads the whole backlog on a table without statistics: {per_batch:.0} buffers per batch of 100, table {pages} pages"
-        );
-    }
-}
-
-/// A table whose statistics say nothing is pending (analyzed while it held only
-/// published rows, as a table keeping `relay.retention` of them is), then a
-/// backlog arrives: the lookups of events waiting for a retry must not read the
-/// pending index (they did, every row of it, twice per claim: mark-mode drains
-/// next to 1.1M retained rows ran at a third of the rate of an empty table).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_claim_next_to_retained_rows_with_stale_statistics_reads_only_the_head_of_the_backlog() {
-    let ob = Outbox::new("stalestats").await;
-    let db = pg().await;
-    let t = ob.qualified();
-    db.batch_execute(&format!(
-        "ALTER TABLE {t} SET (autovacuum_enabled = off);
-         INSERT INTO {t} (topic, key, payload, published_at)
-         SELECT 't', 'key-' || (i % 1000), '{{}}', now() - i * interval '1 second' FROM generate_series(1, 100000) i"
-    ))
-    .await
-    .unwrap();
-    db.batch_execute(&format!("VACUUM ANALYZE {t}")).await.unwrap();
-    db.batch_execute(&format!(
-        "INSERT INTO {t} (topic, key, payload)
-         SELECT 't', 'key-' || (i % 1000), jsonb_build_object('pad', repeat('x', 1000)) FROM generate_series(1, 30000) i"
-    ))
-    .await
-    .unwrap();
-    let per_batch = buffers_per_batch_of_100(&store_for(&ob.table, "mark"), &db, &ob.table).await;
-    eprintln!("{per_batch:.0} shared buffers per batch of 100 in front of a 30k backlog, 100k retained rows, stale statistics");
-    assert!(
-        per_batch < 3000.0,
-        "a claim reads the whole backlog when statistics are stale: {per_batch:.0} buffers per batch of 100 (30k pending)"
-    );
-}
-
-/// Plans made while the table was small must hold when a backlog arrives.
-/// The relay's statements are prepared once per connection, and their generic
-/// plan is made at the first run: here on a table of ten rows whose ready index
-/// is bloated (as steady delete-mode churn leaves it) and whose pending key and
-/// primary key indexes are not (rebuilt, as a fresh table's). Made there, the
-/// claim and its probe read the key index whole and sorted every pending row,
-/// and the delete (or mark) hashed the batch against a full scan of the primary
-/// key index, on every batch once 30k events were waiting (the sustained
-/// bench's delete-mode collapse, 2026-12-01).
-#[tokio::test(flavor = "multi_thread")]
-async fn plans_made_on_a_small_table_read_only_the_batch_when_a_backlog_arrives() {
-    for mode in ["delete", "mark"] {
-        let ob = Outbox::new("smallplans").await;
-        let db = pg().await;
-        let t = ob.qualified();
-        for step in [
-            format!("ALTER TABLE {t} SET (autovacuum_enabled = off)"),
-            format!("INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || (i % 1000), '{{}}' FROM generate_series(1, 50000) i"),
-            format!("DELETE FROM {t}"),
-            format!("VACUUM {t}"),
-            format!("REINDEX INDEX public.{}_pending_key_idx", ob.table),
-            format!("REINDEX INDEX public.{}_pkey", ob.table),
-            format!("INSERT INTO {t} (topic, key, payload) SELECT 't', 'key-' || i, '{{}}' FROM generate_series(1, 10) i"),
-            format!("ANALYZE {t}"),
-        ] {
-            db.batch_execute(&step).await.unwrap();
-        }
-        let store = store_for(&ob.table, mode);
-        // The first batch makes the plans, on the small table.
-        let c = store.claim(100, &[]).await.expect("claim").expect("the ten rows");
-        let outcomes = vec![Outcome::Delivered; c.events.len()];
-        c.finish(&outcomes, 10).await.expect("finish");
-        db.batch_execute(&format!(
-            "INSERT INTO {t} (topic, key, payload)
-             SELECT 't', 'key-' || (i % 1000), jsonb_build_object('pad', repeat('x', 1000)) FROM generate_series(1, 30000) i"
-        ))
-        .await
-        .unwrap();
-        let per_batch = buffers_per_batch_of_100(&store, &db, &ob.table).await;
-        eprintln!(
-            "{mode}: {per_batch:.0} shared buffers per batch of 100 in front of a 30k backlog, plans made at 10 rows"
-        );
-        assert!(
-            per_batch < 3000.0,
-            "{mode}: plans made on a small table read the backlog: {per_batch:.0} buffers per batch of 100 (30k pending)"
-        );
-    }
-}
-
 /// Shared buffers and calls of the claim statement on `table` so far.
 async fn claim_buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
     let row = db
