@@ -15,7 +15,8 @@
 //! * `latency` — commit→ack at fixed offered rates.
 //! * `drain` — a preloaded backlog drained by one relay, vacuumed and not; with
 //!   the SQL-only, store-path and Kafka-only ceilings; WAL and Postgres CPU per
-//!   event next to what the inserts cost.
+//!   event next to what the inserts cost; and the hand-written poller of issue
+//!   #25 (`bench/poller.py`) on the same backlog, for goal 5's ratios.
 //! * `churn` — a drain right after a large delete burst, no VACUUM.
 //! * `retained` — mark mode into a table holding ≥ 1M retained published rows.
 //! * `sustained` — writers and relay together: the highest offered rate the
@@ -57,6 +58,7 @@ mod hotkey;
 mod idle;
 mod latency;
 mod outage;
+mod poller;
 mod relay_cost;
 mod sustained;
 
@@ -71,6 +73,7 @@ use hotkey::*;
 use idle::*;
 use latency::*;
 use outage::*;
+use poller::*;
 use relay_cost::*;
 use serde::Serialize;
 use serde_json::json;
@@ -81,7 +84,8 @@ use sustained::*;
 struct Args {
     /// Sections to run, comma separated (default: all): app-cost, idle, latency, compare,
     /// relay-cost, drain, churn, retained, sustained, horizon, hotkey, delayed, outage (and
-    /// `ceilings`: only the SQL-only and store-path ceilings that `drain` includes).
+    /// `ceilings`: only the SQL-only and store-path ceilings that `drain` includes;
+    /// `poller`: only the hand-written poller's drain that `drain` includes).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Events preloaded for each drain.
@@ -235,12 +239,16 @@ async fn main() {
             drains.push(drain_run(&env, &args, scenario, "delete", "at-least-once").await);
         }
     }
+    let mut sql_only_delete = None;
     if args.runs("drain") || args.only.iter().any(|s| s == "ceilings") {
         let mut ceilings = Vec::new();
         for mode in ["delete", "mark"] {
             say(format!("drain: SQL-only and store-path ceilings, {mode}…"));
             let sql = sql_only(&env, &args, mode).await;
             let store = store_path(&env, &args, mode).await;
+            if mode == "delete" {
+                sql_only_delete = Some(sql);
+            }
             ceilings.push(Ceilings {
                 mode: mode.into(),
                 sql_only_events_per_s: sql,
@@ -261,6 +269,19 @@ async fn main() {
             );
         }
         report.insert("ceilings".into(), json!(ceilings));
+    }
+    if args.runs("drain") || args.only.iter().any(|s| s == "poller") {
+        let g = Goal5 {
+            events: args.events,
+            poller_events_per_s: poller_drain(&env, &args).await,
+            relay_events_per_s: drains
+                .iter()
+                .find(|d| d.scenario == "not vacuumed" && d.mode == "delete" && d.delivery == "at-least-once")
+                .map(|d| d.events_per_s),
+            sql_only_events_per_s: sql_only_delete,
+        };
+        print_goal5(&g);
+        report.insert("goal5".into(), json!(g));
     }
     if args.runs("churn") {
         drains.push(drain_run(&env, &args, "churned", "delete", "at-least-once").await);
