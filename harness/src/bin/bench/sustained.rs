@@ -43,7 +43,9 @@ async fn writers_max(env: &Env, mode: &str) -> f64 {
 }
 
 pub(crate) async fn sustained(env: &Env, args: &Args, mode: &str) -> Sustained {
-    let rates = [1000u64, 2000, 5000, 10000, 15000, 20000, 30000];
+    // finer steps around where a relay stops keeping up on 2 cores (goal 3's
+    // fraction could read only 10k or 15k of the writers' maximum before)
+    let rates = [1000u64, 2000, 5000, 7500, 10000, 12500, 15000, 17500, 20000, 30000];
     let step_secs = 20;
     let writers_max_per_s = writers_max(env, mode).await;
     let table = env.new_table(&format!("sus_{mode}"));
