@@ -78,9 +78,14 @@ pub(crate) async fn sustained(env: &Env, args: &Args, mode: &str) -> Sustained {
         };
         let q = quantiles(lat);
         let app = (w1 - w0) as f64 / secs;
-        // kept up: the backlog ends below a second of the offered rate and did
-        // not grow by more than that, and events arrive within a second
-        let kept_up = (b1 as f64) < rate as f64 && (b1 - b0) < rate as i64 && q.p99 < 1000.0 && app > rate as f64 * 0.9;
+        // kept up: the backlog ends below a second of the offered rate and grew
+        // by at most 2 % of what the step wrote (it used to be allowed a
+        // second of the rate: a relay 3 % short, 8.4k behind after 20 s at
+        // 12.5k, passed), and events arrive within a second
+        let kept_up = (b1 as f64) < rate as f64
+            && (b1 - b0) as f64 <= 0.02 * (w1 - w0) as f64
+            && q.p99 < 1000.0
+            && app > rate as f64 * 0.9;
         say(format!(
             "sustained {mode}: offered {rate}/s, app wrote {app:.0}/s, relayed {:.0}/s, backlog {b0} → {b1}, p99 {:.1} ms{}",
             (c1 - c0) as f64 / secs,
