@@ -14,7 +14,8 @@ from confluent_kafka import Producer, admin
 secs = float(sys.argv[1]) if len(sys.argv) > 1 else 75
 burst = int(sys.argv[2]) if len(sys.argv) > 2 else 10
 brokers = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1:59092"
-p = Producer({"bootstrap.servers": brokers, "linger.ms": 0, "acks": "all", "enable.idempotence": True, "compression.type": "lz4", "batch.num.messages": 10000})
+p = Producer({"bootstrap.servers": brokers, "linger.ms": 0, "acks": "all", "enable.idempotence": True,
+              "compression.type": "lz4", "batch.num.messages": 10000})
 a = admin.AdminClient({"bootstrap.servers": brokers})
 t = "kprod.lat.%d" % int(time.time())
 a.create_topics([admin.NewTopic(t, 6, 1)])[t].result()
@@ -34,7 +35,8 @@ while time.perf_counter() - start < secs:
     t0 = time.perf_counter()
     for _ in range(burst):
         n += 1
-        p.produce(t, key=("order-%d" % n).encode(), value=payload, on_delivery=lambda e, m, t0=t0: cb(e, m, t0))
+        p.produce(t, key=("order-%d" % n).encode(), value=payload,
+                  on_delivery=lambda e, m, t0=t0: cb(e, m, t0))
     p.poll(0)
     nxt = start + n / 1000.0
     while time.perf_counter() < nxt:

@@ -89,3 +89,18 @@ pub(crate) async fn store_path(env: &Env, args: &Args, mode: &str) -> f64 {
     env.db().await.batch_execute(&format!("DROP TABLE public.{table}")).await.ok();
     rate
 }
+
+pub(crate) fn print_ceilings(ceilings: &[Ceilings], batch_size: usize) {
+    println!();
+    println!("ceilings on a vacuumed table (batch {batch_size}): SQL-only = a stored procedure doing the same claims and deletes/marks, no rows leave the server; store path = the relay's own Postgres work (claim with fence and floor probe, finish), pipelined, no Kafka");
+    println!("  mode   │ SQL-only ev/s │ store path ev/s │ store path / SQL-only");
+    for c in ceilings {
+        println!(
+            "  {:<6} │ {:>13.0} │ {:>15.0} │ {:>20.0}%",
+            c.mode,
+            c.sql_only_events_per_s,
+            c.store_path_events_per_s,
+            c.store_path_fraction * 100.0
+        );
+    }
+}

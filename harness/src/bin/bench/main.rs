@@ -212,93 +212,7 @@ async fn main() {
         let r = compare(&env, &args, before).await;
         report.insert("compare".into(), json!({ "before_bin": before, "runs": r }));
     }
-    let mut drains = Vec::new();
-    if args.runs("drain") {
-        let mut runs = vec![
-            ("vacuumed", "delete", "at-least-once"),
-            ("vacuumed", "mark", "at-least-once"),
-            ("not vacuumed", "delete", "at-least-once"),
-            ("not vacuumed", "mark", "at-least-once"),
-        ];
-        if !args.no_exactly_once {
-            runs.extend([("not vacuumed", "delete", "exactly-once"), ("not vacuumed", "mark", "exactly-once")]);
-        }
-        for (scenario, mode, delivery) in runs {
-            drains.push(drain_run(&env, &args, scenario, mode, delivery).await);
-        }
-    }
-    if args.only.iter().any(|s| s == "drain-diag") {
-        for scenario in [
-            "vacuumed",
-            "not vacuumed",
-            "analyzed",
-            "vacuumed, no analyze",
-            "not vacuumed, autovacuum off",
-            "analyzed, autovacuum off",
-        ] {
-            drains.push(drain_run(&env, &args, scenario, "delete", "at-least-once").await);
-        }
-    }
-    let mut sql_only_delete = None;
-    if args.runs("drain") || args.only.iter().any(|s| s == "ceilings") {
-        let mut ceilings = Vec::new();
-        for mode in ["delete", "mark"] {
-            say(format!("drain: SQL-only and store-path ceilings, {mode}…"));
-            let sql = sql_only(&env, &args, mode).await;
-            let store = store_path(&env, &args, mode).await;
-            if mode == "delete" {
-                sql_only_delete = Some(sql);
-            }
-            ceilings.push(Ceilings {
-                mode: mode.into(),
-                sql_only_events_per_s: sql,
-                store_path_events_per_s: store,
-                store_path_fraction: store / sql,
-            });
-        }
-        println!();
-        println!("ceilings on a vacuumed table (batch {}): SQL-only = a stored procedure doing the same claims and deletes/marks, no rows leave the server; store path = the relay's own Postgres work (claim with fence and floor probe, finish), pipelined, no Kafka", args.batch_size);
-        println!("  mode   │ SQL-only ev/s │ store path ev/s │ store path / SQL-only");
-        for c in &ceilings {
-            println!(
-                "  {:<6} │ {:>13.0} │ {:>15.0} │ {:>20.0}%",
-                c.mode,
-                c.sql_only_events_per_s,
-                c.store_path_events_per_s,
-                c.store_path_fraction * 100.0
-            );
-        }
-        report.insert("ceilings".into(), json!(ceilings));
-    }
-    if args.runs("drain") || args.only.iter().any(|s| s == "poller") {
-        let g = Goal5 {
-            events: args.events,
-            poller_events_per_s: poller_drain(&env, &args).await,
-            relay_events_per_s: drains
-                .iter()
-                .find(|d| d.scenario == "not vacuumed" && d.mode == "delete" && d.delivery == "at-least-once")
-                .map(|d| d.events_per_s),
-            sql_only_events_per_s: sql_only_delete,
-        };
-        print_goal5(&g);
-        report.insert("goal5".into(), json!(g));
-    }
-    if args.runs("churn") {
-        drains.push(drain_run(&env, &args, "churned", "delete", "at-least-once").await);
-        if !args.runs("drain") {
-            drains.push(drain_run(&env, &args, "vacuumed", "delete", "at-least-once").await);
-        }
-    }
-    if args.runs("retained") {
-        drains.push(retained_run(&env, &args).await);
-        if !args.runs("drain") {
-            drains.push(drain_run(&env, &args, "vacuumed", "mark", "at-least-once").await);
-        }
-    }
-    if !drains.is_empty() {
-        print_drains(&drains);
-        report.insert("drains".into(), json!(drains));
-    }
+    drain_sections(&env, &args, &mut report).await;
     if args.runs("sustained") {
         let mut s = Vec::new();
         for mode in ["mark", "delete"] {
@@ -359,4 +273,86 @@ async fn main() {
     let path = save(&args.out_dir, &serde_json::Value::Object(report));
     println!();
     println!("host: {cores} cores ({cpu}); results: {}", path.display());
+}
+
+/// The sections that drain a preloaded backlog (`drain`, `drain-diag`, the
+/// ceilings, the hand-written poller, `churn`, `retained`), printed as one
+/// drains table.
+async fn drain_sections(env: &Env, args: &Args, report: &mut serde_json::Map<String, serde_json::Value>) {
+    let mut drains = Vec::new();
+    if args.runs("drain") {
+        let mut runs = vec![
+            ("vacuumed", "delete", "at-least-once"),
+            ("vacuumed", "mark", "at-least-once"),
+            ("not vacuumed", "delete", "at-least-once"),
+            ("not vacuumed", "mark", "at-least-once"),
+        ];
+        if !args.no_exactly_once {
+            runs.extend([("not vacuumed", "delete", "exactly-once"), ("not vacuumed", "mark", "exactly-once")]);
+        }
+        for (scenario, mode, delivery) in runs {
+            drains.push(drain_run(env, args, scenario, mode, delivery).await);
+        }
+    }
+    if args.only.iter().any(|s| s == "drain-diag") {
+        for scenario in [
+            "vacuumed",
+            "not vacuumed",
+            "analyzed",
+            "vacuumed, no analyze",
+            "not vacuumed, autovacuum off",
+            "analyzed, autovacuum off",
+        ] {
+            drains.push(drain_run(env, args, scenario, "delete", "at-least-once").await);
+        }
+    }
+    let mut sql_only_delete = None;
+    if args.runs("drain") || args.only.iter().any(|s| s == "ceilings") {
+        let mut ceilings = Vec::new();
+        for mode in ["delete", "mark"] {
+            say(format!("drain: SQL-only and store-path ceilings, {mode}…"));
+            let sql = sql_only(env, args, mode).await;
+            let store = store_path(env, args, mode).await;
+            if mode == "delete" {
+                sql_only_delete = Some(sql);
+            }
+            ceilings.push(Ceilings {
+                mode: mode.into(),
+                sql_only_events_per_s: sql,
+                store_path_events_per_s: store,
+                store_path_fraction: store / sql,
+            });
+        }
+        print_ceilings(&ceilings, args.batch_size);
+        report.insert("ceilings".into(), json!(ceilings));
+    }
+    if args.runs("drain") || args.only.iter().any(|s| s == "poller") {
+        let g = Goal5 {
+            events: args.events,
+            poller_events_per_s: poller_drain(env, args).await,
+            relay_events_per_s: drains
+                .iter()
+                .find(|d| d.scenario == "not vacuumed" && d.mode == "delete" && d.delivery == "at-least-once")
+                .map(|d| d.events_per_s),
+            sql_only_events_per_s: sql_only_delete,
+        };
+        print_goal5(&g);
+        report.insert("goal5".into(), json!(g));
+    }
+    if args.runs("churn") {
+        drains.push(drain_run(env, args, "churned", "delete", "at-least-once").await);
+        if !args.runs("drain") {
+            drains.push(drain_run(env, args, "vacuumed", "delete", "at-least-once").await);
+        }
+    }
+    if args.runs("retained") {
+        drains.push(retained_run(env, args).await);
+        if !args.runs("drain") {
+            drains.push(drain_run(env, args, "vacuumed", "mark", "at-least-once").await);
+        }
+    }
+    if !drains.is_empty() {
+        print_drains(&drains);
+        report.insert("drains".into(), json!(drains));
+    }
 }
