@@ -149,6 +149,22 @@ async fn migrate_is_idempotent_and_records_the_version() {
     assert_eq!(n, outbox_relay::store::MIGRATIONS.len() as i64, "every bundled migration recorded once");
 }
 
+/// An outbox dropped by hand (to start over) is created again by `migrate`,
+/// not called up to date from the versions recorded for the old one.
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_creates_a_dropped_table_again() {
+    let ob = Outbox::new("dropped").await;
+    pg().await.batch_execute(&format!("DROP TABLE {}", ob.qualified())).await.unwrap();
+    let o = relay_cmd(&ob.table, &[]).arg("migrate").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("up to date"), "the table is gone");
+    let exists: bool =
+        pg().await.query_one("SELECT to_regclass($1) IS NOT NULL", &[&ob.qualified()]).await.unwrap().get(0);
+    assert!(exists, "migrate did not create the dropped table again");
+    let o = relay_cmd(&ob.table, &[]).arg("check").output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
+}
+
 /// Pods of several services start together on a fresh database: their
 /// migrations must not trip over the schema and version table they share.
 #[tokio::test(flavor = "multi_thread")]

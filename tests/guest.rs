@@ -377,3 +377,70 @@ async fn a_relay_frozen_while_its_claimed_rows_sat_unread_does_not_send_them_aga
     assert!(log.contains("lost the claim meanwhile"), "{log}");
     drop((a, b));
 }
+
+/// Keeps `n` Postgres backends busy on the CPU until the returned flag is set:
+/// a database the application loads (on a 2-core host, claims then wait for a
+/// core and take several times as long).
+fn busy_database(n: usize) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, Vec<tokio::task::JoinHandle<()>>) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let db = pg().await;
+                db.batch_execute("SET statement_timeout = '1s'").await.expect("statement_timeout");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Cancelled by its timeout, by design.
+                    let _ = db.batch_execute("SELECT count(*) FROM generate_series(1, 100000000)").await;
+                }
+            })
+        })
+        .collect();
+    (stop, tasks)
+}
+
+/// Claims of `table`'s relay while a trickle (one event every 5 ms) goes by
+/// for 4 s on a database kept busy, with `max_linger`.
+async fn claims_on_a_busy_database(max_linger: &str) -> (i64, usize) {
+    let ob = Outbox::new("busy").await;
+    let topic = ob.topic("t", 2).await;
+    let db = pg().await;
+    let relay = ob.spawn_relay(&[("OUTBOX_RELAY__RELAY__MAX_LINGER", max_linger)]);
+    ob.wait_drained(Duration::from_secs(30)).await;
+    let (stop, hogs) = busy_database(4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, before) = claim_buffers(&db, &ob.table).await;
+    let insert = format!("INSERT INTO {} (topic, key, payload) VALUES ($1, $2, '{{}}')", ob.qualified());
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        db.execute(&insert, &[&topic, &format!("k{}", n % 7)]).await.unwrap();
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, after) = claim_buffers(&db, &ob.table).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.await.unwrap();
+    }
+    ob.wait_drained(Duration::from_secs(30)).await;
+    let (code, log) = relay.terminate(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{log}");
+    (after - before, n)
+}
+
+/// On a busy database the relay's claims slow down, and it claims less often
+/// (`relay.max_linger`): each round carries more events and takes less of the
+/// CPU the application needs (issue #25). Against the same relay with the wait
+/// fixed at `relay.linger` (`max_linger = 0s`), under the same load.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_on_a_busy_database_claims_less_often() {
+    let (fixed, n_fixed) = claims_on_a_busy_database("0s").await;
+    let (grown, n_grown) = claims_on_a_busy_database("200ms").await;
+    eprintln!("busy database: {fixed} claims for {n_fixed} events with a fixed linger, {grown} for {n_grown} growing");
+    assert!(fixed > 0 && grown > 0, "no claims counted: {fixed} / {grown}");
+    assert!(
+        (grown as f64) < 0.6 * fixed as f64,
+        "the wait did not grow on a busy database: {grown} claims against {fixed} with it fixed"
+    );
+}

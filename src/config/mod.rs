@@ -386,6 +386,8 @@ mod tests {
             ("OUTBOX_RELAY__RELAY__RECOVERY_TIMEOUT", "10ms", "relay.recovery_timeout"),
             ("OUTBOX_RELAY__RELAY__LINGER", "5s", "relay.linger"),
             ("OUTBOX_RELAY__RELAY__LINGER", "-1ms", "linger"),
+            ("OUTBOX_RELAY__RELAY__MAX_LINGER", "2s", "relay.max_linger"),
+            ("OUTBOX_RELAY__RELAY__MAX_LINGER", "often", "max_linger"),
         ] {
             let err = load_env(&[(k, v)]).unwrap_err().to_string();
             assert!(err.contains(want), "{k}={v}: {err}");

@@ -52,6 +52,7 @@ fn code_default(s: &Settings, key: &str) -> Option<Shown> {
         "relay.batch_size" => t(&s.relay.batch_size),
         "relay.poll_interval" => d(s.relay.poll_interval),
         "relay.linger" => d(s.relay.linger),
+        "relay.max_linger" => d(s.relay.max_linger),
         "relay.sweep_interval" => d(s.relay.sweep_interval),
         "relay.publish_timeout" => d(s.relay.publish_timeout),
         "relay.on_publish" => t(&s.relay.on_publish.as_str()),

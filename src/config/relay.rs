@@ -73,6 +73,14 @@ pub struct RelayConfig {
     /// speed); `0s` claims again at once.
     #[serde(default = "default_linger", with = "duration")]
     pub linger: Duration,
+    /// The longest that wait grows to while the database is busy: it grows
+    /// with how much longer claims take than the quickest recent one of about
+    /// as many rows (10 ms of wait per millisecond of slowdown), so on a busy
+    /// database each round carries more events and costs the application
+    /// less, and events wait longer. At or below `linger` (the default `0s`),
+    /// the wait never grows.
+    #[serde(default = "default_max_linger", with = "duration")]
+    pub max_linger: Duration,
     /// How often the relay looks for pending rows below its floor (one statement
     /// on its own connection, off the claim path): the safety net for replayed
     /// events whose notification was lost. Under a held xmin horizon that look
@@ -144,6 +152,12 @@ fn default_poll_interval() -> Duration {
 fn default_linger() -> Duration {
     Duration::from_millis(5)
 }
+fn default_max_linger() -> Duration {
+    // Off: on this project's 2-core host a relay keeping up with 1k ev/s read
+    // its claims' jitter as a busy database and lingered up to the most, which
+    // doubled the latency p99 (docs/performance.md, 2026-12-02).
+    Duration::ZERO
+}
 fn default_sweep_interval() -> Duration {
     Duration::from_secs(60)
 }
@@ -194,6 +208,7 @@ impl Default for RelayConfig {
             batch_size: default_batch_size(),
             poll_interval: default_poll_interval(),
             linger: default_linger(),
+            max_linger: default_max_linger(),
             sweep_interval: default_sweep_interval(),
             publish_timeout: default_publish_timeout(),
             on_publish: default_on_publish(),
@@ -238,6 +253,9 @@ impl RelayConfig {
         at_least("relay.sweep_interval", self.sweep_interval, Duration::from_secs(1), "1s")?;
         if self.linger > Duration::from_secs(1) {
             return Err(ConfigError::key("relay.linger", "must be at most 1s: every event may wait this long"));
+        }
+        if self.max_linger > Duration::from_secs(1) {
+            return Err(ConfigError::key("relay.max_linger", "must be at most 1s: every event may wait this long"));
         }
         at_least("relay.publish_timeout", self.publish_timeout, Duration::from_secs(1), "1s")?;
         if self.publish_timeout > Duration::from_secs(600) {

@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{watch, Notify};
 
 use super::outcome::{outcome_of, report};
-use super::{Backoff, Counters, IdleWait, KafkaGate, Step};
+use super::{Backoff, Counters, IdleWait, KafkaGate, Linger, Step};
 use crate::config::RelayConfig;
 use crate::sink::{Epoch, SendResult, Sink};
 use crate::store::{Claimed, Finished, Outcome, Store, StoreError};
@@ -37,6 +37,7 @@ pub struct Relay<S: Sink> {
     cfg: RelayConfig,
     wake: Arc<Notify>,
     gate: Arc<KafkaGate>,
+    linger: std::sync::Mutex<Linger>,
     pub counters: Arc<Counters>,
 }
 
@@ -81,7 +82,12 @@ impl<S: Sink> Relay<S> {
     /// `store::spawn_listener`).
     pub fn new(store: Store, sink: Arc<S>, cfg: RelayConfig, wake: Arc<Notify>) -> Relay<S> {
         let gate = Arc::new(KafkaGate::new(cfg.max_backoff));
-        Relay { store, sink, cfg, wake, gate, counters: Arc::default() }
+        let linger = std::sync::Mutex::new(Linger::new(cfg.linger, cfg.max_linger));
+        Relay { store, sink, cfg, wake, gate, linger, counters: Arc::default() }
+    }
+
+    fn linger(&self) -> std::sync::MutexGuard<'_, Linger> {
+        self.linger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the loop currently claims (Kafka answers).
@@ -96,7 +102,8 @@ impl<S: Sink> Relay<S> {
         let mut idle = IdleWait::new(self.cfg.poll_interval);
         let mut inflight: Option<Box<InFlight>> = None;
         // When the last claim found less than a full batch: when it started
-        // (the next claim waits for `relay.linger` from then).
+        // (the next claim waits for the linger from then: `relay.linger`, or
+        // longer while the database is busy, see `Linger`).
         let mut lingering: Option<Instant> = None;
         loop {
             let stopping = *shutdown.borrow();
@@ -122,7 +129,7 @@ impl<S: Sink> Relay<S> {
             let draining = inflight.as_ref().is_some_and(|f| f.stalled);
             let claiming = !stopping && !draining && self.gate.is_open();
             let prev = inflight.take();
-            let linger_until = lingering.take().map(|t| t + self.cfg.linger);
+            let linger_until = lingering.take().map(|t| t + self.linger().get());
             let claim = async {
                 if claiming {
                     // The previous batch is recorded meanwhile (join below).
@@ -145,7 +152,7 @@ impl<S: Sink> Relay<S> {
             match claimed {
                 Some(Ok(Started::Batch(f))) => {
                     let full = f.claimed.events.len() + f.claimed.deferred >= self.cfg.batch_size;
-                    lingering = (!full && !self.cfg.linger.is_zero()).then_some(f.started);
+                    lingering = (!full).then_some(f.started);
                     inflight = Some(f);
                 }
                 Some(Ok(Started::Idle)) | None => {}
@@ -252,6 +259,7 @@ impl<S: Sink> Relay<S> {
         let Some(claimed) = self.store.claim(self.cfg.batch_size, own).await? else {
             return Ok(Started::Idle);
         };
+        self.linger().observe(claimed.round_trip, claimed.events.len() + claimed.deferred, Instant::now());
         if claimed.events.is_empty() {
             EventsDeferred { count: claimed.deferred as u64 }.emit();
             claimed.release().await?;

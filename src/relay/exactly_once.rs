@@ -98,6 +98,8 @@ pub struct ExactlyOnceRelay {
     /// The id lease (the daemon's); `None`: not checked (tests).
     lease: Option<watch::Receiver<LeaseState>>,
     relay_id: String,
+    /// The wait after a claim that found less than a full batch (see `Linger`).
+    linger: std::sync::Mutex<super::Linger>,
     pub counters: Arc<Counters>,
 }
 
@@ -133,8 +135,13 @@ impl ExactlyOnceRelay {
             txn_id,
             lease: None,
             relay_id: settings.relay_id(),
+            linger: std::sync::Mutex::new(super::Linger::new(settings.relay.linger, settings.relay.max_linger)),
             counters: Arc::default(),
         })
+    }
+
+    fn linger(&self) -> std::sync::MutexGuard<'_, super::Linger> {
+        self.linger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Claims only while this lease is held (see `store::IdLease`).
@@ -252,10 +259,11 @@ impl ExactlyOnceRelay {
                         backoff.reset();
                         idle.busy();
                         // Less than a full batch: the next claim waits for
-                        // `relay.linger` from this one's start.
+                        // the linger from this one's start.
                         if claimed < size {
+                            let linger = self.linger().get();
                             tokio::select! {
-                                _ = tokio::time::sleep_until((step_started + self.cfg.linger).into()) => {}
+                                _ = tokio::time::sleep_until((step_started + linger).into()) => {}
                                 _ = shutdown.changed() => {}
                             }
                         }
@@ -311,6 +319,7 @@ impl ExactlyOnceRelay {
         let Some(claimed) = self.store.claim(self.batch.load(AtomicOrdering::Relaxed), &[]).await? else {
             return Ok(Step::Idle);
         };
+        self.linger().observe(claimed.round_trip, claimed.events.len() + claimed.deferred, Instant::now());
         if claimed.events.is_empty() {
             EventsDeferred { count: claimed.deferred as u64 }.emit();
             claimed.release().await?;

@@ -11,6 +11,7 @@ mod backoff;
 mod exactly_once;
 mod idle;
 mod kafka_gate;
+mod linger;
 mod outcome;
 mod recovery;
 
@@ -21,6 +22,7 @@ pub use backoff::Backoff;
 pub use exactly_once::{EosError, ExactlyOnceRelay};
 pub use idle::IdleWait;
 pub use kafka_gate::KafkaGate;
+pub use linger::Linger;
 pub use outcome::outcome_of;
 pub use recovery::{Recovery, ResolveError, Resolved};
 

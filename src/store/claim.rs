@@ -11,6 +11,7 @@ use std::time::Instant;
 use super::claim_sql::ClaimSql;
 use super::connection::{Conn, TxnKind};
 use super::finish::{Claimed, RawBytes};
+use super::passed::Passed;
 use super::skip::{ScanContext, Skip};
 use super::{Store, StoreError};
 use crate::event::OutboxEvent;
@@ -30,6 +31,14 @@ impl CeColumns {
         let at = |name: &str| row.and_then(|r| r.columns().iter().position(|c| c.name() == name));
         CeColumns { source: at("ce_source"), r#type: at("ce_type") }
     }
+}
+
+/// Where a claim's main scan started, the last row it took, and the floor's
+/// generation then (see `passed.rs`).
+pub(super) struct MainScan {
+    from: i64,
+    last: Option<i64>,
+    generation: u64,
 }
 
 /// One claimed row with the fence's answer for its key.
@@ -74,7 +83,7 @@ impl Row {
     fn read_all(rows: &[tokio_postgres::Row], claimed: std::time::SystemTime) -> Result<Vec<Row>, StoreError> {
         let ce = CeColumns::of(rows.first());
         let mut fence: HashMap<String, i64> = HashMap::new();
-        let mut batch = Vec::with_capacity(rows.len());
+        let mut batch: Vec<Row> = Vec::with_capacity(rows.len());
         for r in rows {
             if r.try_get::<_, Option<uuid::Uuid>>("id")?.is_some() {
                 batch.push(Row::read(r, claimed, ce)?);
@@ -87,6 +96,9 @@ impl Row {
         for row in &mut batch {
             row.first_foreign = row.event.key.as_ref().and_then(|k| fence.get(k).copied());
         }
+        // In seq order here rather than in the statement, which would sort
+        // every row with its payload.
+        batch.sort_unstable_by_key(|r| r.event.seq);
         Ok(batch)
     }
 }
@@ -105,7 +117,7 @@ impl Store {
     pub async fn claim(&self, limit: usize, own: &[uuid::Uuid]) -> Result<Option<Claimed>, StoreError> {
         let mut deferred_before = 0;
         for attempt in 0..2 {
-            let Some((mut claimed, rows)) = self.claim_once(limit, own).await? else { break };
+            let Some((mut claimed, rows, scan)) = self.claim_once(limit, own).await? else { break };
             let mut blocked = Vec::new();
             for r in rows {
                 match r.first_foreign {
@@ -123,6 +135,8 @@ impl Store {
                 continue;
             }
             claimed.deferred += deferred_before;
+            let ids: Vec<uuid::Uuid> = claimed.events.iter().map(|e| e.id).collect();
+            *self.passed() = Passed::new(scan.from, scan.last, scan.generation, &ids);
             claimed.start_heartbeat(self.shared.keepalive);
             return Ok(Some(claimed));
         }
@@ -133,13 +147,20 @@ impl Store {
         Ok(waiting_on_others.then(|| Claimed::nothing(self.finish_sql.clone(), deferred_before)))
     }
 
-    async fn claim_once(&self, limit: usize, own: &[uuid::Uuid]) -> Result<Option<(Claimed, Vec<Row>)>, StoreError> {
+    async fn claim_once(
+        &self,
+        limit: usize,
+        own: &[uuid::Uuid],
+    ) -> Result<Option<(Claimed, Vec<Row>, MainScan)>, StoreError> {
         let started = Instant::now();
         let client = self.client().await?;
         let seq_oid = self.sequence_oid(&client).await;
         let open = self.shared.clock.begin(TxnKind::Batch);
         let conn = Arc::new(Conn::new(client, self.tls.clone(), open));
         let (cx, start, lockers_wanted, generation) = self.scan_context();
+        // The main scan may start past this relay's own batch in flight; the
+        // probe (where the skip comes from) still looks from `start`.
+        let main_start = Passed::start(self.passed().as_ref(), start, generation, own);
         let (floor, blocked) = (cx.floor, &cx.blocked);
         let oid: u32 = seq_oid.unwrap_or(0);
         let client = conn.client();
@@ -157,10 +178,12 @@ impl Store {
         let claim_stmt = client.prepare_cached(&sql.claim).await.map_err(timed)?;
         let probe_stmt = client.prepare_cached(&sql.probe).await.map_err(timed)?;
         let limit = limit as i64;
-        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [&floor, &limit, &own, blocked, &start];
+        let claim_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&floor, &limit, &own, blocked, &main_start];
         let probe_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
             [&floor, &oid, &lockers_wanted, &start, blocked];
         // One round trip: the three requests are pipelined on the connection.
+        let sent = Instant::now();
         let (begin, rows, probe) = tokio::join!(
             client.batch_execute("BEGIN"),
             client.query(&claim_stmt, &claim_params),
@@ -171,6 +194,7 @@ impl Store {
             (Ok(r), Ok(p)) => (r, p),
             (Err(e), _) | (_, Err(e)) => return Err(timed(e)),
         };
+        let round_trip = sent.elapsed();
         ClaimRan { took: started.elapsed() }.emit();
         crate::failpoint::hit("after-claim-response");
         // When the rows were locked, as far as this process can tell: before
@@ -183,6 +207,10 @@ impl Store {
         let source = super::floor::read_source(&probe)?;
         let wall = std::time::SystemTime::now() - started.elapsed();
         let parsed = Row::read_all(&rows, wall)?;
+        let main_last: Option<i64> = match rows.first() {
+            Some(r) => r.try_get("main_last")?,
+            None => None,
+        };
         let claimed_max = parsed.iter().map(|r| r.event.seq).max();
         let next: Option<i64> = probe.try_get("next")?;
         {
@@ -192,6 +220,7 @@ impl Store {
         tracing::trace!(
             floor,
             start,
+            main_start,
             rows = parsed.len(),
             last = claimed_max,
             key_index = sql.shape.key_index,
@@ -214,7 +243,8 @@ impl Store {
             conn.ended();
             return Ok(None);
         }
-        Ok(Some((Claimed::open(conn, self.finish_sql.clone(), claimed_at), parsed)))
+        let scan = MainScan { from: main_start, last: main_last, generation };
+        Ok(Some((Claimed::open(conn, self.finish_sql.clone(), claimed_at, round_trip), parsed, scan)))
     }
 
     /// What the next claim starts from: its [`ScanContext`], where its main
@@ -258,6 +288,10 @@ impl Store {
         if !keys.is_empty() {
             self.shared.blocked.lock().unwrap_or_else(|p| p.into_inner()).add(keys, Instant::now());
         }
+    }
+
+    fn passed(&self) -> MutexGuard<'_, Option<Passed>> {
+        self.shared.passed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn skip(&self) -> MutexGuard<'_, Option<Skip>> {

@@ -88,7 +88,11 @@ impl ClaimSql {
 /// The CTEs carry only what the fence needs; payloads (≈1 KB) are read once, at
 /// the end, through the rows' ctids (locked: they cannot move).
 ///
-/// The fence's and the delays' answers come back as rows of their own after the
+/// `main_last`: the last `seq` the main scan took (where the next claim's may
+/// start while this batch is in flight: `passed.rs`). No `ORDER BY`: sorting
+/// here would carry every payload through a sort; the relay orders the batch.
+///
+/// The fence's and the delays' answers come back as rows of their own beside the
 /// batch (`id` NULL; `key`, and its first foreign `seq` in `first_foreign`), and
 /// the relay matches them to the batch by key. Joined here instead, a plan made
 /// from one-row estimates rescanned the fence once per batch row: 500 × 490
@@ -139,13 +143,13 @@ fn claim_sql(t: &str, ordering: Ordering, shape: Shape, fence: &str, extra: &[(&
          SELECT c.ctid::text AS ctid, c.id, c.seq, o.topic, c.key, o.payload, o.headers, o.attempts,
                 (extract(epoch FROM o.created_at) * 1000000)::int8 AS created_at_us,
                 {partition}::int4 AS partition,{extra}
+                (SELECT max(seq) FROM main) AS main_last,
                 NULL::int8 AS first_foreign
          FROM claimed c JOIN {t} o ON o.ctid = c.ctid
          UNION ALL
-         SELECT NULL, NULL, NULL, NULL, f.key, NULL, NULL, NULL, NULL, NULL,{extra_nulls} f.first
+         SELECT NULL, NULL, NULL, NULL, f.key, NULL, NULL, NULL, NULL, NULL,{extra_nulls} NULL, f.first
          FROM (SELECT key, first FROM fence UNION ALL SELECT key, first FROM delays) f
-         WHERE f.first IS NOT NULL
-         ORDER BY seq"
+         WHERE f.first IS NOT NULL"
     )
 }
 
@@ -260,6 +264,17 @@ mod tests {
             &[("ce_source", "src".into()), ("ce_type", "typ".into())],
         );
         assert!(ce.claim.contains("NULL, NULL, NULL, NULL, NULL, f.first"), "one NULL per column: {}", ce.claim);
+    }
+
+    /// Sorting in the statement carried every row's payload through a sort;
+    /// the relay orders the batch by `seq` itself (claim.rs, `read_all`).
+    #[test]
+    fn the_claim_does_not_sort_its_rows_and_names_its_main_scan_s_last_row() {
+        for (key_index, delay) in [(false, false), (true, false), (true, true)] {
+            let s = sql(Shape { key_index, delay, partition: delay, ready_index: delay });
+            assert!(!s.claim.trim_end().ends_with("ORDER BY seq"), "{}", s.claim);
+            assert!(s.claim.contains("(SELECT max(seq) FROM main) AS main_last"), "{}", s.claim);
+        }
     }
 
     #[test]

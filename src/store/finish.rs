@@ -139,6 +139,9 @@ pub struct Claimed {
     pub deferred: usize,
     /// When the rows were locked.
     pub claimed_at: Instant,
+    /// The claim's round trip (statement and probe, sent to read), which grows
+    /// when the database is busy (see `relay::Linger`).
+    pub round_trip: Duration,
 }
 
 impl Drop for Claimed {
@@ -150,7 +153,7 @@ impl Drop for Claimed {
 }
 
 impl Claimed {
-    pub(super) fn open(conn: Arc<Conn>, sql: Arc<FinishSql>, claimed_at: Instant) -> Claimed {
+    pub(super) fn open(conn: Arc<Conn>, sql: Arc<FinishSql>, claimed_at: Instant, round_trip: Duration) -> Claimed {
         Claimed {
             conn: Some(conn),
             heartbeat: None,
@@ -159,6 +162,7 @@ impl Claimed {
             events: Vec::new(),
             deferred: 0,
             claimed_at,
+            round_trip,
         }
     }
 
@@ -172,6 +176,7 @@ impl Claimed {
             events: Vec::new(),
             deferred,
             claimed_at: Instant::now(),
+            round_trip: Duration::ZERO,
         }
     }
 

@@ -27,6 +27,7 @@ pub(crate) async fn migrate(
             "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET lock_timeout = '2s'",
         )
         .await?;
+    forget_a_dropped_table(client, table).await?;
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| to.is_none_or(|t| m.version <= t)) {
         let mut attempt = 0;
@@ -55,6 +56,33 @@ pub(crate) async fn migrate(
         }
     }
     Ok(applied)
+}
+
+/// The versions recorded for a table that no longer exists (dropped by hand,
+/// to start over) are forgotten, so `migrate` creates it again rather than
+/// call a missing table up to date.
+async fn forget_a_dropped_table(client: &mut tokio_postgres::Client, table: &TableName) -> Result<(), StoreError> {
+    lock_schema(client, table).await?;
+    let result = async {
+        prepare_version_table(&*client, table).await?;
+        let forgotten = client
+            .execute(
+                &format!("DELETE FROM {} WHERE table_name = $1 AND to_regclass($2) IS NULL", version_table(table)),
+                &[&table.table, &table.quoted()],
+            )
+            .await?;
+        if forgotten > 0 {
+            tracing::warn!(
+                %table, versions = forgotten,
+                "{table} does not exist but {forgotten} migrations were recorded for it (dropped by hand?): \
+                 creating it again"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    unlock_schema(client, table).await;
+    result
 }
 
 /// One migrator at a time per schema: several pods may start together, and the
