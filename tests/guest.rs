@@ -275,18 +275,6 @@ async fn a_frozen_relay_s_batch_goes_to_another_relay_within_the_idle_bound() {
     );
     assert_eq!(d.duplicates, 0, "A sent the batch it no longer held\n{log_a}");
 }
-/// Shared buffers and calls of the claim statement on `table` so far.
-async fn claim_buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
-    let row = db
-        .query_one(
-            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8, coalesce(sum(calls), 0)::int8
-             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%' AND query LIKE 'WITH due AS%'",
-            &[&table],
-        )
-        .await
-        .expect("pg_stat_statements");
-    (row.get(0), row.get(1))
-}
 
 /// The periodic sweep for pending rows below the floor (a replay whose
 /// notification was lost) runs off the claim path: claims never walk the dead
@@ -321,9 +309,9 @@ async fn the_sweep_below_the_floor_finds_a_silently_reset_row_and_no_claim_walks
     ob.wait_drained(Duration::from_secs(30)).await;
     // The floor is past the dead entries now. Let several sweeps come due.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = claim_buffers(&db, &ob.table).await;
+    let before = claim_stats(&db, &ob.table).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let after = claim_buffers(&db, &ob.table).await;
+    let after = claim_stats(&db, &ob.table).await;
     // A row made pending again by hand, below the floor, with no notification.
     db.batch_execute(&format!("UPDATE {t} SET published_at = NULL WHERE seq = (SELECT min(seq) FROM {t})"))
         .await
@@ -409,7 +397,7 @@ async fn claims_on_a_busy_database(max_linger: &str) -> (i64, usize) {
     ob.wait_drained(Duration::from_secs(30)).await;
     let (stop, hogs) = busy_database(4);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, before) = claim_buffers(&db, &ob.table).await;
+    let (_, before) = claim_stats(&db, &ob.table).await;
     let insert = format!("INSERT INTO {} (topic, key, payload) VALUES ($1, $2, '{{}}')", ob.qualified());
     let started = Instant::now();
     let mut n = 0;
@@ -418,7 +406,7 @@ async fn claims_on_a_busy_database(max_linger: &str) -> (i64, usize) {
         n += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let (_, after) = claim_buffers(&db, &ob.table).await;
+    let (_, after) = claim_stats(&db, &ob.table).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for h in hogs {
         h.await.unwrap();

@@ -234,19 +234,6 @@ async fn plans_made_on_a_small_table_read_only_the_batch_when_a_backlog_arrives(
     }
 }
 
-/// Shared buffers of this table's claim statement so far, and its calls.
-async fn claim_buffers(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
-    let row = db
-        .query_one(
-            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8, coalesce(sum(calls), 0)::int8
-             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%' AND query LIKE 'WITH due AS%'",
-            &[&table],
-        )
-        .await
-        .expect("pg_stat_statements");
-    (row.get(0), row.get(1))
-}
-
 /// Pipelining: the next claim, made while this relay's previous batch is in
 /// flight (`own`), starts its main scan after that batch instead of stepping
 /// over each of its locked rows (a heap fetch and a lock test per row, a
@@ -266,12 +253,12 @@ async fn a_claim_beside_its_own_batch_in_flight_does_not_scan_that_batch_again()
     let c = store.claim(500, &[]).await.unwrap().expect("a batch");
     let n = c.events.len();
     c.finish(&vec![Outcome::Delivered; n], 10).await.unwrap();
-    let (b0, _) = claim_buffers(&db, &ob.table).await;
+    let (b0, _) = claim_stats(&db, &ob.table).await;
     let first = store.claim(500, &[]).await.unwrap().expect("a batch");
-    let (b1, _) = claim_buffers(&db, &ob.table).await;
+    let (b1, _) = claim_stats(&db, &ob.table).await;
     let own: Vec<uuid::Uuid> = first.events.iter().map(|e| e.id).collect();
     let second = store.claim(500, &own).await.unwrap().expect("a second batch beside the first");
-    let (b2, _) = claim_buffers(&db, &ob.table).await;
+    let (b2, _) = claim_stats(&db, &ob.table).await;
     assert_eq!(second.events.len(), 500);
     assert!(second.events[0].seq > first.events[499].seq, "the second batch follows the first");
     let (alone, beside) = (b1 - b0, b2 - b1);

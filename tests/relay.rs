@@ -407,18 +407,6 @@ async fn a_rejected_event_is_parked_after_its_attempts_and_its_key_flows_on_unde
     drop(relay);
 }
 
-/// Claims of this outbox so far (pg_stat_statements).
-async fn claims(db: &tokio_postgres::Client, table: &str) -> i64 {
-    db.query_one(
-        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements
-         WHERE query LIKE '%\"public\".\"' || $1 || '\"%' AND query LIKE 'WITH due AS%'",
-        &[&table],
-    )
-    .await
-    .expect("pg_stat_statements")
-    .get(0)
-}
-
 /// A relay keeping up with a steady trickle (one event per transaction every
 /// 5 ms) claims at most once per `relay.linger` while its batches are not
 /// full, in both delivery modes: fewer, fuller batches, so less database work
@@ -436,7 +424,7 @@ async fn a_relay_keeping_up_with_a_trickle_claims_at_most_once_per_linger() {
             ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "500"),
         ]);
         ob.wait_drained(Duration::from_secs(30)).await;
-        let before = claims(&db, &ob.table).await;
+        let before = claim_stats(&db, &ob.table).await.1;
         let insert = format!("INSERT INTO {} (topic, key, payload) VALUES ($1, $2, '{{}}')", ob.qualified());
         let started = Instant::now();
         let mut n = 0;
@@ -446,7 +434,7 @@ async fn a_relay_keeping_up_with_a_trickle_claims_at_most_once_per_linger() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let msgs = consume(std::slice::from_ref(&topic), n, Duration::from_secs(60), Duration::from_secs(1));
-        let calls = claims(&db, &ob.table).await - before;
+        let calls = claim_stats(&db, &ob.table).await.1 - before;
         let (code, log) = relay.terminate(Duration::from_secs(30));
         assert_eq!(code, Some(0), "{log}");
         assert_eq!(msgs.len(), n, "{delivery}: every event once");

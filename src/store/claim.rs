@@ -135,8 +135,8 @@ impl Store {
                 continue;
             }
             claimed.deferred += deferred_before;
-            let ids: Vec<uuid::Uuid> = claimed.events.iter().map(|e| e.id).collect();
-            *self.passed() = Passed::new(scan.from, scan.last, scan.generation, &ids);
+            let first = claimed.events.first().map(|e| e.id);
+            *self.passed() = Passed::new(scan.from, scan.last, scan.generation, first, claimed.events.len());
             claimed.start_heartbeat(self.shared.keepalive);
             return Ok(Some(claimed));
         }

@@ -37,9 +37,16 @@ pub(super) struct Passed {
 
 impl Passed {
     /// `from`: where the main scan started; `to`: its last row (`None`: it took
-    /// none); `events`: the batch's events' ids, as the relay will hold them.
-    pub(super) fn new(from: i64, to: Option<i64>, generation: u64, events: &[Uuid]) -> Option<Passed> {
-        Some(Passed { from, to: to?, generation, first: *events.first()?, count: events.len() })
+    /// none); `first` and `count`: the batch's first event (`None`: nothing to
+    /// publish) and how many, as the relay will hold them.
+    pub(super) fn new(
+        from: i64,
+        to: Option<i64>,
+        generation: u64,
+        first: Option<Uuid>,
+        count: usize,
+    ) -> Option<Passed> {
+        Some(Passed { from, to: to?, generation, first: first?, count })
     }
 
     /// Where the next main scan starts: after `to` when `own` (the batch the
@@ -71,7 +78,7 @@ mod tests {
     #[test]
     fn the_next_scan_starts_after_the_batch_in_flight() {
         let own = ids(500);
-        let p = Passed::new(100, Some(650), 3, &own);
+        let p = Passed::new(100, Some(650), 3, own.first().copied(), own.len());
         assert_eq!(Passed::start(p.as_ref(), 100, 3, &own), 651);
         assert_eq!(Passed::start(p.as_ref(), 300, 3, &own), 651, "a start within what it passed");
     }
@@ -79,14 +86,14 @@ mod tests {
     #[test]
     fn otherwise_it_starts_where_it_would() {
         let own = ids(500);
-        let p = Passed::new(100, Some(650), 3, &own);
+        let p = Passed::new(100, Some(650), 3, own.first().copied(), own.len());
         assert_eq!(Passed::start(p.as_ref(), 100, 3, &[]), 100, "nothing in flight (finished, given back)");
         assert_eq!(Passed::start(p.as_ref(), 100, 3, &ids(499)), 100, "another batch in flight");
         assert_eq!(Passed::start(p.as_ref(), 100, 4, &own), 100, "the floor was lowered or reset");
         assert_eq!(Passed::start(p.as_ref(), 99, 3, &own), 99, "below what it passed (a row given back)");
         assert_eq!(Passed::start(p.as_ref(), 651, 3, &own), 651, "already above it");
         assert_eq!(Passed::start(None, 100, 3, &own), 100);
-        assert_eq!(Passed::new(100, None, 3, &own), None, "the main scan took nothing");
-        assert_eq!(Passed::new(100, Some(650), 3, &[]), None, "nothing to publish");
+        assert_eq!(Passed::new(100, None, 3, own.first().copied(), own.len()), None, "the main scan took nothing");
+        assert_eq!(Passed::new(100, Some(650), 3, None, 0), None, "nothing to publish");
     }
 }

@@ -121,6 +121,20 @@ pub async fn pg() -> tokio_postgres::Client {
     pg_at(&pg_url()).await
 }
 
+/// Shared buffers (hit + read) and calls of the claim statement on
+/// `public.<table>` so far (pg_stat_statements, which `scripts/infra up` loads).
+pub async fn claim_stats(db: &tokio_postgres::Client, table: &str) -> (i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT coalesce(sum(shared_blks_hit + shared_blks_read), 0)::int8, coalesce(sum(calls), 0)::int8
+             FROM pg_stat_statements WHERE query LIKE '%\"public\".\"' || $1 || '\"%' AND query LIKE 'WITH due AS%'",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("pg_stat_statements is needed (scripts/infra up loads it): {e}"));
+    (row.get(0), row.get(1))
+}
+
 pub async fn pg_at(url: &str) -> tokio_postgres::Client {
     let (client, conn) = match tokio_postgres::connect(url, NoTls).await {
         Ok(c) => c,
