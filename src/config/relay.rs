@@ -77,8 +77,8 @@ pub struct RelayConfig {
     /// with how much longer claims take than the quickest recent one of about
     /// as many rows (10 ms of wait per millisecond of slowdown), so on a busy
     /// database each round carries more events and costs the application
-    /// less, and events wait longer. At or below `linger` (the default `0s`),
-    /// the wait never grows.
+    /// less, and events wait longer. At or below `linger` (`0s`), the wait
+    /// never grows.
     #[serde(default = "default_max_linger", with = "duration")]
     pub max_linger: Duration,
     /// How often the relay looks for pending rows below its floor (one statement
@@ -153,10 +153,11 @@ fn default_linger() -> Duration {
     Duration::from_millis(5)
 }
 fn default_max_linger() -> Duration {
-    // Off: on this project's 2-core host a relay keeping up with 1k ev/s read
-    // its claims' jitter as a busy database and lingered up to the most, which
-    // doubled the latency p99 (docs/performance.md, 2026-12-02).
-    Duration::ZERO
+    // Beside an application saturating the 2-core test host, 50 ms let it
+    // commit 0.83-1.01 of its rate with no relay, against 0.60-0.79 with the
+    // wait fixed at 5 ms; 25 ms did not help (docs/performance.md,
+    // `relay.max_linger`). On a quiet database the wait stays at `linger`.
+    Duration::from_millis(50)
 }
 fn default_sweep_interval() -> Duration {
     Duration::from_secs(60)
