@@ -429,6 +429,9 @@ async fn verdict_second(args: &Args, env: &[(String, String)], brokers: &str, to
     row("PER-KEY ORDER VIOLATIONS", report.order_violations);
     row("prepared batches left behind", prepared_left);
     println!("  └──────────────────────────────────────────────────┴────────────┘");
+    if report.lost > 0 {
+        print_lost(&pg_at(&infra().pg_url).await, table, &report.lost_ids).await;
+    }
     report.lost == 0 && report.order_violations == 0 && dup_ok && prepared_left == 0
 }
 
