@@ -5,8 +5,9 @@
 ticks() { local s=0 p; for p in "$@"; do [ -r "/proc/$p/stat" ] && s=$((s + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo $s; }
 # every postgres process, plus the postmaster's reaped children (exited backends)
 postgres() { local pm; pm=$(pgrep -u postgres -o); echo $(($(ticks $(pgrep -u postgres)) + $(awk '{print $16+$17}' "/proc/$pm/stat"))); }
-# the whole host's busy ticks
-host() { awk '/^cpu /{print $2+$3+$4+$6+$7+$8}' /proc/stat; }
+# the whole host's busy ticks: user, nice, system, irq, softirq (not idle, and
+# not iowait, which is idle time with I/O outstanding)
+host() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 # the pid of the broker the relay talks to: the process listening on the first
 # bootstrap address's port (the tests' cluster may run beside it); exits when
 # there is none, rather than measure nothing
