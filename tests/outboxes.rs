@@ -210,3 +210,43 @@ async fn a_missing_or_locked_outbox_never_stalls_the_others() {
     let (code, log) = relay.terminate(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// librdkafka logs from its own threads, where no span is current: with
+/// several outboxes, its lines must still say whose client wrote them (they
+/// carried no outbox before).
+#[tokio::test(flavor = "multi_thread")]
+async fn librdkafka_log_lines_name_their_outbox() {
+    let ob = Outbox::new("kafkalog").await;
+    let (t1, t2) = (format!("public.{}_a", ob.table), format!("public.{}_b", ob.table));
+    let toml = format!("[[outboxes]]\ntable = \"{t1}\"\n[[outboxes]]\ntable = \"{t2}\"\n");
+    must(relay_with(&toml, &[]).arg("migrate"));
+    // Nothing listens there: librdkafka reports every failed connect.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let mut cmd =
+        relay_with(&toml, &[("OUTBOX_RELAY__KAFKA__BROKERS", &nowhere), ("OUTBOX_RELAY__LOG__FORMAT", "json")]);
+    cmd.arg("run");
+    let relay = RelayProcess::spawn(cmd, Stderr::Keep);
+    let kafka_lines = |log: &str| -> Vec<serde_json::Value> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "librdkafka")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kafka_lines(&relay.log()).is_empty() {
+        assert!(Instant::now() < deadline, "librdkafka never logged a failed connect: {}", relay.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, log) = relay.terminate(Duration::from_secs(30));
+    for line in kafka_lines(&log) {
+        let outbox = line["spans"]
+            .as_array()
+            .and_then(|spans| spans.iter().find(|s| s["name"] == "outbox"))
+            .and_then(|s| s["table"].as_str())
+            .map(str::to_string);
+        assert!(
+            outbox.as_deref() == Some(t1.as_str()) || outbox.as_deref() == Some(t2.as_str()),
+            "a librdkafka line without its outbox: {line}"
+        );
+    }
+}

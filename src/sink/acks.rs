@@ -72,10 +72,20 @@ impl BatchAcks {
 }
 
 /// Routes delivery reports to their batch; librdkafka logs to `tracing`.
-#[derive(Default)]
 pub struct RelayContext {
     /// The last time the brokers refused the relay's credentials or TLS, and why.
     refused: Mutex<Option<(Instant, String)>>,
+    /// The span the client was created in (the `outbox` span, in a process
+    /// serving several outboxes): librdkafka logs from its own threads, where
+    /// no span is current, so its lines enter this one to name their outbox.
+    span: tracing::Span,
+}
+
+impl Default for RelayContext {
+    /// A context for a client created now, in the current span.
+    fn default() -> RelayContext {
+        RelayContext::in_span(tracing::Span::current())
+    }
 }
 
 /// Client errors of one kind are logged at most once per this long: while
@@ -84,6 +94,12 @@ pub struct RelayContext {
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 impl RelayContext {
+    /// A context whose log lines belong to `span`: for a client created on a
+    /// blocking thread, pass the span of the task that asked for it.
+    pub fn in_span(span: tracing::Span) -> RelayContext {
+        RelayContext { refused: Mutex::default(), span }
+    }
+
     /// Why the brokers refused the relay's credentials or its TLS handshake, if
     /// they did within `within`: a wrong password is then named as such, not
     /// as "cannot reach the brokers".
@@ -123,6 +139,7 @@ impl rdkafka::consumer::ConsumerContext for RelayContext {}
 impl ClientContext for RelayContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         use rdkafka::config::RDKafkaLogLevel as L;
+        let _span = self.span.enter();
         match level {
             L::Emerg | L::Alert | L::Critical | L::Error => {
                 if let Some(suppressed) = self.may_log(format!("log/{fac}")) {
@@ -144,6 +161,7 @@ impl ClientContext for RelayContext {
         // stalled batch and the outage itself, so keep these at warn, one line
         // per kind per ERROR_LOG_INTERVAL with the count of those left out.
         use rdkafka::types::RDKafkaErrorCode as C;
+        let _span = self.span.enter();
         let code = error.rdkafka_error_code();
         if matches!(code, Some(C::Authentication | C::SaslAuthenticationFailed | C::SSL)) {
             *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), reason.to_string()));

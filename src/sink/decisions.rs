@@ -251,9 +251,10 @@ impl Decisions {
         let probe_offset = delivery.offset;
         let cfg = super::consumer_config(&self.base, "outbox-relay-recovery");
         let (topic, key, gid) = (self.topic.clone(), transactional_id.to_string(), gid.to_string());
+        let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
             let c: BaseConsumer<super::RelayContext> = cfg
-                .create_with_context(super::RelayContext::default())
+                .create_with_context(super::RelayContext::in_span(span))
                 .map_err(|e| SinkError::config("kafka consumer", e))?;
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic, 0, Offset::Beginning)

@@ -53,9 +53,10 @@ pub async fn find_event(
     let cfg = super::consumer_config(base, "outbox-relay-evidence");
     let topic = topic.to_string();
     let since_ms = since.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
         let c: BaseConsumer<super::RelayContext> = cfg
-            .create_with_context(super::RelayContext::default())
+            .create_with_context(super::RelayContext::in_span(span))
             .map_err(|e| SinkError::config("kafka consumer", e))?;
         let deadline = Instant::now() + timeout;
         let (start, ends, retention_passed) = ranges(&c, &topic, info.partitions, since_ms, timeout)?;

@@ -31,9 +31,10 @@ pub async fn describe(
 ) -> Result<(usize, Option<TopicInfo>), SinkError> {
     let cfg = base.clone();
     let name = topic.to_string();
+    let span = tracing::Span::current();
     let (brokers, layout) = tokio::task::spawn_blocking(move || {
         let c: BaseConsumer<super::RelayContext> = cfg
-            .create_with_context(super::RelayContext::default())
+            .create_with_context(super::RelayContext::in_span(span))
             .map_err(|e| SinkError::config("kafka client", e))?;
         let md = c.fetch_metadata(Some(&name), timeout).map_err(|e| SinkError::kafka("metadata", e))?;
         let layout = match md.topics().first() {
