@@ -24,7 +24,10 @@ impl Store {
         let t = self.table().quoted();
         let client = self.client().await?;
         let shape = self.shaped(&client).await?.claim.shape;
-        let row = client.query_one(&backlog_sql(&t, shape), &[&floor]).await?;
+        // Prepared once per pooled connection (and table shape): the monitor
+        // runs this every tick, and would otherwise plan it every time.
+        let stmt = client.prepare_cached(&backlog_sql(&t, shape)).await?;
+        let row = client.query_one(&stmt, &[&floor]).await?;
         drop(client);
         let prepared = self.prepared_any(&self.transactional_prefixes().await).await?;
         Ok(Backlog {

@@ -46,15 +46,15 @@ impl Store {
     /// Prepared transactions in this database whose id starts with one of `prefixes`.
     pub async fn prepared_any(&self, prefixes: &[String]) -> Result<Vec<Prepared>, StoreError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
+        let stmt = client
+            .prepare_cached(
                 "SELECT gid, extract(epoch FROM now() - prepared)::float8, owner::text FROM pg_prepared_xacts
                  WHERE database = current_database()
                    AND EXISTS (SELECT 1 FROM unnest($1::text[]) p WHERE left(gid, length(p)) = p)
                  ORDER BY prepared",
-                &[&prefixes],
             )
             .await?;
+        let rows = client.query(&stmt, &[&prefixes]).await?;
         Ok(rows.iter().map(|r| Prepared { gid: r.get(0), age_s: r.get(1), owner: r.get(2) }).collect())
     }
 
