@@ -1,5 +1,5 @@
 //! The rdkafka producer behind [`Sink`]: one idempotent (or, for exactly-once,
-//! transactional) `ThreadedProducer` whose delivery callback fills a per-batch
+//! transactional) producer (`polled.rs`) whose delivery callback fills a per-batch
 //! tracker, replaced after a fatal error or when the relay abandons what it
 //! holds. Each replacement starts a new producer epoch (see [`Epoch`]).
 
@@ -12,7 +12,7 @@ use futures_util::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, PurgeConfig};
 
 use super::acks::{BatchAcks, RelayContext};
 use super::{classify, producer_config, Epoch, SendResult, Sent, Sink, SinkError, RELAY_ID_HEADER};
@@ -27,7 +27,7 @@ type Opaque = <RelayContext as ProducerContext>::DeliveryOpaque;
 /// One event's message, ready for the producer.
 type Record<'a> = BaseRecord<'a, [u8], [u8], Opaque>;
 
-pub(super) type RelayProducer = ThreadedProducer<RelayContext>;
+pub(super) type RelayProducer = super::polled::Polled<RelayContext>;
 
 /// Kafka through one idempotent (or transactional) producer at a time.
 pub struct KafkaSink {
@@ -185,7 +185,8 @@ impl KafkaSink {
 }
 
 pub(super) fn build(config: &ClientConfig) -> Result<RelayProducer, SinkError> {
-    config.create_with_context(RelayContext::default()).map_err(|e| SinkError::config("cannot create the producer", e))
+    super::polled::Polled::create(config, RelayContext::default())
+        .map_err(|e| SinkError::config("cannot create the producer", e))
 }
 
 impl Sink for KafkaSink {

@@ -14,6 +14,7 @@ mod decisions;
 mod error;
 mod evidence;
 mod kafka;
+mod polled;
 mod producer;
 pub mod topics;
 mod transactions;
