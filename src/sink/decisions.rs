@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 
 use rdkafka::message::ToBytes;
 use rdkafka::producer::future_producer::Delivery;
@@ -73,7 +72,12 @@ impl Decisions {
     /// through a producer made for it. Both are rare (a relay's start, a
     /// recovery), and a producer kept between them polled its queue in a
     /// loop: ~0.7 % of a core per relay for nothing (see `polled.rs`).
-    async fn write<K, P>(&self, record: FutureRecord<'_, K, P>, timeout: Duration) -> Result<Delivery, KafkaError>
+    async fn write<K, P>(
+        &self,
+        what: &str,
+        record: FutureRecord<'_, K, P>,
+        timeout: Duration,
+    ) -> Result<Delivery, SinkError>
     where
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
@@ -85,8 +89,12 @@ impl Decisions {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "0")
-            .create_with_context(super::RelayContext::default())?;
-        let written = producer.send(record, timeout).await.map_err(|(e, _)| e);
+            .create_with_context(super::RelayContext::default())
+            .map_err(|e| SinkError::config("cannot create the decisions producer", e))?;
+        let written = producer
+            .send(record, timeout)
+            .await
+            .map_err(|(e, _)| SinkError::kafka(format!("cannot write the {what} to {}", self.topic), e));
         // Dropping it joins its poll thread and flushes: not on the runtime.
         tokio::task::spawn_blocking(move || drop(producer));
         written
@@ -260,10 +268,7 @@ impl Decisions {
         }
         let probe_key = format!("probe/{}", uuid::Uuid::new_v4());
         let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic).partition(0).key(&probe_key);
-        let delivery = self
-            .write(record, timeout)
-            .await
-            .map_err(|e| SinkError::kafka(format!("cannot write the probe to {}", self.topic), e))?;
+        let delivery = self.write("probe", record, timeout).await?;
         let probe_offset = delivery.offset;
         let cfg = super::consumer_config(&self.base, "outbox-relay-recovery");
         let (topic, key, gid) = (self.topic.clone(), transactional_id.to_string(), gid.to_string());
@@ -315,9 +320,6 @@ impl Decisions {
         let value = format!("{START_MARKER}{}", uuid::Uuid::new_v4().simple());
         let record: FutureRecord<'_, str, str> =
             FutureRecord::to(&self.topic).partition(0).key(transactional_id).payload(&value);
-        self.write(record, timeout)
-            .await
-            .map(|_| ())
-            .map_err(|e| SinkError::kafka(format!("cannot write the start marker to {}", self.topic), e))
+        self.write("start marker", record, timeout).await.map(|_| ())
     }
 }
