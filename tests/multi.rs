@@ -7,7 +7,17 @@ use outbox_relay_support::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_relays_keep_per_key_order_with_a_hot_key() {
-    let ob = Outbox::new("multi").await;
+    three_relays_with_a_hot_key("multi", "2").await;
+}
+
+/// The same with three batches in flight per relay (`relay.pipeline_depth`).
+#[tokio::test(flavor = "multi_thread")]
+async fn three_relays_keep_per_key_order_with_a_hot_key_at_pipeline_depth_three() {
+    three_relays_with_a_hot_key("multi3", "3").await;
+}
+
+async fn three_relays_with_a_hot_key(name: &str, depth: &str) {
+    let ob = Outbox::new(name).await;
     let topic = ob.topic("events", 6).await;
     // A backlog first, so all three relays start with work at once…
     let db = pg().await;
@@ -22,7 +32,7 @@ async fn three_relays_keep_per_key_order_with_a_hot_key() {
     )
     .await
     .unwrap();
-    let settings = [("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50")];
+    let settings = [("OUTBOX_RELAY__RELAY__BATCH_SIZE", "50"), ("OUTBOX_RELAY__RELAY__PIPELINE_DEPTH", depth)];
     let relays: Vec<_> = (0..3).map(|_| ob.spawn_relay(&settings)).collect();
 
     // …and an application that keeps writing while they run (one connection, so

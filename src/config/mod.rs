@@ -377,6 +377,8 @@ mod tests {
             ("OUTBOX_RELAY__RELAY__ON_PUBLISH", "archive", "on_publish"),
             ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "0", "relay.batch_size"),
             ("OUTBOX_RELAY__RELAY__BATCH_SIZE", "lots", "batch_size"),
+            ("OUTBOX_RELAY__RELAY__PIPELINE_DEPTH", "0", "relay.pipeline_depth"),
+            ("OUTBOX_RELAY__RELAY__PIPELINE_DEPTH", "4", "relay.pipeline_depth"),
             ("OUTBOX_RELAY__RELAY__POLL_INTERVAL", "soon", "poll_interval"),
             ("OUTBOX_RELAY__OUTBOX__TABLE", "x; drop table y", "outbox.table"),
             ("OUTBOX_RELAY__HTTP__LISTEN", "everywhere", "http.listen"),

@@ -50,6 +50,7 @@ fn code_default(s: &Settings, key: &str) -> Option<Shown> {
         "cloudevents.type_column" => opt(s.cloudevents.type_column.is_some()),
         "cloudevents.content_type" => t(&s.cloudevents.content_type),
         "relay.batch_size" => t(&s.relay.batch_size),
+        "relay.pipeline_depth" => t(&s.relay.pipeline_depth),
         "relay.poll_interval" => d(s.relay.poll_interval),
         "relay.linger" => d(s.relay.linger),
         "relay.max_linger" => d(s.relay.max_linger),

@@ -59,6 +59,16 @@ pub struct RelayConfig {
     /// Rows claimed per batch.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// At-least-once: how many batches one relay may have in flight while it
+    /// drains a backlog (claimed, handed to the producer, not yet recorded).
+    /// 1 claims the next batch only once the last one is committed; 2 claims
+    /// batch N+1 while N waits for Kafka; 3 claims N+2 as well while N is
+    /// recorded. A relay that crashes republishes at most this many batches.
+    /// Past 2, only a backlog goes deeper: a claim that finds less than a full
+    /// batch is followed by the oldest batch's commit, as at 2. Exactly-once
+    /// batches are never pipelined.
+    #[serde(default = "default_pipeline_depth")]
+    pub pipeline_depth: usize,
     /// Longest wait between two looks at the outbox while it is empty. The wait
     /// starts at 1 ms when the outbox runs dry and grows with the idle time (an
     /// eighth of it) up to this; a busy relay never waits.
@@ -146,6 +156,9 @@ pub struct RelayConfig {
 fn default_batch_size() -> usize {
     500
 }
+fn default_pipeline_depth() -> usize {
+    2
+}
 fn default_poll_interval() -> Duration {
     Duration::from_millis(100)
 }
@@ -207,6 +220,7 @@ impl Default for RelayConfig {
         RelayConfig {
             id: None,
             batch_size: default_batch_size(),
+            pipeline_depth: default_pipeline_depth(),
             poll_interval: default_poll_interval(),
             linger: default_linger(),
             max_linger: default_max_linger(),
@@ -242,6 +256,9 @@ impl RelayConfig {
         }
         if !(1..=50_000).contains(&self.batch_size) {
             return Err(ConfigError::key("relay.batch_size", "must be between 1 and 50000"));
+        }
+        if !(1..=3).contains(&self.pipeline_depth) {
+            return Err(ConfigError::key("relay.pipeline_depth", "must be 1, 2 or 3"));
         }
         let at_least = |key: &str, value: Duration, min: Duration, text: &str| {
             if value < min {

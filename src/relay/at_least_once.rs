@@ -1,8 +1,10 @@
 //! The at-least-once loop: claim a batch, publish it, wait for every delivery
-//! report, record the outcome, commit. A busy relay never waits: two batches
+//! report, record the outcome, commit. A busy relay never waits: batches
 //! overlap, so while batch N waits for Kafka's acknowledgements, batch N+1 is
 //! claimed and handed to the same producer (after N, so per-key order holds);
-//! then N is recorded and committed. An idle relay looks again after a wait
+//! then N is recorded and committed. With `relay.pipeline_depth` 3 and a
+//! backlog, N+2 is claimed too before N is recorded: the claim connection
+//! need not wait for N's commit. An idle relay looks again after a wait
 //! that grows with how long the outbox has been empty (see [`IdleWait`]).
 //!
 //! No batch waits for Kafka longer than `relay.publish_timeout`: past it the
@@ -12,7 +14,7 @@
 //! again (see `kafka_gate.rs`). A Kafka outage never holds the database's
 //! xmin horizon longer than that.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -100,39 +102,49 @@ impl<S: Sink> Relay<S> {
     pub async fn run(&self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.cfg.max_backoff);
         let mut idle = IdleWait::new(self.cfg.poll_interval);
-        let mut inflight: Option<Box<InFlight>> = None;
+        // Oldest first; at most `relay.pipeline_depth`.
+        let mut inflight: VecDeque<Box<InFlight>> = VecDeque::new();
         // When the last claim found less than a full batch: when it started
         // (the next claim waits for the linger from then: `relay.linger`, or
         // longer while the database is busy, see `Linger`).
         let mut lingering: Option<Instant> = None;
+        // The last claim found a full batch: there is a backlog, and the
+        // pipeline may go deeper than one batch beside the claim.
+        let mut backlog = false;
         loop {
             let stopping = *shutdown.borrow();
-            if stopping && inflight.is_none() {
+            if stopping && inflight.is_empty() {
                 return;
             }
             self.store.sweep_if_due(self.cfg.sweep_interval);
             // Nothing held: wait here, outside any transaction, while Kafka is away.
-            if inflight.is_none() && !self.gate.wait_open(&*self.sink, &mut shutdown).await {
+            if inflight.is_empty() && !self.gate.wait_open(&*self.sink, &mut shutdown).await {
                 continue;
             }
             // 1. claim and send the next batch (unless stopping, or Kafka is
-            //    away) while, on another connection, 2. the previous one is
-            //    recorded and committed once its acknowledgements are in. Its
-            //    rows stay locked until then, so the claim skips them; its
-            //    events went to the producer first.
-            let (own, hold, behind) = match &inflight {
-                Some(f) => (f.claimed.events.iter().map(|e| e.id).collect(), f.held_keys.clone(), Some(f.epoch)),
-                None => (Vec::new(), HashSet::new(), None),
-            };
+            //    away, or the pipeline is full) while, on another connection,
+            //    2. the oldest one is recorded and committed once its
+            //    acknowledgements are in. The rows of every batch in flight stay
+            //    locked until then, so the claim skips them; their events went
+            //    to the producer first.
+            let own: Vec<uuid::Uuid> = inflight.iter().flat_map(|f| f.claimed.events.iter().map(|e| e.id)).collect();
+            let hold: HashSet<String> = inflight.iter().flat_map(|f| f.held_keys.iter().cloned()).collect();
+            let behind = inflight.back().map(|f| f.epoch);
             // A batch that found the producer replaced went back untouched:
-            // finish the one in flight before claiming more (see `Sent::stalled`).
-            let draining = inflight.as_ref().is_some_and(|f| f.stalled);
-            let claiming = !stopping && !draining && self.gate.is_open();
-            let prev = inflight.take();
+            // finish those in flight before claiming more (see `Sent::stalled`).
+            let draining = inflight.iter().any(|f| f.stalled);
+            // Past two batches only while a backlog lasts: once a claim finds
+            // less than a full batch, the deeper ones are recorded first.
+            let room = inflight.len() < self.cfg.pipeline_depth && (backlog || inflight.len() < 2);
+            let claiming = !stopping && !draining && self.gate.is_open() && room;
+            // The oldest batch is finished in this round unless the pipeline
+            // has room to go deeper while a backlog lasts.
+            let deeper = claiming && backlog && inflight.len() + 1 < self.cfg.pipeline_depth;
+            let prev = if deeper { None } else { inflight.pop_front() };
             let linger_until = lingering.take().map(|t| t + self.linger().get());
             let claim = async {
                 if claiming {
-                    // The previous batch is recorded meanwhile (join below).
+                    // The oldest batch is recorded meanwhile (join below).
                     if let Some(until) = linger_until {
                         tokio::time::sleep_until(until.into()).await;
                     }
@@ -149,11 +161,13 @@ impl<S: Sink> Relay<S> {
             };
             let (claimed, finished) = tokio::join!(claim, finish);
             let mut outcome = Round::default();
+            backlog = false;
             match claimed {
                 Some(Ok(Started::Batch(f))) => {
                     let full = f.claimed.events.len() + f.claimed.deferred >= self.cfg.batch_size;
                     lingering = (!full).then_some(f.started);
-                    inflight = Some(f);
+                    backlog = full;
+                    inflight.push_back(f);
                 }
                 Some(Ok(Started::Idle)) | None => {}
                 Some(Ok(Started::Deferred)) => outcome.deferred_only = true,
@@ -165,7 +179,8 @@ impl<S: Sink> Relay<S> {
                 None => {}
             }
             // 3. keep the pipeline full, back off, or wait for work
-            match self.next(outcome, inflight.is_some(), &mut backoff, &mut idle) {
+            let busy = !inflight.is_empty() || backlog;
+            match self.next(outcome, busy, &mut backoff, &mut idle) {
                 Next::Go => {}
                 Next::WaitForWork => {
                     if !stopping {
@@ -183,7 +198,8 @@ impl<S: Sink> Relay<S> {
     }
 
     /// What the loop does after a round.
-    fn next(&self, round: Round, inflight: bool, backoff: &mut Backoff, idle: &mut IdleWait) -> Next {
+    /// `busy`: a batch is in flight, or the last claim found a full one.
+    fn next(&self, round: Round, busy: bool, backoff: &mut Backoff, idle: &mut IdleWait) -> Next {
         if let Some(e) = round.failure {
             let delay = backoff.next_delay();
             BatchFailed { error: &e, transient: e.is_transient(), retry_in: delay, next: "retrying" }.emit();
@@ -197,7 +213,7 @@ impl<S: Sink> Relay<S> {
             // some events were not delivered for a passing reason: give Kafka a moment
             return Next::Pause(backoff.next_delay());
         }
-        if inflight {
+        if busy {
             backoff.reset();
             idle.busy();
             return Next::Go;

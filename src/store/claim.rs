@@ -11,7 +11,7 @@ use std::time::Instant;
 use super::claim_sql::ClaimSql;
 use super::connection::{Conn, TxnKind};
 use super::finish::{Claimed, RawBytes};
-use super::passed::Passed;
+use super::passed::{Link, Passed};
 use super::skip::{ScanContext, Skip};
 use super::{Store, StoreError};
 use crate::event::OutboxEvent;
@@ -136,7 +136,7 @@ impl Store {
             }
             claimed.deferred += deferred_before;
             let first = claimed.events.first().map(|e| e.id);
-            *self.passed() = Passed::new(scan.from, scan.last, scan.generation, first, claimed.events.len());
+            self.passed().record(Link::new(scan.from, scan.last, scan.generation, first, claimed.events.len()));
             claimed.start_heartbeat(self.shared.keepalive);
             return Ok(Some(claimed));
         }
@@ -158,9 +158,9 @@ impl Store {
         let open = self.shared.clock.begin(TxnKind::Batch);
         let conn = Arc::new(Conn::new(client, self.tls.clone(), open));
         let (cx, start, lockers_wanted, generation) = self.scan_context();
-        // The main scan may start past this relay's own batch in flight; the
+        // The main scan may start past this relay's own batches in flight; the
         // probe (where the skip comes from) still looks from `start`.
-        let main_start = Passed::start(self.passed().as_ref(), start, generation, own);
+        let main_start = self.passed().start(start, generation, own);
         let (floor, blocked) = (cx.floor, &cx.blocked);
         let oid: u32 = seq_oid.unwrap_or(0);
         let client = conn.client();
@@ -290,7 +290,7 @@ impl Store {
         }
     }
 
-    fn passed(&self) -> MutexGuard<'_, Option<Passed>> {
+    fn passed(&self) -> MutexGuard<'_, Passed> {
         self.shared.passed.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -77,9 +77,9 @@ struct Shared {
     blocked: Mutex<skip::LeftOut>,
     /// Where the main scan may start above the floor while keys are left out.
     skip: Mutex<Option<skip::Skip>>,
-    /// What the last batch's main scan passed (where the next one may start
-    /// while that batch is in flight: `passed.rs`).
-    passed: Mutex<Option<passed::Passed>>,
+    /// What the last batches' main scans passed (where the next one may start
+    /// while those batches are in flight: `passed.rs`).
+    passed: Mutex<passed::Passed>,
     /// What the table offers (migrations 0004 and 0005) and the statements
     /// built for it. `None`: not looked up yet (the first claim does; every
     /// schema check looks again).
@@ -107,7 +107,7 @@ impl Store {
             floor: Mutex::new(Floor::default()),
             blocked: Mutex::new(skip::LeftOut::default()),
             skip: Mutex::new(None),
-            passed: Mutex::new(None),
+            passed: Mutex::default(),
             shaped: Mutex::new(None),
             sweeping: std::sync::atomic::AtomicBool::new(false),
             seq_oid: Mutex::new(None),
