@@ -94,6 +94,24 @@ impl KafkaConfig {
         Ok(())
     }
 
+    /// Properties bounded by `[relay]` settings.
+    pub(super) fn validate_against(&self, relay: &super::RelayConfig) -> Result<(), ConfigError> {
+        let key = "topic.metadata.propagation.max.ms";
+        let Some(v) = self.properties.get(key) else { return Ok(()) };
+        let limit = relay.publish_timeout.as_millis();
+        match v.trim().parse::<u128>() {
+            Ok(ms) if ms < limit => Ok(()),
+            _ => Err(ConfigError::key(
+                &format!("kafka.properties.{key}"),
+                format!(
+                    "must be a number of milliseconds below relay.publish_timeout ({limit}): an event for a topic \
+                     the cluster does not know waits this long, and a batch that waits past relay.publish_timeout \
+                     is given back as if Kafka were down, with the event never parked"
+                ),
+            )),
+        }
+    }
+
     /// Moves the secrets given by key or file into `properties`, where every
     /// Kafka client of the relay takes them from. One source per secret.
     pub(super) fn resolve_secrets(&mut self) -> Result<(), ConfigError> {

@@ -180,6 +180,7 @@ impl Settings {
     fn validate_one(&self, kafka_needed: bool) -> Result<(), ConfigError> {
         self.kafka.validate(self.relay.delivery, kafka_needed)?;
         self.relay.validate()?;
+        self.kafka.validate_against(&self.relay)?;
         // outbox-relay/<12 hex>/<schema.table>/<relay.id>/<32 hex> must fit Postgres's 200-byte gid.
         let gid_len = "outbox-relay/".len() + 13 + self.table().to_string().len() + 1 + self.relay_id().len() + 33;
         if self.relay.delivery == Delivery::ExactlyOnce && gid_len > 199 {

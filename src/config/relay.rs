@@ -308,6 +308,20 @@ mod tests {
     use super::super::tests::load_env;
 
     #[test]
+    fn an_unknown_topic_must_fail_before_the_publish_timeout() {
+        let prop = "OUTBOX_RELAY__KAFKA__PROPERTIES__topic.metadata.propagation.max.ms";
+        assert!(load_env(&[(prop, "10000")]).is_ok());
+        for (bad, timeout) in [("20000", "20s"), ("5000", "5s"), ("soon", "20s")] {
+            let err = load_env(&[(prop, bad), ("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT", timeout)]).unwrap_err();
+            let err = err.to_string();
+            assert!(
+                err.contains("topic.metadata.propagation.max.ms") && err.contains("relay.publish_timeout"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn the_publish_timeout_is_bounded_both_ways() {
         assert_eq!(load_env(&[]).unwrap().relay.publish_timeout, std::time::Duration::from_secs(20));
         for bad in ["500ms", "1h"] {

@@ -10,6 +10,12 @@ use crate::config::{Delivery, Settings};
 /// attributes them exactly).
 pub const RELAY_ID_HEADER: &str = "outbox_relay_id";
 
+/// How long an event for a topic the cluster does not (yet) know waits before
+/// it fails: 5 s, and well below `relay.publish_timeout`.
+pub fn default_propagation_ms(publish_timeout: std::time::Duration) -> u128 {
+    (publish_timeout.as_millis() / 2).min(5_000)
+}
+
 /// The producer properties the relay uses: its defaults, then the user's
 /// `[kafka.properties]`, then the settings the guarantees depend on.
 /// `transactional_id`: exactly-once mode's (see `store::TxnIds`).
@@ -51,6 +57,13 @@ pub fn producer_config(settings: &Settings, transactional_id: Option<&str>) -> B
     // (an empty decisions topic would hold no history). At-least-once tables
     // may opt in for their event topics; exactly-once refuses it (config).
     set("allow.auto.create.topics", "false");
+    // librdkafka holds an event for a topic the cluster does not know for this
+    // long (30 s by default) in case the topic was just created. Past
+    // relay.publish_timeout (20 s) that made one event with a mistyped topic
+    // look like a Kafka outage: its batch was given back, claiming stopped, and
+    // the event was never parked. Now it fails as an unknown topic well before
+    // (its attempt counts; `relay.retry_backoff` spaces the retries).
+    set("topic.metadata.propagation.max.ms", &default_propagation_ms(settings.relay.publish_timeout).to_string());
     for (k, v) in &settings.kafka.properties {
         set(k, v);
     }
@@ -61,4 +74,28 @@ pub fn producer_config(settings: &Settings, transactional_id: Option<&str>) -> B
         set("transactional.id", id);
     }
     props
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &[(&str, &str)]) -> Settings {
+        let mut env = vec![
+            ("OUTBOX_RELAY__POSTGRES__URL".to_string(), "postgres://u@h/db".to_string()),
+            ("OUTBOX_RELAY__KAFKA__BROKERS".to_string(), "k:9092".to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Settings::load_from(None, env).unwrap()
+    }
+
+    #[test]
+    fn an_unknown_topic_fails_well_before_the_publish_timeout_by_default() {
+        let key = "topic.metadata.propagation.max.ms";
+        assert_eq!(producer_config(&settings(&[]), None)[key], "5000");
+        let short = settings(&[("OUTBOX_RELAY__RELAY__PUBLISH_TIMEOUT", "3s")]);
+        assert_eq!(producer_config(&short, None)[key], "1500");
+        let own = settings(&[("OUTBOX_RELAY__KAFKA__PROPERTIES__topic.metadata.propagation.max.ms", "8000")]);
+        assert_eq!(producer_config(&own, None)[key], "8000", "the user's value, when it is below the timeout");
+    }
 }
