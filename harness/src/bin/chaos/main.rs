@@ -72,6 +72,10 @@ pub struct Args {
     /// Rows per relay batch.
     #[arg(long, default_value_t = 200)]
     batch_size: usize,
+    /// Batches each relay may have in flight while it drains a backlog
+    /// (`relay.pipeline_depth`, at-least-once).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pipeline_depth: u8,
     /// Where relay logs go.
     #[arg(long, default_value = "target/chaos")]
     run_dir: PathBuf,
@@ -112,6 +116,7 @@ fn relay_env(args: &Args, pg_url: &str, brokers: &str, run: &str) -> Vec<(String
         ("OUTBOX_RELAY__OUTBOX__TABLE", run),
         ("OUTBOX_RELAY__HTTP__LISTEN", ""),
         ("OUTBOX_RELAY__RELAY__BATCH_SIZE", &args.batch_size.to_string()),
+        ("OUTBOX_RELAY__RELAY__PIPELINE_DEPTH", &args.pipeline_depth.to_string()),
         ("OUTBOX_RELAY__RELAY__MAX_ATTEMPTS", "3"),
         ("OUTBOX_RELAY__RELAY__RETRY_BACKOFF", "500ms"),
         ("OUTBOX_RELAY__RELAY__MAX_BACKOFF", "2s"),

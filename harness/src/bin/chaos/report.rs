@@ -94,7 +94,8 @@ pub fn row(k: &str, v: impl std::fmt::Display) {
 }
 
 /// The duplicate lines of the table.
-pub fn print_duplicates(report: &Report, d: &Duplicates, kills: usize, batch: usize, exactly_once: bool) {
+/// `depth`: batches in flight per relay (at-least-once); `None`: exactly-once.
+pub fn print_duplicates(report: &Report, d: &Duplicates, kills: usize, batch: usize, depth: Option<usize>) {
     row("duplicated events", report.duplicated_events);
     row("duplicate copies", report.duplicate_copies);
     row("duplicate copies per kill (mean)", format!("{:.1}", report.duplicate_copies as f64 / kills.max(1) as f64));
@@ -103,10 +104,9 @@ pub fn print_duplicates(report: &Report, d: &Duplicates, kills: usize, batch: us
         row("  MAX of kills outside a window", d.max_outside);
         row(&format!("  MAX of kills inside a window ({w:?})"), n);
     }
-    if exactly_once {
-        row("duplicates allowed (exactly-once)", 0);
-    } else {
-        row("duplicate bound per kill (2 batches)", 2 * batch);
+    match depth {
+        None => row("duplicates allowed (exactly-once)", 0),
+        Some(n) => row(&format!("duplicate bound per kill ({n} batches)"), n * batch),
     }
     for (cause, label) in [
         (Cause::KafkaOutage, "dup copies of the Kafka outage"),

@@ -56,10 +56,11 @@ pub async fn verdict(
     let cluster = if args.cluster { ", 3-broker cluster (RF 3, min.insync.replicas 2)" } else { ", one broker" };
     println!();
     println!(
-        "chaos run {run}  ({:.0} s, {} relays, batch {}, {mode}{cluster})",
+        "chaos run {run}  ({:.0} s, {} relays, batch {}, pipeline depth {}, {mode}{cluster})",
         d.started.elapsed().as_secs_f64(),
         args.relays,
-        args.batch_size
+        args.batch_size,
+        args.pipeline_depth
     );
     println!("  ┌──────────────────────────────────────────────────┬────────────┐");
     row("events written (committed rows)", written);
@@ -67,7 +68,8 @@ pub async fn verdict(
     row("  of them poison (injected)", d.poison.len());
     row("messages delivered for published rows", report.delivered);
     row("LOST", report.lost);
-    report::print_duplicates(&report, &dups, relays.kills, args.batch_size, args.exactly_once);
+    let bound = (!args.exactly_once).then_some(usize::from(args.pipeline_depth));
+    report::print_duplicates(&report, &dups, relays.kills, args.batch_size, bound);
     row("PER-KEY ORDER VIOLATIONS", report.order_violations);
     row("prepared batches left behind", prepared_left);
     row("SIGKILLs (random moments)", relays.kills);
