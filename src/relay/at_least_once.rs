@@ -161,7 +161,8 @@ impl<S: Sink> Relay<S> {
             };
             let (claimed, finished) = tokio::join!(claim, finish);
             let mut outcome = Round::default();
-            backlog = false;
+            // A round that claimed nothing (the pipeline was full, or draining)
+            // leaves what the last claim said about the backlog.
             match claimed {
                 Some(Ok(Started::Batch(f))) => {
                     let full = f.claimed.events.len() + f.claimed.deferred >= self.cfg.batch_size;
@@ -169,9 +170,10 @@ impl<S: Sink> Relay<S> {
                     backlog = full;
                     inflight.push_back(f);
                 }
-                Some(Ok(Started::Idle)) | None => {}
-                Some(Ok(Started::Deferred)) => outcome.deferred_only = true,
-                Some(Err(e)) => outcome.failure = Some(e),
+                None => {}
+                Some(Ok(Started::Idle)) => backlog = false,
+                Some(Ok(Started::Deferred)) => (backlog, outcome.deferred_only) = (false, true),
+                Some(Err(e)) => (backlog, outcome.failure) = (false, Some(e)),
             }
             match finished {
                 Some(Ok(finished)) => outcome.retry = finished.retry > 0,
