@@ -437,13 +437,19 @@ async fn claims_on_a_busy_database() -> (i64, i64, usize) {
 /// (`relay.max_linger`): each round carries more events and takes less of the
 /// CPU the application needs (issue #25). Against a relay with the wait fixed
 /// at `relay.linger` (`max_linger = 0s`), under the same load at the same time.
+///
+/// The bound is 0.8. With the wait fixed on both relays the two counts agree
+/// within 3% (four runs: 0.97-1.02), so a relay whose wait does not grow fails.
+/// With it growing, the ratio follows how unevenly the busy host serves the
+/// claims, not a setting: eleven runs (four before `relay.pipeline_depth`)
+/// read 0.49-0.67, and CI failed one at 0.62 against the former bound of 0.6.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_on_a_busy_database_claims_less_often() {
     let (fixed, grown, n) = claims_on_a_busy_database().await;
     eprintln!("busy database, {n} events into each outbox: {fixed} claims with a fixed linger, {grown} growing");
     assert!(fixed > 0 && grown > 0, "no claims counted: {fixed} / {grown}");
     assert!(
-        (grown as f64) < 0.6 * fixed as f64,
+        (grown as f64) < 0.8 * fixed as f64,
         "the wait did not grow on a busy database: {grown} claims against {fixed} with it fixed"
     );
 }
