@@ -86,7 +86,7 @@ struct Args {
     /// relay-cost, drain, churn, retained, sustained, horizon, hotkey, delayed, outage (and
     /// `ceilings`: only the SQL-only and store-path ceilings that `drain` includes;
     /// `poller`: only the hand-written poller's drain that `drain` includes).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
     only: Vec<String>,
     /// Events preloaded for each drain.
     #[arg(long, default_value_t = 200_000)]
@@ -144,7 +144,30 @@ struct Args {
     set: Vec<String>,
     #[arg(long, default_value = "bench/results")]
     out_dir: PathBuf,
+    /// Check the arguments and exit (scripts/bench does, before it starts
+    /// any infrastructure).
+    #[arg(long, hide = true)]
+    check_args: bool,
 }
+
+/// What `--only` takes.
+const SECTIONS: [&str; 15] = [
+    "app-cost",
+    "idle",
+    "latency",
+    "compare",
+    "relay-cost",
+    "drain",
+    "churn",
+    "retained",
+    "sustained",
+    "horizon",
+    "hotkey",
+    "delayed",
+    "outage",
+    "ceilings",
+    "poller",
+];
 
 impl Args {
     fn runs(&self, section: &str) -> bool {
@@ -175,6 +198,9 @@ fn say(msg: impl AsRef<str>) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.check_args {
+        return;
+    }
     // Nothing else may use or stop the infrastructure meanwhile (tests
     // included): the figures would be spoilt, and the outage section stops Kafka.
     let _lock = InfraLock::exclusive(&[Resource::Postgres, Resource::Kafka]).await;
@@ -354,5 +380,20 @@ async fn drain_sections(env: &Env, args: &Args, report: &mut serde_json::Map<Str
     if !drains.is_empty() {
         print_drains(&drains);
         report.insert("drains".into(), json!(drains));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--only drian` ran no section and printed nothing, after starting and
+    /// cleaning the infrastructure.
+    #[test]
+    fn a_mistyped_section_is_refused_by_name() {
+        let err = Args::try_parse_from(["bench", "--only", "drain,drian"]).unwrap_err();
+        assert!(err.to_string().contains("drian"), "{err}");
+        let args = Args::try_parse_from(["bench", "--only", "drain,ceilings,poller", "--check-args"]).unwrap();
+        assert!(args.check_args && args.runs("drain") && !args.runs("latency"));
     }
 }

@@ -93,6 +93,10 @@ pub struct Args {
     /// quarter of the rate; both must lose nothing and keep per-key order.
     #[arg(long)]
     one_outbox: bool,
+    /// Check the arguments and exit (scripts/chaos does, before it starts
+    /// any infrastructure).
+    #[arg(long, hide = true)]
+    check_args: bool,
 }
 
 const KEYS: u64 = 1000;
@@ -170,6 +174,9 @@ fn with_table(env: &[(String, String)], table: &str) -> Vec<(String, String)> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.check_args {
+        return;
+    }
     // Nothing else may use or stop the infrastructure meanwhile (tests included).
     let _lock = InfraLock::exclusive(&[Resource::Postgres, Resource::Kafka, Resource::Cluster]).await;
     let pg_url = infra().pg_url.clone();
@@ -311,5 +318,18 @@ async fn drain(env: &[(String, String)], relays: &mut Relays) -> usize {
         }
         assert!(Instant::now() < deadline, "still {} pending after 10 minutes", b.pending);
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_args_parses_and_a_bad_value_is_refused_by_name() {
+        assert!(Args::try_parse_from(["chaos", "--cluster", "--exactly-once", "--check-args"]).unwrap().check_args);
+        let err = Args::try_parse_from(["chaos", "--pipeline-depth", "4"]).unwrap_err();
+        assert!(err.to_string().contains("pipeline-depth"), "{err}");
+        assert!(Args::try_parse_from(["chaos", "--exactly-onec"]).is_err());
     }
 }
