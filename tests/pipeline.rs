@@ -97,3 +97,27 @@ async fn producer_failing_fatally_in_a_pipeline(name: &str, depth: &str) {
     assert_eq!(d.order_violations, 0, "per-key order across the producer rebuild");
     assert_eq!(code, Some(0), "{log}");
 }
+
+/// A pool with no connection beside the batches in flight is allowed (a small
+/// pool is a valid choice), but the relay says so at start-up: each batch in
+/// flight holds a pooled connection, so the depth would silently be less.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_too_small_for_the_depth_is_named_at_start_up() {
+    const WARNING: &str = "postgres.pool_size leaves no connection beside relay.pipeline_depth";
+    let ob = Outbox::new("small_pool").await;
+    let topic = ob.topic("events", 1).await;
+    for (pool, warned) in [("3", true), ("4", false)] {
+        ob.insert(&topic, 10, 2).await;
+        let relay = ob.spawn_relay(&[
+            ("OUTBOX_RELAY__RELAY__PIPELINE_DEPTH", "3"),
+            ("OUTBOX_RELAY__POSTGRES__POOL_SIZE", pool),
+        ]);
+        ob.wait_drained(Duration::from_secs(30)).await;
+        let (code, log) = relay.terminate(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{log}");
+        assert_eq!(log.contains(WARNING), warned, "pool {pool}, depth 3: {log}");
+        if warned {
+            assert!(log.contains("pool_size=3") && log.contains("pipeline_depth=3"), "{log}");
+        }
+    }
+}

@@ -171,6 +171,18 @@ fn start_at_least_once(
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
 ) -> Started {
+    let (depth, pool) = (settings.relay.pipeline_depth, settings.postgres.pool_size);
+    if pool <= depth {
+        // Allowed (a small pool is a valid choice), but the depth is then not
+        // what it says: each batch in flight holds a pooled connection.
+        tracing::warn!(
+            pool_size = pool,
+            pipeline_depth = depth,
+            "postgres.pool_size leaves no connection beside relay.pipeline_depth batches in flight: \
+             claims wait for one, and fewer batches are in flight than configured \
+             (give the pool at least pipeline_depth + 1)"
+        );
+    }
     let relay = Arc::new(Relay::new(store.clone(), sink.clone(), settings.relay.clone(), wake));
     let (gate, counters) = (relay.gate(), relay.counters.clone());
     let task = crate::telemetry::spawn(async move {
