@@ -108,10 +108,8 @@ async fn a_pool_too_small_for_the_depth_is_named_at_start_up() {
     let topic = ob.topic("events", 1).await;
     for (pool, warned) in [("3", true), ("4", false)] {
         ob.insert(&topic, 10, 2).await;
-        let relay = ob.spawn_relay(&[
-            ("OUTBOX_RELAY__RELAY__PIPELINE_DEPTH", "3"),
-            ("OUTBOX_RELAY__POSTGRES__POOL_SIZE", pool),
-        ]);
+        let relay = ob
+            .spawn_relay(&[("OUTBOX_RELAY__RELAY__PIPELINE_DEPTH", "3"), ("OUTBOX_RELAY__POSTGRES__POOL_SIZE", pool)]);
         ob.wait_drained(Duration::from_secs(30)).await;
         let (code, log) = relay.terminate(Duration::from_secs(30));
         assert_eq!(code, Some(0), "{log}");
