@@ -170,7 +170,11 @@ pub(crate) async fn drain(
     let db = env.db().await;
     let first = env.head(&db, table).await.expect("preloaded");
     let lsn = breakdown_start(&db).await;
-    let relay = spawn_relay(env, table, &args.relay_settings(mode, delivery, table));
+    // `--batch-size` before the settings, so a `--set` of it still wins: the
+    // poller and the ceilings take the same size.
+    let mut settings = settings(&[("OUTBOX_RELAY__RELAY__BATCH_SIZE", &args.batch_size.to_string())]);
+    settings.extend(args.relay_settings(mode, delivery, table));
+    let relay = spawn_relay(env, table, &settings);
     let pid = relay.pid();
     let deadline = Instant::now() + Duration::from_secs(900);
     let mut started: Option<(Instant, i64, Meter)> = None;
@@ -308,11 +312,11 @@ pub(crate) async fn retained_run(env: &Env, args: &Args) -> Drain {
     }
 }
 
-pub(crate) fn print_drains(d: &[Drain]) {
+pub(crate) fn print_drains(d: &[Drain], batch_size: usize) {
     println!();
     if let Some(x) = d.first() {
         println!(
-            "drains: one relay, 1 KB JSON events, 1k keys, 4 topics × 6 partitions. Per event: Postgres CPU and WAL of the \
+            "drains: one relay, batch {batch_size}, 1 KB JSON events, 1k keys, 4 topics × 6 partitions. Per event: Postgres CPU and WAL of the \
              drain, and its ratio to writing the event the application's way ({:.1} µs, {:.0} B: one transaction per event \
              with its business row, pgbench, 16 clients); in brackets the bulk preload insert",
             x.app_write_postgres_cpu_us_per_event, x.app_write_wal_bytes_per_event

@@ -112,7 +112,9 @@ struct Args {
     /// How long the horizon section holds its snapshot.
     #[arg(long, default_value_t = 300)]
     hold_secs: u64,
-    /// Relay batch size for the drains.
+    /// Batch size for the drains: the relay's (`relay.batch_size`; the other
+    /// sections run at its default), the hand-written poller's and the
+    /// SQL-only and store-path ceilings'.
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
     /// Seconds Kafka stays down in the outage section.
@@ -355,6 +357,7 @@ async fn drain_sections(env: &Env, args: &Args, report: &mut serde_json::Map<Str
     if args.runs("drain") || args.only.iter().any(|s| s == "poller") {
         let g = Goal5 {
             events: args.events,
+            batch_size: args.batch_size,
             poller_events_per_s: poller_drain(env, args).await,
             relay_events_per_s: drains
                 .iter()
@@ -378,7 +381,7 @@ async fn drain_sections(env: &Env, args: &Args, report: &mut serde_json::Map<Str
         }
     }
     if !drains.is_empty() {
-        print_drains(&drains);
+        print_drains(&drains, args.batch_size);
         report.insert("drains".into(), json!(drains));
     }
 }
