@@ -84,8 +84,9 @@ pub struct RelayConfig {
     #[serde(default = "default_linger", with = "duration")]
     pub linger: Duration,
     /// The longest that wait grows to while the database is busy: it grows
-    /// with how much longer claims take than the quickest recent one of about
-    /// as many rows (10 ms of wait per millisecond of slowdown), so on a busy
+    /// with how much longer a third of the recent claims take than the
+    /// quickest recent one of about as many rows (10 ms of wait per
+    /// millisecond of slowdown; one slow claim now and then does not count), so on a busy
     /// database each round carries more events and costs the application
     /// less, and events wait longer. At or below `linger` (`0s`), the wait
     /// never grows.
