@@ -15,10 +15,13 @@
 //! as many rows did lately. So the wait grows with that slowdown:
 //! [`PER_MS_SLOWER`] of wait per millisecond of the slowdown that a third of
 //! the last [`RECENT`] claims reach. A busy database slows many claims; a
-//! shared, noisy host slows one now and then. That measure follows the first
-//! and ignores the second: with a running mean, one claim delayed 4 ms by a neighbour
-//! lengthened the next waits by up to 10 ms, and the at-least-once p99 at 1k
-//! ev/s read 21.7 ms against 11.8 ms with the wait fixed (2026-12-03). The quickest claim stands for the
+//! shared, noisy host slows one now and then. That measure ignores an
+//! isolated slow claim (with a running mean, one claim delayed 4 ms by a
+//! neighbour lengthened the next waits by up to 10 ms). It does not tell a
+//! busy database from a host that slows claims often: at 1k ev/s on the
+//! shared test host the wait still grows, and the at-least-once p99 reads
+//! about twice the fixed wait's (docs/performance.md, 2026-12-03); set
+//! `relay.max_linger = "0s"` where latency matters more. The quickest claim stands for the
 //! network's and the statement's own time, so a database far away over the
 //! network does not by itself make the relay wait longer; only a slowdown
 //! does. Claims are compared with claims of about as many rows (a power-of-two
