@@ -86,8 +86,8 @@ pub struct RelayConfig {
     /// The longest that wait grows to while the database is busy: it grows
     /// with how much longer a third of the recent claims take than the
     /// quickest recent one of about as many rows (10 ms of wait per
-    /// millisecond of slowdown; one slow claim now and then does not count), so on a busy
-    /// database each round carries more events and costs the application
+    /// millisecond of slowdown; one slow claim now and then does not count),
+    /// so on a busy database each round carries more events and costs the application
     /// less, and events wait longer. At or below `linger` (`0s`), the wait
     /// never grows.
     #[serde(default = "default_max_linger", with = "duration")]

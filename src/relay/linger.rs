@@ -21,8 +21,9 @@
 //! busy database from a host that slows claims often: at 1k ev/s on the
 //! shared test host the wait still grows, and the at-least-once p99 reads
 //! about twice the fixed wait's (docs/performance.md, 2026-12-03); set
-//! `relay.max_linger = "0s"` where latency matters more. The quickest claim stands for the
-//! network's and the statement's own time, so a database far away over the
+//! `relay.max_linger = "0s"` where latency matters more.
+//!
+//! The quickest claim stands for the network's and the statement's own time, so a database far away over the
 //! network does not by itself make the relay wait longer; only a slowdown
 //! does. Claims are compared with claims of about as many rows (a power-of-two
 //! bucket), because a longer wait makes fuller batches, whose claims take
@@ -108,7 +109,7 @@ impl Linger {
     }
 
     /// The slowdown that a third of the latest claims reach (ms; 0 before
-    /// any): of the last 15, the fifth slowest.
+    /// any): of the last [`RECENT`], the one two thirds up the sorted list.
     fn slower(&self) -> f64 {
         let mut recent = self.slower_ms;
         let recent = &mut recent[..self.seen];
@@ -167,7 +168,7 @@ mod tests {
 
     /// A shared host delays a claim now and then; that is not a busy
     /// database, and must not lengthen the wait (with a running mean it did,
-    /// by up to 10 ms after each such claim: the p99 at 1k ev/s doubled).
+    /// by up to 10 ms after each such claim).
     #[test]
     fn a_claim_slowed_now_and_then_does_not_lengthen_it() {
         let mut l = Linger::new(5 * MS, 50 * MS);
