@@ -85,9 +85,10 @@ pub struct RelayConfig {
     pub linger: Duration,
     /// The longest that wait grows to while the database is busy: it grows
     /// with how much longer a third of the recent claims take than the
-    /// quickest recent one of about as many rows (10 ms of wait per
-    /// millisecond of slowdown; one slow claim now and then does not count),
-    /// so on a busy database each round carries more events and costs the application
+    /// quickest recent one of about as many rows, beyond the 2 ms a quiet
+    /// database's claims spread by themselves (15 ms of wait per millisecond
+    /// beyond it; one slow claim now and then does not count), so on a busy
+    /// database each round carries more events and costs the application
     /// less, and events wait longer. At or below `linger` (`0s`), the wait
     /// never grows.
     #[serde(default = "default_max_linger", with = "duration")]
