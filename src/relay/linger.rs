@@ -24,14 +24,16 @@
 //! host, the wait grew to ~12 ms and the at-least-once p99 read about twice
 //! the fixed wait's: docs/performance.md, 2026-12-03).
 //!
-//! The quickest claim stands for the network's and the statement's own time, so a database far away over the
-//! network does not by itself make the relay wait longer; only a slowdown
-//! does. Claims are compared with claims of about as many rows (a power-of-two
-//! bucket), because a longer wait makes fuller batches, whose claims take
-//! longer by themselves: compared with small ones, that would read as a
-//! slowdown and lengthen the wait again, until it reached the most even on a
-//! quiet database. A full batch is still followed at once (the loops decide
-//! that), so a backlog drains at full speed whatever the wait.
+//! The quickest claim stands for the network's and the statement's own time, so
+//! a database far away over the network does not by itself make the relay wait
+//! longer; only a slowdown does (a network that spreads claims by more than
+//! [`QUIET_SPREAD_MS`] by itself does lengthen it). Claims are compared with
+//! claims of about as many rows (a power-of-two bucket), because a longer wait
+//! makes fuller batches, whose claims take longer by themselves: compared with
+//! small ones, that would read as a slowdown and lengthen the wait again, until
+//! it reached the most even on a quiet database. A full batch is still followed
+//! at once (the loops decide that), so a backlog drains at full speed whatever
+//! the wait.
 
 use std::time::{Duration, Instant};
 
