@@ -366,53 +366,27 @@ async fn a_relay_frozen_while_its_claimed_rows_sat_unread_does_not_send_them_aga
     drop((a, b));
 }
 
-/// `n` application writers committing as fast as they can until the returned
-/// flag is set, as pgbench does in the bench's app-cost: each transaction a
-/// business row into `table` (created here) and a 1 KB event, writer `i`'s
-/// into `outboxes[i % 2]` (a table and its topic). A database the
-/// application saturates. (Backends spinning on the CPU beside a trickle of
+/// The application saturating the database: 8 sessions per outbox committing
+/// 1 KB events as fast as it takes them, one per transaction, as pgbench does
+/// in the bench's app-cost. (Backends spinning on the CPU beside a trickle of
 /// events did not do it: the scheduler favours the claim's backend, which
 /// sleeps between statements, and claims ran barely slower.)
-async fn application_writers(
-    n: usize,
-    table: &str,
-    outboxes: [(String, String); 2],
-) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, Vec<tokio::task::JoinHandle<u64>>) {
-    pg().await
-        .batch_execute(&format!("CREATE TABLE {table} (id bigserial PRIMARY KEY, customer int, total int)"))
-        .await
-        .expect("create the application's table");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tasks = (0..n)
-        .map(|i| {
-            let (outbox, topic) = &outboxes[i % 2];
-            let commit = format!(
-                "BEGIN; INSERT INTO {table} (customer, total) VALUES ({i}, 100); \
-                 INSERT INTO {outbox} (topic, key, payload) VALUES ('{topic}', 'k{i}', \
-                 jsonb_build_object('type', 'OrderPlaced', 'pad', repeat('x', 900))); COMMIT"
-            );
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let db = pg().await;
-                let mut commits = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    db.batch_execute(&commit).await.expect("an application transaction");
-                    commits += 1;
-                }
-                commits
-            })
-        })
-        .collect();
-    (stop, tasks)
+fn saturating_writers(ob: &Outbox, topic: &str) -> Writers {
+    Writers::start(WriterSpec {
+        connections: 8,
+        per_tx: 1,
+        rate: 0,
+        pad: PAD,
+        ..WriterSpec::small(&ob.qualified(), topic)
+    })
 }
 
 /// Claims of two relays, one per outbox, one with the wait fixed at
 /// `relay.linger` (`max_linger = 0s`) and one with `max_linger = 200ms`, for
-/// 4 s while 16 application writers saturate the database, half of them
-/// writing into each outbox. Both run at the same time, so both see the same
-/// load: back to back, a host that got busier during one half read as the
-/// setting's effect. Returns the claims of each (fixed, growing) and the
-/// application's commits meanwhile.
+/// 4 s while the application saturates the database, writing into both. Both
+/// run at the same time, so both see the same load: back to back, a host that
+/// got busier during one half read as the setting's effect. Returns the claims
+/// of each (fixed, growing) and the application's commits meanwhile.
 async fn claims_on_a_busy_database() -> (i64, i64, u64) {
     let (fixed, grown) = (Outbox::new("busy_fixed").await, Outbox::new("busy_grown").await);
     let (topic_f, topic_g) = (fixed.topic("t", 2).await, grown.topic("t", 2).await);
@@ -423,9 +397,7 @@ async fn claims_on_a_busy_database() -> (i64, i64, u64) {
     ];
     fixed.wait_drained(Duration::from_secs(30)).await;
     grown.wait_drained(Duration::from_secs(30)).await;
-    let app_table = format!("{}_app", grown.table);
-    let outboxes = [(fixed.qualified(), topic_f), (grown.qualified(), topic_g)];
-    let (stop, writers) = application_writers(16, &app_table, outboxes).await;
+    let writers = [saturating_writers(&fixed, &topic_f), saturating_writers(&grown, &topic_g)];
     // the wait follows the latest claims: let it see the load first
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, before_f) = claim_stats(&db, &fixed.table).await;
@@ -433,12 +405,10 @@ async fn claims_on_a_busy_database() -> (i64, i64, u64) {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (_, after_f) = claim_stats(&db, &fixed.table).await;
     let (_, after_g) = claim_stats(&db, &grown.table).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut commits = 0;
     for w in writers {
-        commits += w.await.expect("an application writer");
+        commits += w.finish().await;
     }
-    db.batch_execute(&format!("DROP TABLE {app_table}")).await.expect("drop the application's table");
     fixed.wait_drained(Duration::from_secs(30)).await;
     grown.wait_drained(Duration::from_secs(30)).await;
     for relay in relays {
@@ -455,8 +425,8 @@ async fn claims_on_a_busy_database() -> (i64, i64, u64) {
 /// same load at the same time.
 ///
 /// The bound is 0.8. With the wait fixed on both relays the two counts agree
-/// (two runs: 0.93, 1.01), so a relay whose wait does not grow fails. With it
-/// growing, three runs read 0.15-0.24. (The former shape, CPU-spinning
+/// (two runs: 0.99, 1.11), so a relay whose wait does not grow fails. With it
+/// growing, three runs read 0.33-0.40. (The former shape, CPU-spinning
 /// backends beside a trickle, read 0.49-0.67 only because the wait grew on a
 /// quiet database's own spread of claim times; without that it read 0.96-1.01.)
 #[tokio::test(flavor = "multi_thread")]
